@@ -1,0 +1,5 @@
+import sys
+
+from metaprune.cli.main import main
+
+sys.exit(main())
