@@ -5,8 +5,6 @@ import os
 import pytest
 
 
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Tests never touch the user's cache; datasets generated offline land here once per run."""

@@ -13,7 +13,7 @@ from importlib import import_module
 from metaprune.errors import MetaPruneError
 
 # Order is the order shown by `metaprune --help`.
-COMMANDS = ("data", "zoo", "bench")
+COMMANDS = ("bench",)
 
 
 def build_parser() -> argparse.ArgumentParser:
