@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test bench clean proto demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/metaprune bench all
+
+# Regenerate the committed gRPC stubs (serving/pruning_pb2*.py) from proto/.
+proto: $(STAMP)
+	$(PY) serving/generate_stubs.py
+
+# A small model trained on the spot, pruned through a local server, before/after figures.
+demo: $(STAMP)
+	$(PY) -m metaprune.serving.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
