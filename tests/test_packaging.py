@@ -38,4 +38,5 @@ def test_cli_help_lists_commands():
     out = subprocess.run(
         [sys.executable, "-m", "metaprune.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert "bench" in out.stdout
+    for command in ("data", "bench"):
+        assert command in out.stdout
