@@ -1,0 +1,78 @@
+"""`metaprune serve`: run the gRPC pruning service (DESIGN.md §5)."""
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def _default_state_dir() -> Path:
+    cache = os.environ.get("METAPRUNE_CACHE") or Path.home() / ".cache" / "metaprune"
+    return Path(cache) / "serve"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the gRPC pruning service",
+        description="Serve metaprune.v1.PruningService (plus grpc.health.v1 and reflection). "
+        "Each job runs in its own worker process with memory and time limits.",
+    )
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (non-loopback needs --tokens; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port; 0 picks a free one (default 50051)")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="job store and artifacts (default $METAPRUNE_CACHE/serve)")
+    parser.add_argument("--workers", type=int, default=2, help="jobs running at once (default 2)")
+    parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--ray-address", default=None, help="run jobs on this Ray cluster (e.g. 'auto')")
+    parser.add_argument("--tokens", type=Path, default=None, help="file of 'TOKEN TENANT' lines")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    limits = parser.add_argument_group("limits (exceeding one answers RESOURCE_EXHAUSTED)")
+    limits.add_argument("--max-upload-mb", type=float, default=512, help="bytes of one upload (default 512 MiB)")
+    limits.add_argument("--max-parameters", type=int, default=100_000_000, help="parameters of a model (default 100M)")
+    limits.add_argument("--max-queued-jobs", type=int, default=64, help="queued + running jobs (default 64)")
+    limits.add_argument("--worker-memory-mb", type=float, default=4096, help="address space of a worker (default 4096)")
+    limits.add_argument("--job-time-s", type=float, default=3600, help="wall time of one job (default 3600)")
+    limits.add_argument("--max-finetune-epochs", type=int, default=1000, help="epochs one job may ask for")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from metaprune.serving.limits import Limits
+    from metaprune.serving.server import PruningServer, ServerConfig
+
+    for name in ("max_upload_mb", "worker_memory_mb", "job_time_s", "max_parameters",
+                 "max_queued_jobs"):
+        if getattr(args, name) <= 0:
+            print(f"metaprune serve: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+            return 2
+    limits = Limits(
+        max_upload_bytes=int(args.max_upload_mb * MiB), max_parameters=args.max_parameters,
+        max_queued_jobs=args.max_queued_jobs, worker_memory_bytes=int(args.worker_memory_mb * MiB),
+        job_time_seconds=args.job_time_s, max_finetune_epochs=args.max_finetune_epochs,
+    )
+    config = ServerConfig(
+        state_dir=args.state_dir or _default_state_dir(), host=args.host, port=args.port,
+        workers=args.workers, worker_threads=args.worker_threads, ray_address=args.ray_address,
+        tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
+    )
+    server = PruningServer(config)
+    port = server.start()
+    print(f"metaprune serve: listening on {args.host}:{port} (state {config.state_dir}, "
+          f"{'tokens' if server.auth.required else 'open'}, {server.scheduler.backend.name} backend)",
+          flush=True)
+    if args.port_file is not None:
+        temporary = args.port_file.with_suffix(".tmp")
+        temporary.write_text(str(port))
+        temporary.replace(args.port_file)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0

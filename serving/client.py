@@ -1,0 +1,295 @@
+"""Python client of the pruning service, and `prune_remote` behind `metaprune prune --server`.
+
+Example::
+
+    from metaprune.serving.client import PruningClient
+    with PruningClient("127.0.0.1:50051", token="s3cret") as client:
+        model = client.upload_model("model.pt2")
+        job = client.submit(model.id, method="l2", speedup=2.0)
+        job = client.wait(job.job_id, on_event=print)
+        report = client.download(job.job_id, "pruned.pt2", report_path="report.json")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from metaprune.errors import MetaPruneError
+
+from . import pruning_pb2 as pb
+from . import pruning_pb2_grpc
+from .files import sha256_of
+from .limits import MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES
+
+_FORMATS = {".pt2": pb.PT2, ".safetensors": pb.SAFETENSORS, ".onnx": pb.ONNX}
+_FINISHED = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+
+
+class RemoteError(MetaPruneError):
+    """The service refused a request or a job failed; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def _remote_errors(call):
+    """Turns grpc.RpcError into RemoteError, so callers see one error type with a message."""
+    def wrapped(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except grpc.RpcError as error:
+            code = error.code().name if error.code() is not None else "UNKNOWN"
+            raise RemoteError(code, error.details() or "") from None
+    wrapped.__name__, wrapped.__doc__ = call.__name__, call.__doc__
+    return wrapped
+
+
+class PruningClient:
+    """A connection to a MetaPrune server.
+
+    Methods raise :class:`RemoteError` (a MetaPruneError) carrying the server's status code.
+    """
+
+    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | Path | None = None,
+                 timeout: float | None = None):
+        # "HOST:PORT" of the server
+        self.target = target
+        # per-call deadline in seconds for unary calls (None: none)
+        self.timeout = timeout
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.stub = pruning_pb2_grpc.PruningServiceStub(self.channel)
+
+    def __enter__(self) -> "PruningClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # --- uploads -----------------------------------------------------------------------------
+    @staticmethod
+    def _chunks(path: Path, metadata: pb.UploadMetadata) -> Iterator[pb.UploadChunk]:
+        yield pb.UploadChunk(metadata=metadata)
+        with open(path, "rb") as source:
+            while chunk := source.read(MAX_CHUNK_BYTES):
+                yield pb.UploadChunk(data=chunk)
+
+    @_remote_errors
+    def upload_model(self, path: str | Path, *, spec_path: str | Path | None = None) -> pb.UploadReply:
+        """Upload a .pt2, or a .safetensors with its spec (default: the sibling NAME.json)."""
+        path = Path(path)
+        spec = ""
+        if path.suffix == ".safetensors":
+            spec = Path(spec_path or path.with_suffix(".json")).read_text()
+        metadata = pb.UploadMetadata(filename=path.name, spec_json=spec,
+                                     size_bytes=path.stat().st_size, sha256=sha256_of(path))
+        return self.stub.UploadModel(self._chunks(path, metadata), metadata=self._metadata)
+
+    @_remote_errors
+    def upload_data(self, path: str | Path) -> pb.UploadReply:
+        """Upload an .npz holding x_train, y_train, x_test, y_test."""
+        path = Path(path)
+        metadata = pb.UploadMetadata(filename=path.name, size_bytes=path.stat().st_size,
+                                     sha256=sha256_of(path))
+        return self.stub.UploadData(self._chunks(path, metadata), metadata=self._metadata)
+
+    # --- jobs --------------------------------------------------------------------------------
+    @_remote_errors
+    def submit(self, model_id: str, *, method: str = "l2", criterion: str | None = None,
+               allocation: str | None = None, speedup: float | None = None,
+               params_ratio: float | None = None, policy: dict | None = None,
+               dataset: str | None = None, data_id: str | None = None, finetune_epochs: int = 0,
+               finetune: dict | None = None, output_format: str | None = None,
+               metanet: str | None = None) -> pb.Job:
+        """Queue a pruning job; arguments mean what they mean for `metaprune.prune`."""
+        request = pb.SubmitJobRequest(
+            model_id=model_id, method=method, criterion=criterion or "", allocation=allocation or "",
+            policy_json=json.dumps(policy) if policy else "", finetune_epochs=finetune_epochs,
+            metanet=metanet or "",
+            output_format=_FORMATS[f".{output_format}"] if output_format else pb.MODEL_FORMAT_UNSPECIFIED,
+        )
+        if speedup is not None:
+            request.speedup = speedup
+        if params_ratio is not None:
+            request.params_ratio = params_ratio
+        if dataset is not None:
+            request.dataset = dataset
+        if data_id is not None:
+            request.data_id = data_id
+        if finetune:
+            request.finetune.CopyFrom(pb.FinetuneOptions(**finetune))
+        return self.stub.SubmitJob(request, metadata=self._metadata, timeout=self.timeout)
+
+    @_remote_errors
+    def get_job(self, job_id: str) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self._metadata,
+                                timeout=self.timeout)
+
+    @_remote_errors
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[pb.Job]:
+        request = pb.ListJobsRequest(state=pb.JobState.Value(state) if state else 0, limit=limit)
+        return list(self.stub.ListJobs(request, metadata=self._metadata, timeout=self.timeout).jobs)
+
+    @_remote_errors
+    def cancel(self, job_id: str) -> pb.Job:
+        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=self._metadata,
+                                   timeout=self.timeout)
+
+    @_remote_errors
+    def watch(self, job_id: str, after_seq: int = 0) -> list[pb.JobEvent]:
+        """Every event of the job until it finishes (blocks while it runs)."""
+        return list(self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=after_seq),
+                                       metadata=self._metadata))
+
+    def wait(self, job_id: str, *, on_event: Callable[[pb.JobEvent], None] | None = None,
+             timeout: float | None = None) -> pb.Job:
+        """Follow the job's events until it finishes; returns the final Job."""
+        seq = 0
+        stream = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata,
+                                    timeout=timeout)
+        try:
+            for event in stream:
+                seq = event.seq
+                if on_event is not None:
+                    on_event(event)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:  # a restart: fall through and poll
+                raise RemoteError(error.code().name, error.details() or "") from None
+        job = self.get_job(job_id)
+        if job.state not in _FINISHED:  # the stream broke (server restart): follow it again
+            return self.wait(job_id, on_event=on_event, timeout=timeout)
+        return job
+
+    @_remote_errors
+    def download(self, job_id: str, out_path: str | Path, *, report_path: str | Path | None = None) -> dict:
+        """Write the pruned model to `out_path` (its spec beside it for safetensors); returns the report."""
+        out_path = Path(out_path)
+        targets = {"model": out_path, "spec": out_path.with_suffix(".json")}
+        report_bytes = b""
+        sink, header, digest, temporary = None, None, None, None
+
+        def finish():
+            if sink is None:
+                return
+            sink.close()
+            if digest.hexdigest() != header.sha256:
+                temporary.unlink(missing_ok=True)
+                raise RemoteError("DATA_LOSS", f"the downloaded {header.kind} does not match its sha256")
+            os.replace(temporary, targets[header.kind])
+
+        stream = self.stub.DownloadResult(pb.DownloadResultRequest(job_id=job_id), metadata=self._metadata)
+        for chunk in stream:
+            if chunk.WhichOneof("payload") == "header":
+                finish()
+                header, digest, sink = chunk.header, hashlib.sha256(), None
+                if header.kind in targets:
+                    targets[header.kind].parent.mkdir(parents=True, exist_ok=True)
+                    temporary = targets[header.kind].with_name(targets[header.kind].name + ".part")
+                    sink = open(temporary, "wb")
+                continue
+            digest.update(chunk.data)
+            if sink is not None:
+                sink.write(chunk.data)
+            elif header.kind == "report":
+                report_bytes += chunk.data
+        finish()
+        if report_path is not None:
+            Path(report_path).write_bytes(report_bytes)
+        return json.loads(report_bytes) if report_bytes else {}
+
+    # --- server ------------------------------------------------------------------------------
+    @_remote_errors
+    def info(self) -> pb.ServerInfo:
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), metadata=self._metadata,
+                                       timeout=self.timeout)
+
+    @_remote_errors
+    def health(self, service: str = "") -> str:
+        """"SERVING" when the server is up (the health service needs no token)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 10)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def _print_event(event: pb.JobEvent) -> None:
+    if event.kind == "state":
+        text = pb.JobState.Name(event.state) + (f" ({event.message})" if event.message else "")
+    elif event.kind == "phase":
+        text = f"phase {event.phase}"
+    elif event.kind == "metrics":
+        text = f"epoch {event.epoch} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(event.metrics.items()))
+    else:
+        text = event.message
+    print(f"[job] {text}", file=sys.stderr, flush=True)
+
+
+def _submit_options(options: dict, client: PruningClient) -> dict:
+    """`prune`-style options (as the CLI gathers them) -> PruningClient.submit arguments."""
+    options = {key: value for key, value in options.items() if value is not None}
+    submit: dict = {}
+    for key in ("method", "criterion", "allocation", "speedup", "params_ratio", "finetune_epochs",
+                "finetune", "metanet", "output_format"):
+        if key in options:
+            submit[key] = options.pop(key)
+    policy = options.pop("policy", None)
+    if isinstance(policy, (str, Path)):
+        policy = json.loads(Path(policy).read_text())
+    if policy:
+        submit["policy"] = policy
+    data = options.pop("data", None) or options.pop("dataset", None)
+    if isinstance(data, (str, Path)) and str(data).endswith(".npz") and Path(data).is_file():
+        submit["data_id"] = client.upload_data(data).id
+    elif isinstance(data, (str, Path)):
+        submit["dataset"] = str(data)
+    elif data is not None:
+        raise RemoteError("INVALID_ARGUMENT", "remote pruning takes a dataset id or an .npz file as data")
+    if options:
+        raise RemoteError("INVALID_ARGUMENT", f"options the service does not take: {', '.join(sorted(options))}")
+    return submit
+
+
+def prune_remote(server: str, input_path: str | Path, out_path: str | Path, *, token: str | None = None,
+                 tls_ca: str | Path | None = None, options: dict | None = None,
+                 report_path: str | Path | None = None, progress: bool = True) -> dict:
+    """Prune a model file on a MetaPrune server; writes `out_path` and returns the report.
+
+    `options` holds `metaprune.prune` keywords (method, criterion, allocation, speedup,
+    params_ratio, policy (dict or JSON path), data/dataset (id or .npz path), finetune_epochs,
+    finetune, metanet) and optionally output_format; the output format otherwise follows
+    `out_path`'s suffix. Raises :class:`RemoteError` with the server's status code.
+
+    Example::
+
+        report = prune_remote("127.0.0.1:50051", "model.pt2", "pruned.pt2",
+                              options={"method": "l2", "speedup": 2.0})
+    """
+    out_path = Path(out_path)
+    with PruningClient(server, token=token, tls_ca=tls_ca) as client:
+        submit = _submit_options(dict(options or {}), client)
+        if "output_format" not in submit and out_path.suffix in _FORMATS:
+            submit["output_format"] = out_path.suffix[1:]
+        model = client.upload_model(input_path)
+        job = client.submit(model.id, **submit)
+        job = client.wait(job.job_id, on_event=_print_event if progress else None)
+        if job.state != pb.SUCCEEDED:
+            raise RemoteError(job.error_code or pb.JobState.Name(job.state),
+                              job.message or f"job {job.job_id} ended {pb.JobState.Name(job.state)}")
+        return client.download(job.job_id, out_path, report_path=report_path)

@@ -1,0 +1,150 @@
+"""Checks a SubmitJob request and turns it into the options a worker passes to `prune`.
+
+Everything is checked here, in the server, before a job is queued: names against the known
+vocabulary, numbers for range and finiteness, the policy JSON for shape, data references for
+existence and ownership. The worker trusts nothing it did not get from this function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from . import limits as vocabulary
+from .store import JobStore
+
+# protobuf enum value -> file suffix (pruning.proto ModelFormat)
+FORMAT_NAMES = {1: "pt2", 2: "safetensors", 3: "onnx"}
+
+
+class RequestError(Exception):
+    """A request the service refuses, with the gRPC status name to answer."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError("INVALID_ARGUMENT", message)
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise _invalid(f"unknown {what} {value[:80]!r}; choose one of {', '.join(allowed)}")
+    return value
+
+
+def _policy(text: str) -> dict[str, float] | None:
+    if not text:
+        return None
+    if len(text) > vocabulary.MAX_POLICY_BYTES:
+        raise _invalid(f"the policy JSON is over {vocabulary.MAX_POLICY_BYTES} bytes")
+    try:
+        policy = json.loads(text)
+    except ValueError as error:
+        raise _invalid(f"the policy is not valid JSON: {error}") from None
+    if not isinstance(policy, dict) or not policy:
+        raise _invalid("the policy must be a non-empty JSON object: module name -> keep ratio")
+    for name, ratio in policy.items():
+        if (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
+                or not math.isfinite(ratio) or not 0 < ratio <= 1):
+            raise _invalid(f"the policy's keep ratio for {name[:80]!r} must be a number in (0, 1]")
+    return policy
+
+
+def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str, ...],
+               max_finetune_epochs: int) -> dict:
+    """The worker task (minus `kind`/`out_dir`) for a valid request; raises RequestError."""
+    model = store.get_upload(request.model_id, tenant, "model")
+    if model is None:
+        raise RequestError("NOT_FOUND", f"no model with id {request.model_id[:80]!r}")
+
+    method = _choice(request.method or "l2", vocabulary.METHODS, "method")
+    options: dict = {"method": method}
+    if request.criterion:
+        options["criterion"] = _choice(request.criterion, vocabulary.CRITERIA, "criterion")
+    if request.allocation:
+        options["allocation"] = _choice(request.allocation, vocabulary.ALLOCATIONS, "allocation")
+    if request.metanet:
+        options["metanet"] = _choice(request.metanet, metanetworks, "metanetwork")
+
+    target = request.WhichOneof("target")
+    if target == "speedup":
+        if not math.isfinite(request.speedup) or request.speedup <= 1.0:
+            raise _invalid(f"speedup must be a finite number > 1, got {request.speedup}")
+        options["speedup"] = request.speedup
+    elif target == "params_ratio":
+        if not math.isfinite(request.params_ratio) or not 0 < request.params_ratio < 1:
+            raise _invalid(f"params_ratio must be in (0, 1), got {request.params_ratio}")
+        options["params_ratio"] = request.params_ratio
+    policy = _policy(request.policy_json)
+    if policy is not None:
+        options["policy"] = policy
+    if target is None and policy is None:
+        raise _invalid("give a target: speedup, params_ratio or a policy")
+
+    data = None
+    source = request.WhichOneof("data")
+    if source == "dataset":
+        data = _choice(request.dataset, vocabulary.DATASETS, "dataset")
+    elif source == "data_id":
+        upload = store.get_upload(request.data_id, tenant, "data")
+        if upload is None:
+            raise RequestError("NOT_FOUND", f"no data with id {request.data_id[:80]!r}")
+        data = str(store.upload_dir(upload.id) / "data.npz")
+
+    epochs = request.finetune_epochs
+    if not 0 <= epochs <= max_finetune_epochs:
+        raise _invalid(f"finetune_epochs must be in [0, {max_finetune_epochs}], got {epochs}")
+    options["finetune_epochs"] = epochs
+    finetune = _finetune_options(request)
+    if finetune:
+        options["finetune"] = finetune
+
+    criterion = options.get("criterion", "l2" if method == "metanet" else method)
+    if data is None:
+        if method == "metanet" or options.get("allocation") == "metanet":
+            raise RequestError(
+                "FAILED_PRECONDITION",
+                "the metanetwork method needs data (a dataset or an uploaded .npz) to recover "
+                "its rewritten weights; without data use a classic criterion: "
+                + ", ".join(c for c in vocabulary.CRITERIA if c not in vocabulary.DATA_CRITERIA),
+            )
+        if criterion in vocabulary.DATA_CRITERIA:
+            raise RequestError("FAILED_PRECONDITION", f"criterion {criterion!r} needs data")
+        if epochs > 0:
+            raise RequestError("FAILED_PRECONDITION", "fine-tuning needs data; give a dataset or data_id")
+
+    output_format = FORMAT_NAMES.get(request.output_format, model.format)
+    if request.output_format and request.output_format not in FORMAT_NAMES:
+        raise _invalid(f"unknown output format {request.output_format}")
+    if output_format == "safetensors" and model.format != "safetensors":
+        raise _invalid("safetensors output needs a safetensors (zoo family) input; use pt2 or onnx")
+
+    return {
+        "model_path": str(store.upload_dir(model.id) / f"model.{model.format}"),
+        "output_format": output_format,
+        "options": options,
+        "data": data,
+    }
+
+
+def _finetune_options(request) -> dict:
+    if not request.HasField("finetune"):
+        return {}
+    given = request.finetune
+    options: dict = {}
+    if given.HasField("optimizer"):
+        options["optimizer"] = _choice(given.optimizer, vocabulary.OPTIMIZERS, "optimizer")
+    if given.HasField("schedule"):
+        options["schedule"] = _choice(given.schedule, vocabulary.SCHEDULES, "schedule")
+    if given.HasField("lr"):
+        if not math.isfinite(given.lr) or not 0 < given.lr <= 10:
+            raise _invalid(f"lr must be in (0, 10], got {given.lr}")
+        options["lr"] = given.lr
+    for flag in ("distill", "bn_recalibration"):
+        if given.HasField(flag):
+            options[flag] = getattr(given, flag)
+    return options

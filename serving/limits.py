@@ -1,0 +1,55 @@
+"""What the service accepts: its limits and the vocabulary of a pruning request.
+
+The names mirror DESIGN.md §5. They live here, not imported from the library, because the
+server process never imports torch (the library's modules do); workers check them again.
+"""
+
+from dataclasses import asdict, dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "fpgm", "random")
+# Criteria whose importance needs gradients, hence data (DESIGN.md §5: no silent fallback).
+DATA_CRITERIA = ("taylor", "hessian")
+METHODS = ("metanet", *CRITERIA)
+ALLOCATIONS = ("global", "uniform", "metanet")
+DATASETS = ("mnist1d", "digits", "fashion-mnist", "cifar10")
+INPUT_FORMATS = ("pt2", "safetensors")
+OUTPUT_FORMATS = ("pt2", "safetensors", "onnx")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+
+# gRPC transport: chunks are at most 1 MiB; a message may never exceed 4 MiB (DESIGN.md §5).
+MAX_CHUNK_BYTES = 1 * MiB
+MAX_MESSAGE_BYTES = 4 * MiB
+MAX_SPEC_BYTES = 64 * 1024
+MAX_POLICY_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one server; exceeding any of them answers RESOURCE_EXHAUSTED.
+
+    Example::
+
+        limits = Limits(max_upload_bytes=64 * MiB, job_time_seconds=600)
+    """
+
+    # bytes of one uploaded file (model or data)
+    max_upload_bytes: int = 512 * MiB
+    # parameter entries of an uploaded model, counted by the validating worker
+    max_parameters: int = 100_000_000
+    # jobs QUEUED or RUNNING at once, all tenants together
+    max_queued_jobs: int = 64
+    # address-space limit (RLIMIT_AS) of each worker process
+    worker_memory_bytes: int = 4 * GiB
+    # wall-clock limit of one job; the worker is killed past it
+    job_time_seconds: float = 3600.0
+    # wall-clock limit of validating one upload in a worker
+    validate_time_seconds: float = 300.0
+    # fine-tuning epochs one job may ask for
+    max_finetune_epochs: int = 1000
+
+    def as_dict(self) -> dict:
+        return asdict(self)

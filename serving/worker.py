@@ -1,0 +1,233 @@
+"""What runs inside a worker process: model/data validation and pruning jobs.
+
+The server process never loads a model: every byte a client sent is parsed here, in a process
+with an address-space limit, no core dumps, and a parent-death signal, so a hostile or huge
+file can at worst kill this process, never the server. Both back-ends (the local process pool
+and Ray) call :func:`run_task`; they differ only in how events travel back.
+
+A task is a plain dict (it crosses process boundaries)::
+
+    {"kind": "validate_model", "model_path": ".../model.pt2", "max_parameters": 100_000_000}
+    {"kind": "validate_data", "data_path": ".../data.npz"}
+    {"kind": "prune", "model_path": ..., "out_dir": ..., "output_format": "pt2",
+     "options": {"method": "l2", "speedup": 2.0, ...}, "data": "digits" | ".../data.npz" | None}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+Emit = Callable[[dict], None]
+
+_PR_SET_PDEATHSIG = 1
+
+
+class TaskFailure(Exception):
+    """A task ended with a gRPC status code name and a message meant for the client."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def apply_process_limits(memory_bytes: int, threads: int) -> None:
+    """Confine the current (worker) process: memory, core dumps, threads, parent death."""
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:  # die with our parent (the fork server), so a killed server leaves no orphan job
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def failure_code(error: BaseException) -> str:
+    """The gRPC status name a library error maps to (DESIGN.md §5)."""
+    from metaprune.errors import DatasetUnavailableError, MetaPruneError
+
+    if isinstance(error, TaskFailure):
+        return error.code
+    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        return "RESOURCE_EXHAUSTED"
+    if isinstance(error, DatasetUnavailableError):
+        return "FAILED_PRECONDITION"
+    if isinstance(error, MetaPruneError):
+        return "INVALID_ARGUMENT"
+    return "INTERNAL"
+
+
+def failure_message(error: BaseException) -> str:
+    if failure_code(error) == "RESOURCE_EXHAUSTED" and not isinstance(error, TaskFailure):
+        return f"the worker ran out of its memory limit: {str(error)[:300]}"
+    if failure_code(error) == "INTERNAL":
+        return f"internal error in the worker: {type(error).__name__}: {str(error)[:500]}"
+    return str(error)[:2000]
+
+
+def _first_tensor(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    if isinstance(value, dict):
+        return _first_tensor(list(value.values()))
+    return None
+
+
+def _check_finite(module) -> None:
+    import torch
+    from metaprune.errors import ModelFormatError
+
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelFormatError(f"the model holds NaN or infinite values in {name!r}")
+
+
+def validate_model(task: dict, emit: Emit) -> dict:
+    """Load an uploaded model strictly, check its size and values, run it once."""
+    import torch
+    from metaprune import load_model
+    from metaprune.measure import count_macs, count_params
+
+    emit({"kind": "phase", "phase": "validating"})
+    module, example_inputs = load_model(task["model_path"])
+    num_parameters = count_params(module)
+    if num_parameters > task["max_parameters"]:
+        raise TaskFailure(
+            "RESOURCE_EXHAUSTED",
+            f"the model has {num_parameters:,} parameters; this server accepts at most "
+            f"{task['max_parameters']:,}",
+        )
+    _check_finite(module)
+    module.eval()
+    with torch.no_grad():
+        output = _first_tensor(module(*example_inputs))
+    if output is None:
+        raise TaskFailure("INVALID_ARGUMENT", "the model's forward pass returns no tensor")
+    first_input = _first_tensor(list(example_inputs))
+    return {
+        "num_parameters": int(num_parameters),
+        "macs": int(count_macs(module, example_inputs)),
+        "input_shape": list(first_input.shape) if first_input is not None else [],
+        "output_shape": list(output.shape),
+        "num_inputs": len(example_inputs),
+    }
+
+
+def validate_data(task: dict, emit: Emit) -> dict:
+    """Check an uploaded .npz through the library's own dataset intake."""
+    from metaprune.data import load_dataset
+
+    emit({"kind": "phase", "phase": "validating"})
+    dataset = load_dataset(task["data_path"])
+    return {
+        "input_shape": list(dataset.input_shape),
+        "num_classes": int(dataset.num_classes),
+        "train_samples": int(dataset.x_train.shape[0]),
+        "test_samples": int(dataset.x_test.shape[0]),
+    }
+
+
+class _LogForwarder(logging.Handler):
+    """Turns the library's log records (phases, epoch metrics) into job events."""
+
+    def __init__(self, emit: Emit):
+        super().__init__(level=logging.INFO)
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = {"kind": "log", "message": record.getMessage()[:1000]}
+        epoch = getattr(record, "epoch", None)
+        if isinstance(epoch, int):
+            event["kind"] = "metrics"
+            event["epoch"] = epoch
+            event["metrics"] = {
+                key: float(value)
+                for key, value in (getattr(record, "metrics", None) or {}).items()
+                if isinstance(value, (int, float)) and math.isfinite(value)
+            }
+        phase = getattr(record, "phase", None)
+        if isinstance(phase, str):
+            event["kind"] = "phase"
+            event["phase"] = phase
+        try:
+            self._emit(event)
+        except (OSError, ValueError):  # the server went away; the job result still lands on disk
+            pass
+
+
+def run_prune(task: dict, emit: Emit) -> dict:
+    """Load, prune, save; returns the report. Files land in task["out_dir"]."""
+    from metaprune import load_model, prune, save_model
+
+    out_dir = Path(task["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handler = _LogForwarder(emit)
+    library_log = logging.getLogger("metaprune")
+    library_log.addHandler(handler)
+    library_log.setLevel(logging.INFO)
+    try:
+        emit({"kind": "phase", "phase": "loading"})
+        module, example_inputs = load_model(task["model_path"])
+        emit({"kind": "phase", "phase": "pruning"})
+        result = prune(module, example_inputs, data=task.get("data"), **task["options"])
+        emit({"kind": "phase", "phase": "saving"})
+        model_path = out_dir / f"model.{task['output_format']}"
+        save_model(result.model, example_inputs, str(model_path))
+    finally:
+        library_log.removeHandler(handler)
+    report = dict(result.report)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}
+
+
+def run_task(task: dict, emit: Emit) -> dict:
+    """Run one task; raises TaskFailure (with a status code) for every failure."""
+    try:
+        return TASKS[task["kind"]](task, emit)
+    except TaskFailure:
+        raise
+    except BaseException as error:  # noqa: BLE001 - every failure becomes a status for the client
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        code = failure_code(error)
+        if code == "INTERNAL":
+            traceback.print_exc()
+        raise TaskFailure(code, failure_message(error)) from error
+
+
+def process_main(task: dict, connection, memory_bytes: int, threads: int) -> None:
+    """Entry point of a local worker process: results and events go back on `connection`."""
+    try:
+        apply_process_limits(memory_bytes, threads)
+        result = run_task(task, lambda event: connection.send(("event", event)))
+        connection.send(("result", result))
+    except TaskFailure as failure:
+        connection.send(("failure", failure.code, failure.message))
+    except MemoryError:
+        connection.send(("failure", "RESOURCE_EXHAUSTED", "the worker ran out of its memory limit"))
+    finally:
+        connection.close()
