@@ -1,1 +1,211 @@
+"""Parametric model families: the corpus, the tests and the safetensors + spec format use them.
 
+A family id and a JSON config describe a model completely. Configs list every per-layer width
+(not a width multiplier), so a structurally pruned model is again a config of its family:
+`config_of` reads the actual widths back, and `build` makes a module whose state dict the pruned
+one loads into exactly. Every value is checked, and the parameter count is capped (measured on
+a meta-device build, before anything is allocated), because configs come from clients' files.
+
+Example::
+
+    import torch
+    from metaprune import zoo
+
+    config = zoo.default_config("resnet", input_shape=(1, 28, 28), num_classes=10, depth=32)
+    model = zoo.build("resnet", config)             # ResNet-32 for Fashion-MNIST
+    # ... prune model structurally (e.g. torch-pruning), then:
+    spec = {"family": "resnet", "config": zoo.config_of("resnet", model)}
+    again = zoo.build(spec["family"], spec["config"])
+    again.load_state_dict(model.state_dict())      # same widths, same outputs
+
+Families: `mlp`, `cnn1d`, `vgg`, `resnet` (`dims` 1 or 2), `mobilenetv2`, `densenet`, `vit`.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaprune.errors import ModelFormatError
+from metaprune.zoo import cnn1d, densenet, mlp, mobilenetv2, resnet, vgg, vit
+from metaprune.zoo.config import (
+    MAX_CLASSES,
+    MAX_PARAMS,
+    ConfigReader,
+    Family,
+    as_input_shape,
+    as_int,
+)
+
+_FAMILIES: dict[str, Family] = {
+    family.id: family
+    for family in (
+        mlp.FAMILY,
+        cnn1d.FAMILY,
+        vgg.FAMILY,
+        resnet.FAMILY,
+        mobilenetv2.FAMILY,
+        densenet.FAMILY,
+        vit.FAMILY,
+    )
+}
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
+
+# A config is a small JSON document; this bounds the work of checking one from a client.
+MAX_CONFIG_VALUES = 20_000
+
+__all__ = [
+    "FAMILIES",
+    "MAX_PARAMS",
+    "build",
+    "config_of",
+    "default_config",
+    "example_inputs",
+    "families_keys",
+    "family_of",
+]
+
+
+def _family(family: Any) -> Family:
+    if not isinstance(family, str) or family not in _FAMILIES:
+        raise ModelFormatError(
+            f"unknown zoo family {family!r}; known families are {list(FAMILIES)}"
+        )
+    return _FAMILIES[family]
+
+
+def _count_values(value: Any, budget: int) -> int:
+    """Number of scalars in a JSON-like value, counting stops once past `budget`."""
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        total = 0
+        for item in value:
+            total += _count_values(item, budget - total)
+            if total > budget:
+                break
+        return total
+    return 1
+
+
+def default_config(
+    family: str,
+    *,
+    input_shape: Sequence[int],
+    num_classes: int,
+    **overrides: Any,
+) -> dict:
+    """The full config of `family` for inputs of `input_shape`, with `overrides` applied.
+
+    Defaults that depend on other keys follow them: `depth=32` for a ResNet gives five blocks per
+    stage, new `stage_widths` give blocks of those widths. Every value is checked.
+
+    Args:
+        family: a zoo family id (see `FAMILIES`).
+        input_shape: per-sample, channel-first shape: (1, 40) for MNIST-1D, (1, 28, 28) for
+            Fashion-MNIST, (3, 32, 32) for CIFAR.
+        num_classes: outputs of the classifier.
+        **overrides: config keys of the family to set instead of their defaults.
+
+    Returns:
+        A JSON-serialisable dict holding every key of the family.
+
+    Raises:
+        ModelFormatError: unknown family or key, or a value of the wrong type or out of bounds.
+
+    Example::
+
+        default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 32])
+        # {'input_shape': [1, 40], 'num_classes': 10, 'widths': [16, 32],
+        #  'kernel_sizes': [5, 5], 'pools': [2, 2], 'head': 'gap', 'hidden': []}
+    """
+    spec = _family(family)
+    if _count_values(overrides, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ModelFormatError(
+            f"zoo family {family!r}: config holds more than {MAX_CONFIG_VALUES} values"
+        )
+    shape = as_input_shape(input_shape, family, spec.spatial_dims)
+    classes = as_int(num_classes, f"zoo family {family!r}: num_classes", high=MAX_CLASSES)
+    reader = ConfigReader(family, overrides, spec.keys, input_shape=shape, num_classes=classes)
+    return {"input_shape": shape, "num_classes": classes, **spec.complete(reader)}
+
+
+def build(family: str, config: Mapping[str, Any]) -> nn.Module:
+    """A freshly initialised module of `family` described by `config`.
+
+    Args:
+        family: a zoo family id (see `FAMILIES`).
+        config: a dict such as `default_config` or `config_of` return (e.g. read from a spec
+            file); missing keys take their defaults, `input_shape` defaults to the family's
+            canonical input and `num_classes` to 10.
+
+    Raises:
+        ModelFormatError: unknown family or key, a bad value, or more than `MAX_PARAMS`
+            parameters (checked without allocating them).
+
+    Example::
+
+        model = build("vgg", {"input_shape": [1, 28, 28], "stages": [[16], [32]], "hidden": []})
+    """
+    spec = _family(family)
+    if not isinstance(config, Mapping):
+        raise ModelFormatError(
+            f"zoo family {family!r}: config must be an object, got {type(config).__name__}"
+        )
+    overrides = dict(config)
+    full = default_config(
+        family,
+        input_shape=overrides.pop("input_shape", list(spec.default_input_shape)),
+        num_classes=overrides.pop("num_classes", 10),
+        **overrides,
+    )
+    # Build on the meta device first: the size check then costs no memory however large.
+    with torch.device("meta"):
+        params = sum(p.numel() for p in spec.module_class(**full).parameters())
+    if params > MAX_PARAMS:
+        raise ModelFormatError(
+            f"zoo family {family!r}: config describes {params:,} parameters, more than the "
+            f"limit of {MAX_PARAMS:,}"
+        )
+    return spec.module_class(**full)
+
+
+def config_of(family: str, module: nn.Module) -> dict:
+    """The config that rebuilds `module`'s architecture, read from its actual layer widths.
+
+    Works on structurally pruned modules: `build(family, config_of(family, pruned))` loads
+    `pruned.state_dict()` exactly.
+
+    Raises:
+        ModelFormatError: `module` was not built by `family`, or its widths are not a valid config
+            (e.g. a layer pruned to zero channels).
+    """
+    spec = _family(family)
+    if not isinstance(module, spec.module_class):
+        raise ModelFormatError(
+            f"zoo family {family!r}: expected a {spec.module_class.__name__}, "
+            f"got {type(module).__name__}"
+        )
+    read = spec.read(module)
+    return default_config(family, **read)
+
+
+def family_of(module: nn.Module) -> str | None:
+    """The id of the zoo family `module` belongs to, or None for any other module."""
+    for family in _FAMILIES.values():
+        if isinstance(module, family.module_class):
+            return family.id
+    return None
+
+
+def example_inputs(config: Mapping[str, Any], *, batch: int = 2) -> tuple[torch.Tensor]:
+    """Random inputs of `batch` samples shaped like `config["input_shape"]` (a 1-tuple)."""
+    return (torch.randn(batch, *config["input_shape"]),)
+
+
+def families_keys() -> dict[str, tuple[str, ...]]:
+    """Each family id with its config keys, for listings."""
+    return {
+        family.id: ("input_shape", "num_classes", *family.keys) for family in _FAMILIES.values()
+    }
