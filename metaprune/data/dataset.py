@@ -116,8 +116,9 @@ def _batched_loader(dataset: TensorDataset, order, batch_size: int, *, drop_last
 
 
 def _as_float_tensor(array: np.ndarray, where: str) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    # float64 values beyond float32's range become inf here, hence the check after the cast.
+    # float64 values beyond float32's range become inf in the cast; the check below reports them.
+    with np.errstate(over="ignore", invalid="ignore"):
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not torch.isfinite(tensor).all():
         raise DatasetFormatError(f"{where} has values that are NaN or overflow float32")
     return tensor

@@ -1,6 +1,6 @@
 """scikit-learn's handwritten digits: 1,797 grey 8x8 images (values 0-16), 10 classes.
 
-Split: 360 test images (about 20 %, 36 per class) chosen by a stratified split with seed 0
+Split: 360 test images (about 20 %, 35 to 37 per class) chosen by a stratified split with seed 0
 (``sklearn.model_selection.train_test_split(test_size=360, stratify=y, random_state=0)``); the
 other 1,437 are the training set.
 """
