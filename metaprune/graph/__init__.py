@@ -1,1 +1,32 @@
+"""Network <-> graph: channels are nodes, weights are edges, and the mapping is exactly invertible.
 
+`to_graph(module, example_inputs)` traces one forward pass and returns a `NetworkGraph` whose
+`.data` is a PyG `Data` (node features with a fixed width across architectures, edge features
+grouped by kernel size) and whose `.write_back(x, edge_attr)` builds a new module from (possibly
+rewritten) features. See `metaprune.graph.features` for the feature layout and
+`metaprune.graph.rules` / `metaprune.graph.trace` for the one rule per operator kind.
+
+Example::
+
+    from metaprune.graph import to_graph
+    graph = to_graph(model, example_inputs)
+    new_x = graph.data.x.clone()
+    new_x[graph.data.x_param_mask] *= 0.9           # only entries read from parameters
+    model_2 = graph.write_back(x=new_x)
+"""
+
+from metaprune.graph.builder import LayerInfo
+from metaprune.graph.convert import to_graph
+from metaprune.graph.features import NODE_KINDS, NORM_KINDS, NUM_NODE_FEATURES, PARAM_SLOTS
+from metaprune.graph.network_graph import EdgeGroup, NetworkGraph
+
+__all__ = [
+    "EdgeGroup",
+    "LayerInfo",
+    "NODE_KINDS",
+    "NORM_KINDS",
+    "NUM_NODE_FEATURES",
+    "NetworkGraph",
+    "PARAM_SLOTS",
+    "to_graph",
+]

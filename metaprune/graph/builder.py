@@ -1,0 +1,192 @@
+"""Accumulates nodes, edges and the parameter <-> feature records while a model is traced.
+
+The builder knows nothing about operators: the rules in `metaprune.graph.rules` call it to
+allocate channel nodes, add a block of edges read from a weight, or put a per-channel parameter
+into a node slot. Every call is vectorised over a whole layer.
+"""
+
+import bisect
+from dataclasses import dataclass, field
+
+import torch
+
+from metaprune.errors import UnsupportedModelError
+from metaprune.graph.features import NODE_KINDS, NORM_KINDS, SLOT
+
+
+@dataclass
+class LayerInfo:
+    """One layer of the layer-level graph: a set of channel nodes created by one rule."""
+
+    name: str  # module path (``fc``), or a derived name (``input.0``, ``layer1.0:add#3``)
+    kind: str  # one of `features.NODE_KINDS`
+    module_type: str  # class name of the module, or the traced operator for merges
+    first_node: int  # nodes of this layer are first_node .. first_node + num_nodes - 1
+    num_nodes: int
+    kernel_numel: int = 1  # weights per (input, output) channel pair of the creating layer
+    grouped: bool = False  # convolution with groups > 1
+    norms: list[str] = field(default_factory=list)  # normalisation modules folded into it
+    params: list[str] = field(default_factory=list)  # parameter/buffer names read into the graph
+
+
+@dataclass
+class EdgeBlock:
+    """Edges whose flat features are one (possibly permuted) slice of one weight tensor.
+
+    The weight is viewed as ``[rows, cols, kernel]``; the block covers rows ``row_start:row_stop``.
+    When ``col_perm`` is given, the feature order is ``weight[rows][:, col_perm, :]`` (columns
+    sorted by the input node they belong to, for flatten->Linear).
+    """
+
+    param: str  # parameter name in the module, e.g. ``features.0.weight``
+    view: tuple[int, int, int]  # (rows, cols, kernel) view of the weight
+    row_start: int
+    row_stop: int
+    col_perm: torch.Tensor | None
+    edge_k: int  # feature length of each edge in this block
+    layer: int  # index into `GraphBuilder.layers`
+    src: torch.Tensor  # source node of each edge
+    dst: torch.Tensor  # target node of each edge
+    values: torch.Tensor | None  # flat features (None for identity edges, k = 0)
+    attr_offset: int = -1  # start in the flat `edge_attr`, set when the graph is assembled
+
+    @property
+    def numel(self) -> int:
+        return (self.row_stop - self.row_start) * self.view[1] * self.view[2]
+
+
+@dataclass
+class NodeSlot:
+    """A 1-D parameter or buffer stored in slot `slot` of `nodes` (entry c -> nodes[c])."""
+
+    name: str
+    nodes: torch.Tensor
+    slot: int
+
+
+class GraphBuilder:
+    """Growing lists of layers, edge blocks and slot records (see `metaprune.graph.rules`)."""
+
+    def __init__(self):
+        self.num_nodes = 0
+        self.layers: list[LayerInfo] = []
+        self.blocks: list[EdgeBlock] = []
+        self.slots: list[NodeSlot] = []
+        self.slot_values: list[torch.Tensor] = []
+        self.norm_kind_of: list[tuple[torch.Tensor, int]] = []  # (nodes, NORM_KINDS index)
+        # Norm slots already used, so a second normalisation of the same channels gets nodes
+        # of its own instead of overwriting the first one.
+        self._norm_taken: set[int] = set()
+        self._merge_count = 0
+        self._first_nodes: list[int] = []  # first node of each layer, ascending
+
+    # -- nodes ---------------------------------------------------------------------------
+    def add_layer(self, name: str, kind: str, module_type: str, num_nodes: int, **info) -> int:
+        """Create a layer with `num_nodes` fresh channel nodes; returns its layer index."""
+        if kind not in NODE_KINDS:
+            raise ValueError(f"unknown node kind {kind!r}")
+        layer = LayerInfo(name, kind, module_type, self.num_nodes, num_nodes, **info)
+        self.layers.append(layer)
+        self._first_nodes.append(self.num_nodes)
+        self.num_nodes += num_nodes
+        return len(self.layers) - 1
+
+    def layer_of_node(self, node: int) -> int:
+        return bisect.bisect_right(self._first_nodes, node) - 1
+
+    def nodes_of(self, layer: int) -> torch.Tensor:
+        info = self.layers[layer]
+        return torch.arange(info.first_node, info.first_node + info.num_nodes)
+
+    def fill_unknown(self, labels: torch.Tensor, owner: str) -> torch.Tensor:
+        """Replace the -1 entries of `labels` (features of no known channel) by fresh nodes."""
+        missing = labels < 0
+        count = int(missing.sum())
+        if count == 0:
+            return labels
+        layer = self.add_layer(f"{owner}.positions", "position", "position", count)
+        labels = labels.clone()
+        labels[missing] = self.nodes_of(layer)
+        return labels
+
+    # -- parameters ----------------------------------------------------------------------
+    def add_slot(self, layer: int, name: str, value: torch.Tensor, nodes: torch.Tensor, slot: str):
+        """Store the 1-D tensor `value` (parameter/buffer `name`) in slot `slot` of `nodes`."""
+        value = value.detach()
+        if value.dim() != 1 or value.numel() != nodes.numel():
+            raise UnsupportedModelError(
+                f"{name} has shape {tuple(value.shape)}, expected one entry per channel "
+                f"({nodes.numel()})"
+            )
+        self.slots.append(NodeSlot(name, nodes, SLOT[slot]))
+        self.slot_values.append(value.clone())
+        self.layers[layer].params.append(name)
+
+    def norm_slots_free(self, nodes: torch.Tensor) -> bool:
+        return not any(int(n) in self._norm_taken for n in nodes.tolist())
+
+    def take_norm_slots(self, nodes: torch.Tensor, norm_kind: str):
+        self._norm_taken.update(nodes.tolist())
+        self.norm_kind_of.append((nodes, NORM_KINDS.index(norm_kind)))
+
+    def add_weight_edges(
+        self,
+        layer: int,
+        param: str,
+        weight: torch.Tensor,
+        view: tuple[int, int, int],
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        *,
+        rows: tuple[int, int] | None = None,
+        col_perm: torch.Tensor | None = None,
+    ):
+        """Add edges carrying the weights of `weight` viewed as `view`, rows `rows`.
+
+        Edge e's features are the e-th consecutive run of `k` entries of the (permuted) slice,
+        so `src`/`dst` must list the edges in that row-major order.
+        """
+        row_start, row_stop = rows if rows is not None else (0, view[0])
+        values = weight.detach().reshape(view)[row_start:row_stop]
+        if col_perm is not None:
+            values = values[:, col_perm, :]
+        values = values.reshape(-1).clone()
+        edge_k = values.numel() // max(src.numel(), 1)
+        if edge_k * src.numel() != values.numel():
+            raise AssertionError(f"{param}: {values.numel()} weights for {src.numel()} edges")
+        self.blocks.append(
+            EdgeBlock(param, view, row_start, row_stop, col_perm, edge_k, layer, src, dst, values)
+        )
+        self.layers[layer].params.append(param)
+
+    def add_identity_edges(self, layer: int, src: torch.Tensor, dst: torch.Tensor):
+        """Edges without parameters (residual add, gating product, unfoldable norm copy)."""
+        keep = src >= 0
+        src, dst = src[keep], dst[keep]
+        if src.numel():
+            self.blocks.append(EdgeBlock("", (0, 0, 0), 0, 0, None, 0, layer, src, dst, None))
+
+    # -- elementwise combinations ------------------------------------------------------------
+    def merge(self, left: torch.Tensor, right: torch.Tensor, op: str, where: str) -> torch.Tensor:
+        """Channels of an elementwise combination of two differently labelled tensors.
+
+        `left` and `right` are broadcastable label planes. One new node is created per distinct
+        (left, right) pair, with an identity edge from each side: a residual add of C channels
+        gives C nodes and 2C edges, never a dense block.
+        """
+        left, right = torch.broadcast_tensors(left, right)
+        base = self.num_nodes + 2
+        key = (left + 1) * base + (right + 1)
+        unique_keys, inverse = torch.unique(key, return_inverse=True)
+        kind = {"add": "merge_add", "sub": "merge_add", "mul": "merge_mul", "div": "merge_mul"}
+        self._merge_count += 1
+        layer = self.add_layer(
+            f"{where}:{op}#{self._merge_count}" if where else f"{op}#{self._merge_count}",
+            kind.get(op, "merge_other"),
+            op,
+            unique_keys.numel(),
+        )
+        nodes = self.nodes_of(layer)
+        self.add_identity_edges(layer, unique_keys // base - 1, nodes)
+        self.add_identity_edges(layer, unique_keys % base - 1, nodes)
+        return (inverse + self.layers[layer].first_node).reshape(left.shape)

@@ -1,0 +1,198 @@
+"""`to_graph`: trace a module once and build its `NetworkGraph`."""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from metaprune.errors import UnsupportedModelError
+from metaprune.graph.builder import GraphBuilder
+from metaprune.graph.network_graph import NetworkGraph, assemble
+from metaprune.graph.planes import along, planes_of, set_planes
+from metaprune.graph.rules import rule_for
+from metaprune.graph.trace import ChannelTracer
+
+
+def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
+    """Convert `module` into a graph of channels (nodes) and weights (edges).
+
+    Args:
+        module: any network made of Conv/ConvTranspose (1-3 d, any groups), Linear, Embedding,
+            nn.MultiheadAttention and BatchNorm/LayerNorm/GroupNorm/InstanceNorm layers, glued by
+            arbitrary parameter-free torch code (residual adds, concatenation, gating, reshapes,
+            hand-written attention), plus free parameters that are added or concatenated
+            (class tokens, positional embeddings). It is not modified.
+        example_inputs: a tuple of inputs for one forward pass (a tensor is accepted too).
+            Float inputs provide the model's input channels (axis 1, or the only axis of a
+            1-d input); integer inputs are token ids for an Embedding.
+
+    Raises:
+        UnsupportedModelError: naming the operator and the module where it sits, for a
+            parametrised module or a use of a parameter the graph cannot represent.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        ...                       nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+        >>> graph = to_graph(model, (torch.randn(1, 3, 32, 32),))
+        >>> graph.num_nodes, graph.num_edges          # 3 + 8 + 10 channels
+        (21, 104)
+        >>> graph.data.edge_group_k.tolist()          # Linear edges carry 900 weights each
+        [9, 900]
+        >>> copy = graph.write_back()                 # bit-identical new module
+    """
+    if not isinstance(module, nn.Module):
+        raise UnsupportedModelError(f"expected an nn.Module, got {type(module).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+
+    layer_modules = _layer_modules(module)
+    dtype = _parameter_dtype(module)
+    _check_shared_parameters(module, layer_modules)
+
+    builder = GraphBuilder()
+    inputs = []
+    for index, value in enumerate(example_inputs):
+        if isinstance(value, torch.Tensor):
+            value = value.detach().clone()
+            if value.is_floating_point() and value.dim() >= 1:
+                axis = 1 if value.dim() >= 2 else 0
+                layer = builder.add_layer(f"input.{index}", "input", "input", value.shape[axis])
+                set_planes(value, [along(value.dim(), axis, builder.nodes_of(layer))])
+        inputs.append(value)
+
+    tracer = ChannelTracer(module, builder, layer_modules)
+    called: set[str] = set()
+    hooks = _install_hooks(module, layer_modules, tracer, called)
+    modes = {m: m.training for m in module.modules()}
+    try:
+        module.eval()  # no running-statistics updates while tracing
+        with torch.no_grad(), tracer:
+            output = module(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for m, training in modes.items():
+            m.training = training
+
+    output_nodes = _output_nodes(output)
+    notes = []
+    side = {}
+    layer_param_names = {
+        f"{name}.{pname}" if name else pname: name
+        for name, layer in layer_modules.items()
+        for pname, _ in layer.named_parameters()
+    }
+    for name, param in module.named_parameters():
+        owner = layer_param_names.get(name)
+        if owner is not None and owner in called:
+            continue
+        if owner is not None:
+            notes.append(f"layer '{owner}' is never called; '{name}' kept in the side store")
+        elif name not in tracer.used_free_params:
+            notes.append(f"parameter '{name}' is never used; kept in the side store")
+        side[name] = param.detach().clone()
+    return assemble(builder, module, dtype, output_nodes, side, notes)
+
+
+def _layer_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Supported layers, outermost first (an attention block's own Linear is not separate)."""
+    found = {}
+    for name, sub in module.named_modules():
+        if any(name.startswith(f"{outer}.") or outer == "" for outer in found):
+            continue
+        if rule_for(sub) is not None:
+            found[name] = sub
+    return found
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype:
+    dtypes = {p.dtype for p in module.parameters()}
+    dtypes |= {b.dtype for b in module.buffers() if b.is_floating_point()}
+    if len(dtypes) > 1:
+        raise UnsupportedModelError(
+            f"parameters have several dtypes ({sorted(map(str, dtypes))}); the graph keeps one"
+        )
+    return dtypes.pop() if dtypes else torch.float32
+
+
+def _check_shared_parameters(module: nn.Module, layer_modules: dict[str, nn.Module]):
+    seen: dict[int, str] = {}
+    for name, layer in layer_modules.items():
+        for pname, param in layer.named_parameters():
+            where = f"{name}.{pname}" if name else pname
+            if id(param) in seen and seen[id(param)] != where:
+                raise UnsupportedModelError(
+                    f"parameter '{where}' is shared with '{seen[id(param)]}'; the graph cannot "
+                    "represent one weight in two layers"
+                )
+            seen[id(param)] = where
+            if not param.is_contiguous():
+                raise UnsupportedModelError(f"parameter '{where}' is not contiguous")
+
+
+def _install_hooks(module, layer_modules, tracer: ChannelTracer, called: set) -> list:
+    hooks = []
+    for name, sub in module.named_modules():
+        hooks.append(sub.register_forward_pre_hook(_push_location(tracer, name)))
+        hooks.append(sub.register_forward_hook(_pop_location(tracer), always_call=True))
+    for name, layer in layer_modules.items():
+        hooks.append(layer.register_forward_pre_hook(
+            _enter_layer(tracer, name, called), with_kwargs=True))
+        hooks.append(layer.register_forward_hook(
+            _leave_layer(tracer, name, rule_for(layer)), with_kwargs=True))
+    return hooks
+
+
+def _push_location(tracer, name):
+    def hook(module, args):
+        tracer.location.append(name)
+    return hook
+
+
+def _pop_location(tracer):
+    def hook(module, args, output):
+        if tracer.location:
+            tracer.location.pop()
+    return hook
+
+
+def _enter_layer(tracer, name, called):
+    def hook(module, args, kwargs):
+        if name in called:
+            raise UnsupportedModelError(
+                f"layer '{name}' ({type(module).__name__}) is called more than once; the graph "
+                "cannot represent one weight applied at two places"
+            )
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise UnsupportedModelError(
+                f"nn.Embedding '{name}' uses max_norm, which rewrites its weights in forward"
+            )
+        called.add(name)
+        tracer.layer_depth += 1
+    return hook
+
+
+def _leave_layer(tracer, name, rule):
+    def hook(module, args, kwargs, output):
+        try:
+            planes = rule(tracer.builder, name, module, args, kwargs, output)
+        finally:
+            tracer.layer_depth -= 1
+        target = output[0] if isinstance(output, tuple) else output
+        set_planes(target, planes)
+    return hook
+
+
+def _output_nodes(output) -> torch.Tensor:
+    nodes = [
+        plane.reshape(-1)
+        for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)
+        for plane in planes_of(leaf)
+    ]
+    if not nodes:
+        return torch.zeros(0, dtype=torch.long)
+    nodes = torch.unique(torch.cat(nodes))
+    return nodes[nodes >= 0]

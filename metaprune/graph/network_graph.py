@@ -1,0 +1,254 @@
+"""`NetworkGraph`: the neuron-level PyG graph of a network, its layer DAG, and the exact inverse."""
+
+import copy
+import math
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import nn
+from torch_geometric.data import Data
+
+from metaprune.graph.builder import EdgeBlock, GraphBuilder, LayerInfo, NodeSlot
+from metaprune.graph.features import (
+    KIND_OFFSET,
+    NODE_KINDS,
+    NORM_OFFSET,
+    NUM_NODE_FEATURES,
+    NUM_PARAM_SLOTS,
+    SCALAR,
+)
+
+
+@dataclass
+class EdgeGroup:
+    """Edges whose features all have length `k` (a view into the flat `edge_attr`)."""
+
+    k: int  # weights per edge (0: identity edges without parameters)
+    edges: slice  # their columns in `data.edge_index`
+    attr: torch.Tensor  # [num_edges_in_group, k] view of the flat edge features
+
+
+class NetworkGraph:
+    """A network as a graph of channels (nodes) and weights (edges), exactly invertible.
+
+    Build it with `metaprune.graph.to_graph`. The feature layout is documented in
+    `metaprune.graph.features`.
+
+    Attributes:
+        data: a `torch_geometric.data.Data` with ``x`` [num_nodes, NUM_NODE_FEATURES],
+            ``edge_index`` [2, num_edges] (edges grouped by feature length), ``edge_attr`` (flat,
+            see `edge_groups`), ``edge_group_k`` / ``edge_group_ptr`` / ``edge_attr_ptr`` (the
+            group layout), ``edge_layer`` (int32, the layer owning each edge), ``layer`` (the
+            layer of each node, index into `layers`) and ``x_param_mask`` (which of the
+            `PARAM_SLOTS` of each node were read from a parameter).
+        layers: one `LayerInfo` per node-owning layer (name, kind, nodes, folded norms).
+        side_parameters: parameters that are not graph features (free parameters such as class
+            tokens and positional embeddings, parameters the forward pass never used), restored
+            as they are by `write_back`.
+
+    Example::
+
+        graph = to_graph(model, (torch.randn(1, 3, 32, 32),))
+        graph.num_nodes, graph.num_edges
+        for group in graph.edge_groups():      # one MLP per kernel size in a metanetwork
+            new_attr = group.attr * 0.5         # [edges_in_group, k]
+        same = graph.write_back()               # bit-identical copy of `model`
+    """
+
+    def __init__(
+        self,
+        source: nn.Module,  # the converted module (kept by reference; never modified)
+        data: Data,
+        layers: list[LayerInfo],
+        blocks: list[EdgeBlock],  # weight edge blocks with their flat offsets
+        slots: list[NodeSlot],
+        side_parameters: dict[str, torch.Tensor],
+        notes: list[str],  # caveats found during conversion (e.g. unused parameters)
+    ):
+        self._source = source
+        self.data = data
+        self.layers = layers
+        self._blocks = [b for b in blocks if b.param]
+        self._slots = slots
+        self.side_parameters = side_parameters
+        self.notes = notes
+        self._layer_dag = None
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.data.num_nodes)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.data.edge_index.shape[1])
+
+    def edge_groups(self, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
+        """The edge groups of `edge_attr` (default: the graph's own features), as views."""
+        edge_attr = self.data.edge_attr if edge_attr is None else edge_attr
+        groups = []
+        ks = self.data.edge_group_k.tolist()
+        eptr, aptr = self.data.edge_group_ptr.tolist(), self.data.edge_attr_ptr.tolist()
+        for g, k in enumerate(ks):
+            count = eptr[g + 1] - eptr[g]
+            attr = edge_attr[aptr[g]:aptr[g + 1]].view(count, k)
+            groups.append(EdgeGroup(k, slice(eptr[g], eptr[g + 1]), attr))
+        return groups
+
+    @property
+    def layer_dag(self) -> nx.DiGraph:
+        """Layer-level DAG: one vertex per layer (attributes from `LayerInfo`), data-flow edges."""
+        if self._layer_dag is None:
+            self._layer_dag = _layer_dag(self.layers, self.data)
+        return self._layer_dag
+
+    def write_back(
+        self, x: torch.Tensor | None = None, edge_attr: torch.Tensor | None = None
+    ) -> nn.Module:
+        """A new module whose parameters are read back from `x` / `edge_attr`.
+
+        Only the entries that came from parameters are read (`data.x_param_mask` and every
+        flat edge feature); structural columns are ignored. The source module is untouched.
+        """
+        x = self.data.x if x is None else x
+        edge_attr = self.data.edge_attr if edge_attr is None else edge_attr
+        if tuple(x.shape) != tuple(self.data.x.shape):
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected {tuple(self.data.x.shape)}")
+        if edge_attr.dim() != 1 or edge_attr.numel() != self.data.edge_attr.numel():
+            raise ValueError(
+                f"edge_attr must be flat with {self.data.edge_attr.numel()} entries "
+                f"(got shape {tuple(edge_attr.shape)}); see NetworkGraph.edge_groups"
+            )
+        model = copy.deepcopy(self._source)
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        x = x.detach()
+        edge_attr = edge_attr.detach()
+        with torch.no_grad():
+            for slot in self._slots:
+                target = tensors[slot.name]
+                target.copy_(x[slot.nodes, slot.slot].to(target.dtype))
+            for block in self._blocks:
+                target = tensors[block.param].view(block.view)[block.row_start:block.row_stop]
+                values = edge_attr[block.attr_offset:block.attr_offset + block.numel]
+                values = values.view(target.shape).to(target.dtype)
+                if block.col_perm is None:
+                    target.copy_(values)
+                else:
+                    target[:, block.col_perm, :] = values
+            for name, value in self.side_parameters.items():
+                tensors[name].copy_(value)
+        return model
+
+    def __repr__(self) -> str:
+        groups = ", ".join(
+            f"k={k}: {n}" for k, n in zip(
+                self.data.edge_group_k.tolist(), self.data.edge_group_ptr.diff().tolist())
+        )
+        return (f"NetworkGraph(nodes={self.num_nodes}, edges={self.num_edges}, "
+                f"layers={len(self.layers)}, edge groups {{{groups}}})")
+
+
+def assemble(
+    builder: GraphBuilder,
+    source: nn.Module,
+    dtype: torch.dtype,
+    output_nodes: torch.Tensor,
+    side_parameters: dict[str, torch.Tensor],
+    notes: list[str],
+) -> NetworkGraph:
+    """Turn the builder's lists into the PyG `Data` and a `NetworkGraph`."""
+    num_nodes = builder.num_nodes
+    layers = builder.layers
+    counts = torch.tensor([layer.num_nodes for layer in layers], dtype=torch.long)
+    node_layer = torch.repeat_interleave(torch.arange(len(layers)), counts)
+
+    # Edges grouped by feature length; within a group, blocks keep their creation order.
+    order = sorted(range(len(builder.blocks)), key=lambda i: builder.blocks[i].edge_k)
+    blocks = [builder.blocks[i] for i in order]
+    group_k, edge_ptr, attr_ptr = [], [0], [0]
+    offset = 0
+    for block in blocks:
+        if not group_k or group_k[-1] != block.edge_k:
+            group_k.append(block.edge_k)
+            edge_ptr.append(edge_ptr[-1])
+            attr_ptr.append(attr_ptr[-1])
+        block.attr_offset = offset
+        count = block.src.numel()
+        offset += count * block.edge_k
+        edge_ptr[-1] += count
+        attr_ptr[-1] = offset
+    if blocks:
+        edge_index = torch.stack(
+            [torch.cat([b.src for b in blocks]), torch.cat([b.dst for b in blocks])]
+        )
+        edge_layer = torch.cat(
+            [torch.full((b.src.numel(),), b.layer, dtype=torch.int32) for b in blocks]
+        )
+    else:
+        edge_index = torch.zeros(2, 0, dtype=torch.long)
+        edge_layer = torch.zeros(0, dtype=torch.int32)
+    values = [b.values.to(dtype) for b in blocks if b.values is not None]
+    edge_attr = torch.cat(values) if values else torch.zeros(0, dtype=dtype)
+
+    x = torch.zeros(num_nodes, NUM_NODE_FEATURES, dtype=dtype)
+    param_mask = torch.zeros(num_nodes, NUM_PARAM_SLOTS, dtype=torch.bool)
+    for slot, value in zip(builder.slots, builder.slot_values):
+        x[slot.nodes, slot.slot] = value.to(dtype)
+        param_mask[slot.nodes, slot.slot] = True
+
+    kind_ids = torch.tensor([NODE_KINDS.index(layer.kind) for layer in layers], dtype=torch.long)
+    x[torch.arange(num_nodes), KIND_OFFSET + kind_ids[node_layer]] = 1
+    x[:, NORM_OFFSET] = 1  # "none" until a folded norm says otherwise
+    for nodes, norm_kind in builder.norm_kind_of:
+        x[nodes, NORM_OFFSET] = 0
+        x[nodes, NORM_OFFSET + norm_kind] = 1
+    log_kernel = torch.tensor([math.log2(max(layer.kernel_numel, 1)) for layer in layers])
+    grouped = torch.tensor([float(layer.grouped) for layer in layers])
+    x[:, SCALAR["log2_kernel"]] = log_kernel[node_layer].to(dtype)
+    x[:, SCALAR["grouped"]] = grouped[node_layer].to(dtype)
+    x[:, SCALAR["is_input"]] = (kind_ids[node_layer] == NODE_KINDS.index("input")).to(dtype)
+    x[output_nodes, SCALAR["is_output"]] = 1
+
+    data = Data(
+        x=x,
+        edge_index=edge_index,
+        edge_attr=edge_attr,
+        num_nodes=num_nodes,
+    )
+    data.edge_group_k = torch.tensor(group_k, dtype=torch.long)
+    data.edge_group_ptr = torch.tensor(edge_ptr, dtype=torch.long)
+    data.edge_attr_ptr = torch.tensor(attr_ptr, dtype=torch.long)
+    data.edge_layer = edge_layer
+    data.layer = node_layer
+    data.x_param_mask = param_mask
+    graph = NetworkGraph(source, data, layers, blocks, builder.slots, side_parameters, notes)
+    depth = _layer_depths(graph.layer_dag, len(layers))
+    x[:, SCALAR["depth"]] = (depth / max(float(depth.max()), 1.0))[node_layer].to(dtype)
+    return graph
+
+
+def _layer_dag(layers: list[LayerInfo], data: Data) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for index, layer in enumerate(layers):
+        dag.add_node(
+            index, name=layer.name, kind=layer.kind, module_type=layer.module_type,
+            num_nodes=layer.num_nodes, norms=list(layer.norms),
+        )
+    if data.edge_index.numel():
+        count = len(layers)
+        keys = torch.unique(data.layer[data.edge_index[0]] * count + data.edge_layer.long())
+        dag.add_edges_from(
+            (a, b) for a, b in zip((keys // count).tolist(), (keys % count).tolist()) if a != b
+        )
+    return dag
+
+
+def _layer_depths(dag: nx.DiGraph, num_layers: int) -> torch.Tensor:
+    depth = torch.zeros(num_layers)
+    if not nx.is_directed_acyclic_graph(dag):
+        return depth
+    for layer in nx.topological_sort(dag):
+        preds = [depth[p] for p in dag.predecessors(layer)]
+        depth[layer] = max(preds) + 1 if preds else 0
+    return depth

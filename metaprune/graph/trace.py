@@ -1,0 +1,329 @@
+"""One forward pass that follows every channel from the model input to the output.
+
+`ChannelTracer` is a `TorchFunctionMode`: it sees every torch operator called outside the
+parametrised layers and moves the channel label planes (`metaprune.graph.planes`) along with the
+data. Parametrised layers (`metaprune.graph.rules.LAYER_RULES`) are handled by forward hooks that
+turn their weights into graph edges and give their output fresh channel nodes.
+
+Operator families and the one rule each follows:
+
+- data movement (view, reshape, flatten, permute, transpose, getitem, split, expand, pad, ...):
+  the same operator is applied to the planes;
+- concatenation / stack: planes are concatenated; an operand without a plane along a
+  non-concatenated axis borrows its neighbour's (a class token joins the patch tokens' channels);
+- elementwise binary (add, sub, mul, div, maximum, where): equal planes pass; different planes
+  meet in new merge nodes, one per channel pair, with identity edges (`GraphBuilder.merge`);
+- reductions (mean, sum, amax, ...): planes constant along the reduced axes survive;
+- matmul / scaled_dot_product_attention: planes not varying along the contracted axis survive;
+- anything else: a plane survives where the operator leaves its axes' sizes unchanged (pooling,
+  activations, softmax, interpolation); a plane whose axis changed size is lost and the output is
+  marked, so a layer that later reads those channels raises `UnsupportedModelError`.
+
+Parameters outside the supported layers ("free" parameters: class tokens, positional embeddings)
+may only be added to or concatenated with activations; they go to the side store. Any other use
+of a parameter raises `UnsupportedModelError` naming the operator, the parameter and the module.
+"""
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from metaprune.errors import UnsupportedModelError
+from metaprune.graph.builder import GraphBuilder
+from metaprune.graph.planes import (
+    PARAM_ATTR,
+    POISON_ATTR,
+    compress,
+    expand_full,
+    pad_left,
+    planes_of,
+    poison_of,
+    set_planes,
+    signature,
+)
+
+DATA_MOVEMENT = frozenset(
+    "view reshape flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis "
+    "__getitem__ select narrow split split_with_sizes tensor_split chunk unbind expand expand_as "
+    "broadcast_to repeat tile repeat_interleave unsqueeze squeeze contiguous clone flip roll "
+    "index_select view_as reshape_as pixel_shuffle pixel_unshuffle channel_shuffle "
+    "native_channel_shuffle pad rot90 T mT".split()
+)
+CONCAT = frozenset(("cat", "concat", "concatenate", "stack"))
+BINARY = {
+    "add": "add", "add_": "add", "__add__": "add", "__radd__": "add", "__iadd__": "add",
+    "sub": "sub", "sub_": "sub", "__sub__": "sub", "__rsub__": "sub", "__isub__": "sub",
+    "rsub": "sub", "subtract": "sub",
+    "mul": "mul", "mul_": "mul", "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul",
+    "multiply": "mul",
+    "div": "div", "div_": "div", "__truediv__": "div", "__rtruediv__": "div",
+    "__itruediv__": "div", "true_divide": "div", "divide": "div",
+    "maximum": "maximum", "minimum": "minimum", "fmax": "maximum", "fmin": "minimum",
+    "where": "where",
+}  # fmt: skip
+REDUCTIONS = frozenset(
+    "mean sum amax amin max min std var logsumexp prod nansum nanmean median argmax argmin "
+    "all any".split()
+)
+MATMUL = frozenset(("matmul", "__matmul__", "bmm", "mm"))
+FACTORIES = frozenset(
+    "new_zeros new_ones new_full new_empty new_tensor zeros_like ones_like full_like empty_like "
+    "rand_like randn_like randint_like".split()
+)
+CASTS = frozenset("to type type_as float double half bfloat16 detach clone contiguous".split())
+_GETTERS = {torch.Tensor.T: "T", torch.Tensor.mT: "mT"}
+
+
+def op_name(func) -> str:
+    owner = getattr(func, "__self__", None)
+    if owner is not None and getattr(func, "__name__", "") == "__get__":
+        for descriptor, name in _GETTERS.items():
+            if owner is descriptor:
+                return name
+    return getattr(func, "__name__", repr(func))
+
+
+class ChannelTracer(TorchFunctionMode):
+    """Propagates channel planes through one forward pass of `model` (see module docstring)."""
+
+    def __init__(self, model: nn.Module, builder: GraphBuilder, layer_modules: dict):
+        super().__init__()
+        self.builder = builder
+        self.layer_depth = 0  # > 0 while inside a parametrised layer: its ops are not followed
+        self.location: list[str] = []  # module path stack, for error messages and merge names
+        owned = {}
+        for name, module in layer_modules.items():
+            for pname, param in module.named_parameters():
+                owned[id(param)] = f"{name}.{pname}" if name else pname
+        self.layer_params = owned
+        self.free_params = {
+            id(p): n for n, p in model.named_parameters() if id(p) not in owned
+        }
+        self.owner_type = {
+            f"{mname}.{pname}" if mname else pname: type(module).__name__
+            for mname, module in model.named_modules()
+            for pname, _ in module.named_parameters(recurse=False)
+        }
+        self.used_free_params: set[str] = set()
+
+    @property
+    def where(self) -> str:
+        return self.location[-1] if self.location else ""
+
+    def _where_text(self) -> str:
+        return f"module '{self.where}'" if self.where else "the model's forward"
+
+    # ------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.layer_depth > 0:
+            return func(*args, **kwargs)
+        name = op_name(func)
+        flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        free_in = self._check_parameters(name, flat_in)
+        out = func(*args, **kwargs)
+        flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        if not flat_out or not flat_in:
+            return out
+        if free_in and (name in DATA_MOVEMENT or name in CASTS or all(
+            hasattr(t, PARAM_ATTR) or isinstance(t, nn.Parameter) for t in flat_in
+        )):
+            # views/casts of a free parameter stay "free": only add/cat may consume them
+            for o in flat_out:
+                setattr(o, PARAM_ATTR, free_in[0])
+            return out
+        poisons = [p for p in map(poison_of, flat_in) if p]
+        self._propagate(name, func, args, kwargs, flat_in, out, flat_out)
+        if poisons:
+            for o in flat_out:
+                setattr(o, POISON_ATTR, poisons[0])
+        return out
+
+    def _check_parameters(self, name: str, tensors: list) -> list[str]:
+        """Refuse parameter uses the graph cannot represent; return free parameters used."""
+        free = []
+        for tensor in tensors:
+            if hasattr(tensor, PARAM_ATTR):
+                free.append(getattr(tensor, PARAM_ATTR))
+                continue
+            if not isinstance(tensor, nn.Parameter):
+                continue
+            key = id(tensor)
+            if key in self.layer_params:
+                raise UnsupportedModelError(
+                    f"operator '{name}' in {self._where_text()} uses parameter "
+                    f"'{self.layer_params[key]}' outside its own layer's forward call (weight "
+                    "tying or a functional call); the graph cannot represent a shared weight"
+                )
+            free.append(self.free_params.get(key, "<parameter not in the model>"))
+        if free and not (
+            name in DATA_MOVEMENT or name in CASTS or name in CONCAT
+            or BINARY.get(name) in ("add", "sub")
+        ):
+            param = free[0]
+            raise UnsupportedModelError(
+                f"operator '{name}' in {self._where_text()} uses parameter '{param}' of a "
+                f"{self.owner_type.get(param, 'module')} the graph converter does not know; "
+                "supported are Conv/ConvTranspose/Linear/Embedding/MultiheadAttention/norm "
+                "layers, and free parameters only added to or concatenated with activations "
+                "(class tokens, positional embeddings)"
+            )
+        self.used_free_params.update(free)
+        return free
+
+    # ------------------------------------------------------------------------------------
+    def _propagate(self, name, func, args, kwargs, flat_in, out, flat_out):
+        if name in FACTORIES:
+            return
+        if name in CONCAT:
+            self._concat(name, args, kwargs, flat_out[0])
+        elif name in BINARY and self._binary(name, args, kwargs, flat_out):
+            pass
+        elif name in DATA_MOVEMENT:
+            self._data_movement(name, func, args, kwargs, out)
+        elif name in REDUCTIONS and self._reduction(args, kwargs, flat_in[0], flat_out):
+            pass
+        elif name in MATMUL and len(flat_in) == 2:
+            left, right = (args[0], args[1])
+            self._matmul(left, right, flat_out[0])
+        elif name == "scaled_dot_product_attention":
+            value = args[2] if len(args) > 2 else kwargs["value"]
+            self._matmul(None, value, flat_out[0])
+        else:
+            self._generic(name, flat_in[0], flat_out)
+
+    def _data_movement(self, name, func, args, kwargs, out):
+        source = args[0]
+        planes = planes_of(source)
+        if not planes:
+            return
+        if name == "pad":
+            kwargs = dict(kwargs)
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            args = args[:3]
+            if mode == "constant":
+                kwargs["value"] = -1.0  # padded entries belong to no channel
+        out_leaves, out_spec = tree_flatten(out)
+        per_output = [[] for _ in out_leaves]
+        for plane in planes:
+            # float64 is exact for node ids and accepted by more operators than int64
+            full = expand_full(plane, source.shape).double()
+            if name in ("T", "mT"):
+                moved = full.T if name == "T" else full.mT
+            else:
+                moved = func(full, *args[1:], **kwargs)
+            moved_leaves = tree_flatten(moved)[0]
+            for index, (o, m) in enumerate(zip(out_leaves, moved_leaves)):
+                if isinstance(o, torch.Tensor) and isinstance(m, torch.Tensor) and m.dim():
+                    per_output[index].append(compress(m.round().long()))
+        for o, planes_out in zip(out_leaves, per_output):
+            if isinstance(o, torch.Tensor):
+                set_planes(o, planes_out)
+
+    def _concat(self, name, args, kwargs, out):
+        tensors = list(args[0] if args else kwargs["tensors"])
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if name == "stack":
+            dim = dim % (tensors[0].dim() + 1)
+            tensors = [t.unsqueeze(dim) for t in tensors]
+            # unsqueezed copies lose attributes: re-attach the planes
+            for t, original in zip(tensors, args[0] if args else kwargs["tensors"]):
+                set_planes(t, [p.unsqueeze(dim) for p in planes_of(original)])
+        dim = dim % out.dim()
+        by_sig: dict[tuple, list] = {}
+        for t in tensors:
+            for plane in planes_of(t):
+                by_sig.setdefault(signature(plane), []).append(None)
+        result = []
+        for sig in by_sig:
+            donor = next(p for t in tensors for p in planes_of(t) if signature(p) == sig)
+            parts = []
+            for t in tensors:
+                own = [p for p in planes_of(t) if signature(p) == sig]
+                if own:
+                    parts.append(expand_full(own[0], t.shape))
+                elif dim not in sig:
+                    parts.append(expand_full(donor, t.shape))
+                else:
+                    parts.append(torch.full(tuple(t.shape), -1, dtype=torch.long))
+            result.append(compress(torch.cat(parts, dim)))
+        set_planes(out, result)
+
+    def _binary(self, name, args, kwargs, flat_out) -> bool:
+        operands = list(args[1:3]) if name == "where" else list(args[:2])
+        if len(operands) < 2 and "other" in kwargs:
+            operands.append(kwargs["other"])
+        operands = [o for o in operands if isinstance(o, torch.Tensor)]
+        out = flat_out[0]
+        ndim = out.dim()
+        if ndim == 0:
+            return True
+        groups: dict[tuple, list] = {}
+        for operand in operands:
+            for plane in planes_of(operand):
+                plane = pad_left(plane, ndim)
+                groups.setdefault(signature(plane), []).append(plane)
+        result = []
+        for sig, planes in groups.items():
+            merged = planes[0]
+            for other in planes[1:]:
+                if other.shape == merged.shape and torch.equal(other, merged):
+                    continue
+                merged = self.builder.merge(merged, other, BINARY[name], self.where)
+            result.append(merged)
+        set_planes(out, result)
+        return True
+
+    def _reduction(self, args, kwargs, source, flat_out) -> bool:
+        dims = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis"))
+        if isinstance(dims, torch.Tensor):
+            return False  # binary max/min: handled as a generic elementwise op
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        if dims is None or source.dim() == 0:
+            return True  # reduced to a scalar: no channels left
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = sorted({d % source.dim() for d in dims})
+        kept = []
+        for plane in planes_of(source):
+            if any(plane.shape[d] > 1 for d in dims):
+                continue
+            if not keepdim:
+                plane = plane.reshape([s for a, s in enumerate(plane.shape) if a not in dims])
+            kept.append(plane)
+        for o in flat_out:
+            if o.dim() == (source.dim() if keepdim else source.dim() - len(dims)):
+                set_planes(o, [p for p in kept if p.dim() == o.dim()])
+        return True
+
+    def _matmul(self, left, right, out):
+        ndim = out.dim()
+        kept = []
+        if left is not None and left.dim() >= 2:
+            kept += [pad_left(p, ndim) for p in planes_of(left) if p.shape[-1] == 1]
+        if right is not None and right.dim() >= 2:
+            kept += [pad_left(p, ndim) for p in planes_of(right) if p.shape[-2] == 1]
+        set_planes(out, [p for p in kept if p.dim() == ndim])
+
+    def _generic(self, name, source, flat_out):
+        planes = planes_of(source)
+        for o in flat_out:
+            if o is source:
+                continue
+            if o.shape == source.shape:
+                set_planes(o, planes)
+                continue
+            if o.dim() == source.dim():
+                kept = [
+                    p for p in planes
+                    if all(source.shape[a] == o.shape[a] for a in signature(p))
+                ]
+            else:
+                kept = []
+            set_planes(o, kept)
+            if len(kept) < len(planes):
+                setattr(
+                    o, POISON_ATTR,
+                    f"operator '{name}' in {self._where_text()} (it changes the size of a "
+                    "channel axis in a way the converter cannot follow)",
+                )
