@@ -11,6 +11,7 @@ import json
 import math
 
 from . import limits as vocabulary
+from .limits import Limits
 from .store import JobStore
 
 # protobuf enum value -> file suffix (pruning.proto ModelFormat)
@@ -55,7 +56,7 @@ def _policy(text: str) -> dict[str, float] | None:
 
 
 def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str, ...],
-               max_finetune_epochs: int) -> dict:
+               limits: Limits) -> dict:
     """The worker task (minus `kind`/`out_dir`) for a valid request; raises RequestError."""
     model = store.get_upload(request.model_id, tenant, "model")
     if model is None:
@@ -96,8 +97,8 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str
         data = str(store.upload_dir(upload.id) / "data.npz")
 
     epochs = request.finetune_epochs
-    if not 0 <= epochs <= max_finetune_epochs:
-        raise _invalid(f"finetune_epochs must be in [0, {max_finetune_epochs}], got {epochs}")
+    if not 0 <= epochs <= limits.max_finetune_epochs:
+        raise _invalid(f"finetune_epochs must be in [0, {limits.max_finetune_epochs}], got {epochs}")
     options["finetune_epochs"] = epochs
     finetune = _finetune_options(request)
     if finetune:
@@ -125,6 +126,7 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str
 
     return {
         "model_path": str(store.upload_dir(model.id) / f"model.{model.format}"),
+        "max_parameters": limits.max_parameters,
         "output_format": output_format,
         "options": options,
         "data": data,

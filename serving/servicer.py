@@ -222,8 +222,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
     def SubmitJob(self, request, context):
         tenant = self._tenant(context)
         task = build_task(request, tenant=tenant, store=self.store,
-                          metanetworks=available_metanetworks(),
-                          max_finetune_epochs=self.limits.max_finetune_epochs)
+                          metanetworks=available_metanetworks(), limits=self.limits)
         with self._submit_lock:  # count and insert together, so the queue limit holds
             if self.store.count_active() >= self.limits.max_queued_jobs:
                 raise RequestError("RESOURCE_EXHAUSTED",

@@ -106,13 +106,20 @@ def _check_finite(module) -> None:
 def validate_model(task: dict, emit: Emit) -> dict:
     """Load an uploaded model strictly, check its size and values, run it once."""
     import torch
-    from metaprune import load_model
+    from metaprune.formats import load_model
+    from metaprune.errors import ModelFormatError
     from metaprune.measure import count_macs, count_params
 
     emit({"kind": "phase", "phase": "validating"})
-    module, example_inputs = load_model(task["model_path"])
+    limit = task["max_parameters"]
+    try:  # the intake counts parameters from the file's metadata, before allocating them
+        module, example_inputs = load_model(task["model_path"], max_params=limit)
+    except ModelFormatError as error:
+        if f"more than the limit {limit}" in str(error):  # the intake's wording for this limit
+            raise TaskFailure("RESOURCE_EXHAUSTED", f"the model has too many parameters: {error}") from None
+        raise
     num_parameters = count_params(module)
-    if num_parameters > task["max_parameters"]:
+    if num_parameters > limit:
         raise TaskFailure(
             "RESOURCE_EXHAUSTED",
             f"the model has {num_parameters:,} parameters; this server accepts at most "
@@ -178,7 +185,8 @@ class _LogForwarder(logging.Handler):
 
 def run_prune(task: dict, emit: Emit) -> dict:
     """Load, prune, save; returns the report. Files land in task["out_dir"]."""
-    from metaprune import load_model, prune, save_model
+    from metaprune.formats import load_model, save_model
+    from metaprune.prune import prune  # the function (after `import metaprune.prune`, metaprune.prune is the package)
 
     out_dir = Path(task["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +196,7 @@ def run_prune(task: dict, emit: Emit) -> dict:
     library_log.setLevel(logging.INFO)
     try:
         emit({"kind": "phase", "phase": "loading"})
-        module, example_inputs = load_model(task["model_path"])
+        module, example_inputs = load_model(task["model_path"], max_params=task["max_parameters"])
         emit({"kind": "phase", "phase": "pruning"})
         result = prune(module, example_inputs, data=task.get("data"), **task["options"])
         emit({"kind": "phase", "phase": "saving"})

@@ -1,0 +1,102 @@
+"""Bearer tokens and tenants: no or wrong token -> UNAUTHENTICATED, another tenant's ids ->
+NOT_FOUND; health and reflection stay open."""
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from metaprune.serving.auth import Authenticator, TokenFileError
+from metaprune.serving.client import PruningClient, RemoteError
+from metaprune.serving.process import ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth")
+    tokens = root / "tokens.txt"
+    tokens.write_text("# token tenant\nalpha-token alice\nbeta-token bob\n")
+    with ServerProcess(root / "state", args=("--tokens", str(tokens))) as proc:
+        yield proc
+
+
+def _code(call):
+    try:
+        call()
+    except RemoteError as error:
+        return error.code
+    return "OK"
+
+
+def _data_file(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.random.rand(8, 1, 40).astype(np.float32), y_train=np.arange(8) % 2,
+             x_test=np.random.rand(4, 1, 40).astype(np.float32), y_test=np.arange(4) % 2)
+    return path
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", "alpha-token "])
+def test_missing_or_wrong_token(server, token, tmp_path):
+    with PruningClient(server.address, token=token.strip() + "x" if token else None) as client:
+        assert _code(client.info) == "UNAUTHENTICATED"
+        assert _code(lambda: client.upload_data(_data_file(tmp_path))) == "UNAUTHENTICATED"
+        assert _code(lambda: client.get_job("job-x")) == "UNAUTHENTICATED"
+        assert client.health() == "SERVING"  # health stays open
+
+
+def test_reflection_is_open(server):
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            timeout=30)
+        names = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert "metaprune.v1.PruningService" in names and "grpc.health.v1.Health" in names
+
+
+def test_tenants_are_isolated(server, tmp_path):
+    with PruningClient(server.address, token="alpha-token") as alice, \
+            PruningClient(server.address, token="beta-token") as bob:
+        assert alice.info().auth_required
+        data_id = alice.upload_data(_data_file(tmp_path)).id
+        # bob cannot use alice's data, even knowing its id
+        assert _code(lambda: bob.submit("model-x", speedup=2.0, data_id=data_id)) == "NOT_FOUND"
+        assert bob.list_jobs() == []
+
+
+def test_other_tenants_job_is_not_found(server, tmp_path):
+    from metaprune.serving.samples import write_model
+
+    model = write_model(tmp_path / "m.pt2")
+    with PruningClient(server.address, token="alpha-token") as alice, \
+            PruningClient(server.address, token="beta-token") as bob:
+        model_id = alice.upload_model(model).id
+        assert _code(lambda: bob.submit(model_id, speedup=2.0)) == "NOT_FOUND"
+        job = alice.submit(model_id, speedup=2.0)
+        for call in (bob.get_job, bob.cancel, bob.watch):
+            assert _code(lambda: call(job.job_id)) == "NOT_FOUND"
+        assert _code(lambda: bob.download(job.job_id, tmp_path / "o.pt2")) == "NOT_FOUND"
+        assert [j.job_id for j in alice.list_jobs()] == [job.job_id]
+        assert alice.get_job(job.job_id).job_id == job.job_id
+
+
+def test_token_file_parsing(tmp_path):
+    good = tmp_path / "t"
+    good.write_text("a x\n\n# c\nb y  # trailing comment\n")
+    auth = Authenticator.from_file(good)
+    assert auth.tenant_for([("authorization", "Bearer b")]) == "y"
+    assert auth.tenant_for([("authorization", "b")]) is None
+    assert auth.tenant_for([]) is None
+    bad = tmp_path / "bad"
+    bad.write_text("only-one-field\n")
+    with pytest.raises(TokenFileError, match="TOKEN TENANT"):
+        Authenticator.from_file(bad)
+
+
+def test_open_server_refuses_public_bind(tmp_path):
+    from metaprune.cli.main import main
+
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path)]) == 2
