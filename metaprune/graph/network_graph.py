@@ -83,6 +83,13 @@ class NetworkGraph:
     def num_edges(self) -> int:
         return int(self.data.edge_index.shape[1])
 
+    @property
+    def feature_parameters(self) -> list[str]:
+        """Names of the parameters and buffers whose entries are node or edge features."""
+        names = dict.fromkeys(slot.name for slot in self._slots)
+        names.update(dict.fromkeys(block.param for block in self._blocks))
+        return list(names)
+
     def edge_groups(self, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
         """The edge groups of `edge_attr` (default: the graph's own features), as views."""
         edge_attr = self.data.edge_attr if edge_attr is None else edge_attr

@@ -1,0 +1,190 @@
+"""metaprune.graph: exact round trips, exact inverse mapping, sparse identity edges, errors."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from architectures import ARCHITECTURES, CifarResNet, build
+from metaprune.errors import UnsupportedModelError
+from metaprune.graph import NUM_NODE_FEATURES, to_graph
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_model(a, b, inputs):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    with torch.no_grad():
+        assert torch.equal(a.eval()(*inputs), b.eval()(*inputs))
+
+
+def _distinct_features(graph):
+    """x and edge_attr with every parameter-carrying entry replaced by a distinct value."""
+    data = graph.data
+    x = data.x.clone()
+    mask = data.x_param_mask
+    num_x = int(mask.sum())
+    num_e = data.edge_attr.numel()
+    values = torch.arange(1, num_x + num_e + 1, dtype=data.x.dtype)
+    x[:, : mask.shape[1]][mask] = values[:num_x]
+    return x, values[num_x:].clone(), values
+
+
+def check_round_trip(model, inputs):
+    before = _state(model)
+    graph = to_graph(model, inputs)
+    assert graph.data.x.shape == (graph.num_nodes, NUM_NODE_FEATURES)
+    # edge-feature memory is the parameter count, never num_edges x largest kernel
+    assert graph.data.edge_attr.numel() <= sum(p.numel() for p in model.parameters())
+    _assert_same_model(model, graph.write_back(), inputs)
+
+    x, edge_attr, written = _distinct_features(graph)
+    rebuilt = graph.write_back(x=x, edge_attr=edge_attr)
+    # the source is untouched
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    tensors = dict(rebuilt.named_parameters()) | dict(rebuilt.named_buffers())
+    read = torch.cat([tensors[name].detach().reshape(-1) for name in graph.feature_parameters])
+    # every written value landed in exactly one parameter entry, and nothing else is in them
+    assert torch.equal(torch.sort(read).values, written)
+    # ... and exactly in the entry it was read from: reading the rebuilt model gives them back
+    again = to_graph(rebuilt, inputs)
+    assert torch.equal(again.data.edge_attr, edge_attr)
+    assert torch.equal(again.data.x[:, :5][again.data.x_param_mask], x[:, :5][graph.data.x_param_mask])
+    assert torch.equal(again.data.edge_index, graph.data.edge_index)
+    # parameters outside the features (class tokens, positional embeddings) come back as is
+    covered = set(graph.feature_parameters) | set(graph.side_parameters)
+    assert {name for name, _ in model.named_parameters()} <= covered
+    for name, value in graph.side_parameters.items():
+        assert torch.equal(tensors[name], value)
+    return graph
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_round_trip_architectures(name):
+    model, inputs = build(name)
+    graph = check_round_trip(model, inputs)
+    assert graph.data.layer.shape == (graph.num_nodes,)
+    assert graph.data.layer.max() == len(graph.layers) - 1
+    import networkx as nx
+
+    assert nx.is_directed_acyclic_graph(graph.layer_dag)
+
+
+def test_round_trip_zoo_families():
+    zoo = pytest.importorskip("metaprune.zoo")
+    small = {
+        "resnet": {"depth": 8}, "densenet": {}, "mobilenetv2": {}, "vit": {}, "vgg": {},
+        "mlp": {}, "cnn1d": {},
+    }
+    for family in zoo.FAMILIES:
+        spec_shape = {"mlp": (1, 40), "cnn1d": (1, 40)}.get(family, (3, 16, 16))
+        config = zoo.default_config(family, input_shape=spec_shape, num_classes=4,
+                                    **small.get(family, {}))
+        torch.manual_seed(0)
+        model = zoo.build(family, config).eval()
+        check_round_trip(model, zoo.example_inputs(config))
+
+
+def test_resnet56_identity_edges_are_sparse():
+    graph = to_graph(CifarResNet(56).eval(), (torch.randn(1, 3, 32, 32),))
+    assert graph.num_edges <= 105_000  # reference implementation: 140,720
+    identity = graph.edge_groups()[0]
+    assert identity.k == 0
+    # 27 residual adds, two addends each, one edge per channel: 2 * 9 * (16 + 32 + 64)
+    assert identity.attr.shape[0] == 2016
+
+
+def test_edge_groups_follow_kernel_sizes():
+    model, inputs = build("vgg_flatten")
+    graph = to_graph(model, inputs)
+    groups = {group.k: group for group in graph.edge_groups()}
+    # 3x3 convolutions, 1-weight linear edges, and flatten->Linear edges carrying H*W = 16
+    assert set(groups) == {9, 1, 16}
+    fc = model.classifier[1].weight  # [20, 16 * 4 * 4]
+    assert torch.equal(groups[16].attr, fc.detach().reshape(20, 16, 16).reshape(-1, 16))
+
+
+def test_rewritten_features_change_the_model():
+    model, inputs = build("residual_mlp")
+    graph = to_graph(model, inputs)
+    edge_attr = graph.data.edge_attr * 2
+    rebuilt = graph.write_back(edge_attr=edge_attr)
+    assert torch.equal(rebuilt.out.weight, model.out.weight * 2)
+    with pytest.raises(ValueError, match="flat"):
+        graph.write_back(edge_attr=edge_attr[:-1])
+
+
+class OwnWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.gamma = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.fc(x) * self.gamma
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, tokens):
+        return F.linear(self.embed(tokens), self.embed.weight)
+
+
+class SpectralChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 8, 3)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        z = torch.fft.rfft(self.conv(x), dim=1).abs()  # 8 channels -> 5 frequencies
+        return self.fc(z.mean(-1))
+
+
+@pytest.mark.parametrize(
+    "model, inputs, words",
+    [
+        (OwnWeight(), (torch.randn(2, 3),), ["linear", "'weight'", "OwnWeight"]),
+        (LayerScale(), (torch.randn(2, 3),), ["mul", "'gamma'"]),
+        (nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4)), (torch.randn(1, 3, 4, 4),),
+         ["prelu", "'1.weight'", "PReLU"]),
+        (Tied(), (torch.randint(0, 10, (2, 3)),), ["linear", "'embed.weight'", "tying"]),
+        (SpectralChannels(), (torch.randn(2, 2, 9),), ["fc", "fft_rfft"]),
+    ],
+)
+def test_unsupported_operators_are_named(model, inputs, words):
+    with pytest.raises(UnsupportedModelError) as error:
+        to_graph(model, inputs)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_layer_called_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    with pytest.raises(UnsupportedModelError, match="'fc'.*more than once"):
+        to_graph(Twice(), (torch.randn(1, 3),))
