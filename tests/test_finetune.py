@@ -53,7 +53,9 @@ def test_train_learns_digits_in_seconds(digits):
                     progress=False, on_epoch=seen.append)
     assert time.perf_counter() - started < 30
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5] and seen == history
-    assert set(history[0]) == {"epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "seconds"}
+    assert set(history[0]) == {
+        "epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "seconds"
+    }
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.9
     assert evaluate(model, test_loader) == pytest.approx(history[-1]["test_accuracy"])

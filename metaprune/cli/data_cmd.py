@@ -7,7 +7,9 @@ def register(subparsers) -> None:
     actions.required = True
     listing = actions.add_parser("list", help="show the datasets, whether cached, how to get them")
     listing.set_defaults(handler=_list)
-    fetch = actions.add_parser("fetch", help="build a dataset's cache (the only command that downloads)")
+    fetch = actions.add_parser(
+        "fetch", help="build a dataset's cache (the only command that downloads)"
+    )
     fetch.add_argument("name", help="dataset id: mnist1d, digits, fashion-mnist or cifar10")
     fetch.add_argument(
         "--from", dest="source", metavar="SOURCE",
@@ -40,5 +42,6 @@ def _fetch(args) -> int:
     started = time.perf_counter()
     path = fetch_dataset(args.name, source=args.source)
     seconds = time.perf_counter() - started
-    print(f"{args.name}: cached at {path} ({path.stat().st_size / 2**20:.1f} MiB) in {seconds:.1f} s")
+    size_mib = path.stat().st_size / 2**20
+    print(f"{args.name}: cached at {path} ({size_mib:.1f} MiB) in {seconds:.1f} s")
     return 0

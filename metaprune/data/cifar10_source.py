@@ -52,14 +52,18 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 images (N, 3, 32, 32), int64 labels (N,)), strictly checked."""
     batch = load_restricted_pickle(path)
     if not isinstance(batch, dict):
-        raise DatasetFormatError(f"{path.name}: a CIFAR-10 batch is a dict, got {type(batch).__name__}")
+        raise DatasetFormatError(
+            f"{path.name}: a CIFAR-10 batch is a dict, got {type(batch).__name__}"
+        )
     # The official files were written by Python 2: keys come back as bytes.
     batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
         data.shape[1] != _PIXELS
     ):
-        raise DatasetFormatError(f"{path.name}: 'data' must be a uint8 array of shape (N, {_PIXELS})")
+        raise DatasetFormatError(
+            f"{path.name}: 'data' must be a uint8 array of shape (N, {_PIXELS})"
+        )
     if not isinstance(labels, list) or len(labels) != len(data) or not all(
         isinstance(label, int) and 0 <= label < 10 for label in labels
     ):

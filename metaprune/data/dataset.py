@@ -4,7 +4,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from metaprune.data.errors import DatasetFormatError
 from metaprune.data.npz import Splits
@@ -79,7 +85,12 @@ class Dataset:
 
     @classmethod
     def from_splits(
-        cls, name: str, splits: Splits, *, scale: float | None = None, num_classes: int | None = None
+        cls,
+        name: str,
+        splits: Splits,
+        *,
+        scale: float | None = None,
+        num_classes: int | None = None,
     ) -> "Dataset":
         """Build a dataset from raw arrays.
 
@@ -124,7 +135,9 @@ def _as_float_tensor(array: np.ndarray, where: str) -> torch.Tensor:
     return tensor
 
 
-def _channel_statistics(x: torch.Tensor, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _channel_statistics(
+    x: torch.Tensor, channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     per_channel = x.reshape(len(x), channels, -1).transpose(0, 1).reshape(channels, -1)
     mean = per_channel.double().mean(dim=1)
     std = per_channel.double().std(dim=1).clamp_min(1e-8)  # a constant channel stays finite

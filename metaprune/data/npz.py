@@ -66,7 +66,8 @@ def _check_headers(path: Path) -> None:
         expected = sorted(f"{key}.npy" for key in REQUIRED_KEYS)
         if names != expected:
             raise DatasetFormatError(
-                f"{path.name}: an .npz dataset holds exactly the arrays {', '.join(REQUIRED_KEYS)}; "
+                f"{path.name}: an .npz dataset holds exactly the arrays "
+                f"{', '.join(REQUIRED_KEYS)}; "
                 f"found {', '.join(n.removesuffix('.npy') for n in names) or 'nothing'}"
             )
         for name in names:

@@ -6,7 +6,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from metaprune.data.cache import dataset_cache_path, write_splits_atomically
-from metaprune.data.cifar10_source import CIFAR10, find_batch_folder
+from metaprune.data.cifar10_source import CIFAR10
 from metaprune.data.dataset import Dataset
 from metaprune.data.digits_source import DIGITS
 from metaprune.data.errors import DatasetFormatError, DatasetRequestError
@@ -131,7 +131,8 @@ def resolve_loaders(
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
             raise DatasetRequestError(
-                f"data given as a sequence must be (train_loader, test_loader), got {len(data)} items"
+                "data given as a sequence must be (train_loader, test_loader), "
+                f"got {len(data)} items"
             )
         return data[0], data[1]
     if isinstance(data, Dataset):

@@ -55,7 +55,9 @@ class FinetuneConfig:
         if values is None:
             return cls()
         if not isinstance(values, dict):
-            raise InvalidTargetError(f"finetune settings must be a dict, got {type(values).__name__}")
+            raise InvalidTargetError(
+                f"finetune settings must be a dict, got {type(values).__name__}"
+            )
         known = [field.name for field in fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -82,7 +84,9 @@ class FinetuneConfig:
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise InvalidTargetError(f"finetune {name} must be one of {', '.join(choices)}; got {value!r}")
+        raise InvalidTargetError(
+            f"finetune {name} must be one of {', '.join(choices)}; got {value!r}"
+        )
 
 
 def _check_number(

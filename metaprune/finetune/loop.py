@@ -72,8 +72,8 @@ def train(
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             loss, accuracy = _train_one_epoch(
-                model, train_loader, optimizer, scheduler, config, teacher if config.distill else None,
-                device, bar,
+                model, train_loader, optimizer, scheduler, config,
+                teacher if config.distill else None, device, bar,
             )
             if epoch == epochs and config.bn_recalibration:
                 recalibrate_batchnorm(model, train_loader, batches=RECALIBRATION_BATCHES)
@@ -178,7 +178,8 @@ def _make_scheduler(optimizer, schedule: str, total_steps: int, epochs: int):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
     if schedule == "step":
         steps_per_epoch = total_steps // max(epochs, 1)
-        milestones = sorted({max(1, int(epochs * share)) * steps_per_epoch for share in (0.5, 0.75)})
+        decay_epochs = {max(1, int(epochs * share)) for share in (0.5, 0.75)}
+        milestones = sorted(epoch * steps_per_epoch for epoch in decay_epochs)
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
