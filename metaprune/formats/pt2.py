@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from metaprune.errors import ModelFormatError, UnsupportedModelError
+from metaprune.formats.attention import lift_attention
 from metaprune.formats.intake import IntakeLimits, read_pt2_strict
 from metaprune.formats.lift import lift_program
 from metaprune.formats.shapes import record_shapes
@@ -93,6 +94,7 @@ def load_pt2(path: str | os.PathLike, limits: IntakeLimits | None = None):
     check_finite(module)
     example_inputs = _verified_sample_inputs(sample_inputs, module) or _rebuild_inputs(module, limits)
     try:
+        lift_attention(module, example_inputs)
         record_shapes(module, example_inputs)
     except UnsupportedModelError as err:
         raise ModelFormatError(f"the model does not run on inputs of its own input specs: {err}") from err
