@@ -41,6 +41,15 @@ class RemoteError(MetaPruneError):
         self.code = code
 
 
+def status_of(call: Callable[[], object]) -> str:
+    """Run `call()`; "OK", or the status name of the RemoteError it raised (scripts, tests)."""
+    try:
+        call()
+    except RemoteError as error:
+        return error.code
+    return "OK"
+
+
 def _remote_errors(call):
     """Turns grpc.RpcError into RemoteError, so callers see one error type with a message."""
     def wrapped(*args, **kwargs):

@@ -9,7 +9,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from metaprune.serving.auth import Authenticator, TokenFileError
-from metaprune.serving.client import PruningClient, RemoteError
+from metaprune.serving.client import PruningClient, status_of
 from metaprune.serving.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,14 +24,6 @@ def server(tmp_path_factory):
         yield proc
 
 
-def _code(call):
-    try:
-        call()
-    except RemoteError as error:
-        return error.code
-    return "OK"
-
-
 def _data_file(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x_train=np.random.rand(8, 1, 40).astype(np.float32), y_train=np.arange(8) % 2,
@@ -42,9 +34,9 @@ def _data_file(tmp_path):
 @pytest.mark.parametrize("token", [None, "wrong-token", "alpha-token "])
 def test_missing_or_wrong_token(server, token, tmp_path):
     with PruningClient(server.address, token=token.strip() + "x" if token else None) as client:
-        assert _code(client.info) == "UNAUTHENTICATED"
-        assert _code(lambda: client.upload_data(_data_file(tmp_path))) == "UNAUTHENTICATED"
-        assert _code(lambda: client.get_job("job-x")) == "UNAUTHENTICATED"
+        assert status_of(client.info) == "UNAUTHENTICATED"
+        assert status_of(lambda: client.upload_data(_data_file(tmp_path))) == "UNAUTHENTICATED"
+        assert status_of(lambda: client.get_job("job-x")) == "UNAUTHENTICATED"
         assert client.health() == "SERVING"  # health stays open
 
 
@@ -63,7 +55,7 @@ def test_tenants_are_isolated(server, tmp_path):
         assert alice.info().auth_required
         data_id = alice.upload_data(_data_file(tmp_path)).id
         # bob cannot use alice's data, even knowing its id
-        assert _code(lambda: bob.submit("model-x", speedup=2.0, data_id=data_id)) == "NOT_FOUND"
+        assert status_of(lambda: bob.submit("model-x", speedup=2.0, data_id=data_id)) == "NOT_FOUND"
         assert bob.list_jobs() == []
 
 
@@ -74,11 +66,11 @@ def test_other_tenants_job_is_not_found(server, tmp_path):
     with PruningClient(server.address, token="alpha-token") as alice, \
             PruningClient(server.address, token="beta-token") as bob:
         model_id = alice.upload_model(model).id
-        assert _code(lambda: bob.submit(model_id, speedup=2.0)) == "NOT_FOUND"
+        assert status_of(lambda: bob.submit(model_id, speedup=2.0)) == "NOT_FOUND"
         job = alice.submit(model_id, speedup=2.0)
         for call in (bob.get_job, bob.cancel, bob.watch):
-            assert _code(lambda: call(job.job_id)) == "NOT_FOUND"
-        assert _code(lambda: bob.download(job.job_id, tmp_path / "o.pt2")) == "NOT_FOUND"
+            assert status_of(lambda: call(job.job_id)) == "NOT_FOUND"
+        assert status_of(lambda: bob.download(job.job_id, tmp_path / "o.pt2")) == "NOT_FOUND"
         assert [j.job_id for j in alice.list_jobs()] == [job.job_id]
         assert alice.get_job(job.job_id).job_id == job.job_id
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from metaprune.serving import pruning_pb2 as pb
-from metaprune.serving.client import PruningClient, RemoteError
+from metaprune.serving.client import PruningClient, status_of
 from metaprune.serving.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,14 +51,6 @@ def _upload_bytes(client, name, payload: bytes, rpc="UploadModel", **metadata):
     chunks = [payload[i:i + MiB] for i in range(0, len(payload), MiB)]
     messages = [pb.UploadChunk(metadata=pb.UploadMetadata(filename=name, **metadata))]
     return _stream(client, messages + [pb.UploadChunk(data=c) for c in chunks], rpc)
-
-
-def _code(call):
-    try:
-        call()
-    except RemoteError as error:
-        return error.code
-    return "OK"
 
 
 # --- uploads that never reach a model loader ----------------------------------------------------
@@ -155,20 +147,202 @@ def test_good_data_upload(client):
 # --- unknown ids --------------------------------------------------------------------------------
 @pytest.mark.parametrize("call", ["get_job", "cancel", "watch"])
 def test_unknown_job_id(client, call):
-    assert _code(lambda: getattr(client, call)("job-doesnotexist")) == "NOT_FOUND"
+    assert status_of(lambda: getattr(client, call)("job-doesnotexist")) == "NOT_FOUND"
 
 
 def test_unknown_job_download(client, tmp_path):
-    assert _code(lambda: client.download("job-x", tmp_path / "o.pt2")) == "NOT_FOUND"
+    assert status_of(lambda: client.download("job-x", tmp_path / "o.pt2")) == "NOT_FOUND"
 
 
 def test_unknown_model_id(client):
-    assert _code(lambda: client.submit("model-nope", speedup=2.0)) == "NOT_FOUND"
-    assert _code(lambda: client.submit("", speedup=2.0)) == "NOT_FOUND"
+    assert status_of(lambda: client.submit("model-nope", speedup=2.0)) == "NOT_FOUND"
+    assert status_of(lambda: client.submit("", speedup=2.0)) == "NOT_FOUND"
 
 
-def test_health_after_garbage(client):
+# --- hostile model files (a valid archive, tampered with) ---------------------------------------
+@pytest.fixture(scope="module")
+def pt2_file(tmp_path_factory):
+    from metaprune.serving.samples import write_model
+
+    return write_model(tmp_path_factory.mktemp("models") / "m.pt2")
+
+
+@pytest.fixture(scope="module")
+def model_id(client, pt2_file):
+    return client.upload_model(pt2_file).id
+
+
+def _tampered(source: Path, target: Path, edit) -> Path:
+    """Copy a .pt2 zip, passing each member's (name, bytes) through `edit`."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as copy:
+        for info in original.infolist():
+            name, data = edit(info.filename, original.read(info))
+            compression = zipfile.ZIP_DEFLATED if len(data) > 1_000_000 else zipfile.ZIP_STORED
+            copy.writestr(name, data, compress_type=compression)
+    return target
+
+
+class _ShellPayload:
+    """Unpickling this runs a shell command: what a hostile `sample_inputs` would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_in_sample_inputs_never_runs(client, pt2_file, tmp_path):
+    import torch
+
+    marker = tmp_path / "PWNED"
+    buffer = io.BytesIO()
+    torch.save(_ShellPayload(marker), buffer)  # pickling does not run it; unpickling would
+
+    def edit(name, data):
+        return name, buffer.getvalue() if name.endswith("sample_inputs/model.pt") else data
+
+    hostile = _tampered(pt2_file, tmp_path / "payload.pt2", edit)
+    code = status_of(lambda: client.upload_model(hostile))
+    # refused, or accepted with the sample inputs dropped and rebuilt: never executed
+    assert code in ("INVALID_ARGUMENT", "OK")
+    assert not marker.exists()
+
+
+def _weights_config_edit(change):
+    def edit(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            change(config["config"])
+            data = json.dumps(config).encode()
+        return name, data
+    return edit
+
+
+def _absurd_shape(config):
+    first = next(iter(config.values()))["tensor_meta"]
+    first["sizes"] = [{"as_int": 10**6}, {"as_int": 10**6}, {"as_int": 5}]
+
+
+def _pickled_weight(config):
+    next(iter(config.values()))["use_pickle"] = True
+
+
+def _nan_weights(name, data):
+    if name.endswith("data/weights/weight_0"):
+        data = np.full(len(data) // 4, np.nan, np.float32).tobytes()
+    return name, data
+
+
+def _zip_bomb(name, data):
+    if name.endswith("models/model.json"):
+        data = b" " * (300 * MiB)  # compresses to ~300 KB
+    return name, data
+
+
+def _unknown_member(name, data):
+    return (name.replace("archive_format", "evil.py") if name.endswith("archive_format") else name), data
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [_nan_weights, _weights_config_edit(_absurd_shape), _weights_config_edit(_pickled_weight),
+     _zip_bomb, _unknown_member],
+    ids=["nan-weights", "absurd-shape", "pickled-weight", "zip-bomb", "unknown-member"],
+)
+def test_tampered_pt2_is_invalid(client, pt2_file, tmp_path, edit):
+    hostile = _tampered(pt2_file, tmp_path / "hostile.pt2", edit)
+    assert status_of(lambda: client.upload_model(hostile)) == "INVALID_ARGUMENT"
+
+
+def test_truncated_pt2(client, pt2_file, tmp_path):
+    truncated = tmp_path / "half.pt2"
+    truncated.write_bytes(pt2_file.read_bytes()[: pt2_file.stat().st_size // 2])
+    assert status_of(lambda: client.upload_model(truncated)) == "INVALID_ARGUMENT"
+
+
+def test_too_many_parameters(client, tmp_path):
+    from metaprune.serving.samples import small_model, write_model
+
+    model, inputs = small_model(overrides={"widths": [128, 256]})
+    path = write_model(tmp_path / "big.pt2", model=model, example_inputs=inputs)
+    assert status_of(lambda: client.upload_model(path)) == "RESOURCE_EXHAUSTED"
+
+
+def test_absurd_safetensors_spec(client, tmp_path):
+    from metaprune.serving.samples import write_model
+
+    path = write_model(tmp_path / "m.safetensors")
+    spec = json.loads(path.with_suffix(".json").read_text())
+    for config in ({**spec["config"], "widths": [10**9, 10**9]}, {**spec["config"], "widths": [-4, 8]}):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({**spec, "config": config}))
+        assert status_of(lambda: client.upload_model(path, spec_path=bad)) == "INVALID_ARGUMENT"
+    bad.write_text(json.dumps({**spec, "family": "no-such-family"}))
+    assert status_of(lambda: client.upload_model(path, spec_path=bad)) == "INVALID_ARGUMENT"
+
+
+# --- requests on a valid model ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"method": "magic", "speedup": 2.0}, "INVALID_ARGUMENT"),
+        ({"criterion": "vibes", "speedup": 2.0}, "INVALID_ARGUMENT"),
+        ({"allocation": "random", "speedup": 2.0}, "INVALID_ARGUMENT"),
+        ({"speedup": 0.5}, "INVALID_ARGUMENT"),
+        ({"speedup": float("nan")}, "INVALID_ARGUMENT"),
+        ({"speedup": float("inf")}, "INVALID_ARGUMENT"),
+        ({"params_ratio": 1.5}, "INVALID_ARGUMENT"),
+        ({"params_ratio": -0.1}, "INVALID_ARGUMENT"),
+        ({}, "INVALID_ARGUMENT"),  # no target at all
+        ({"speedup": 2.0, "finetune_epochs": -1, "dataset": "mnist1d"}, "INVALID_ARGUMENT"),
+        ({"speedup": 2.0, "finetune_epochs": 10**6, "dataset": "mnist1d"}, "INVALID_ARGUMENT"),
+        ({"policy": {"features.0.unit.conv": 2.0}}, "INVALID_ARGUMENT"),
+        ({"policy": {"features.0.unit.conv": float("nan")}}, "INVALID_ARGUMENT"),
+        ({"speedup": 2.0, "dataset": "imagenet"}, "INVALID_ARGUMENT"),
+        ({"speedup": 2.0, "output_format": "safetensors"}, "INVALID_ARGUMENT"),  # pt2 input
+        ({"speedup": 2.0, "dataset": "mnist1d", "finetune": {"optimizer": "adam9"}}, "INVALID_ARGUMENT"),
+        ({"speedup": 2.0, "dataset": "mnist1d", "finetune": {"lr": -1.0}}, "INVALID_ARGUMENT"),
+        ({"speedup": 2.0, "metanet": "nonexistent"}, "INVALID_ARGUMENT"),
+        ({"method": "metanet", "speedup": 2.0}, "FAILED_PRECONDITION"),  # metanet needs data
+        ({"method": "taylor", "speedup": 2.0}, "FAILED_PRECONDITION"),
+        ({"speedup": 2.0, "finetune_epochs": 3}, "FAILED_PRECONDITION"),  # fine-tuning needs data
+        ({"speedup": 2.0, "data_id": "data-unknown"}, "NOT_FOUND"),
+    ],
+)
+def test_bad_submit(client, model_id, options, expected):
+    assert status_of(lambda: client.submit(model_id, **options)) == expected
+
+
+def test_bad_policy_json(client, model_id):
+    for text in ("{", "[]", '{"a": "half"}'):
+        request = pb.SubmitJobRequest(model_id=model_id, policy_json=text)
+        with pytest.raises(grpc.RpcError) as refused:
+            client.stub.SubmitJob(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_impossible_target_fails_the_job(client, model_id, tmp_path):
+    job = client.submit(model_id, speedup=10_000.0)
+    job = client.wait(job.job_id, timeout=120)
+    assert pb.JobState.Name(job.state) == "FAILED"
+    assert job.error_code == "INVALID_ARGUMENT" and "speedup" in job.message
+    assert status_of(lambda: client.download(job.job_id, tmp_path / "o.pt2")) == "FAILED_PRECONDITION"
+
+
+def test_stored_model_survives_bad_requests(client, model_id):
+    # every refusal above left the earlier upload usable
+    job = client.wait(client.submit(model_id, speedup=2.0).job_id, timeout=120)
+    assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+
+
+def test_health_after_everything(server, client):
     assert client.health() == "SERVING"
     assert client.health("metaprune.v1.PruningService") == "SERVING"
-    # nothing of the refused uploads is left half-received
     assert client.info().limits.max_upload_bytes == 2 * MiB
+    # refused uploads left nothing behind: no partial file, one folder per accepted upload
+    assert list((server.state_dir / "incoming").iterdir()) == []
+    kept = sorted(path.name.split("-")[0] for path in (server.state_dir / "uploads").iterdir())
+    # the good .npz, the test model, and the payload archive if the intake stripped its pickle
+    assert kept in (["data", "model"], ["data", "model", "model"])
+

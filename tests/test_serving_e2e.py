@@ -1,0 +1,112 @@
+"""End to end through a real server process: upload, prune in a worker, watch, download.
+
+Also: uploaded data for fine-tuning, cancelling, the queue limit and the job time limit."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from metaprune.formats import load_model
+from metaprune.measure import count_macs
+from metaprune.serving import pruning_pb2 as pb
+from metaprune.serving.client import PruningClient, prune_remote, status_of
+from metaprune.serving.process import ServerProcess
+from metaprune.serving.samples import write_model, write_npz
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    state = tmp_path_factory.mktemp("e2e") / "state"
+    with ServerProcess(state, args=("--workers", "1", "--max-queued-jobs", "3")) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with PruningClient(server.address, timeout=120) as connection:
+        yield connection
+
+
+def _outputs(path, inputs):
+    model, _ = load_model(path)
+    with torch.no_grad():
+        return model(*inputs)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".safetensors"])
+def test_prune_round_trip(server, tmp_path, suffix):
+    original = write_model(tmp_path / f"model{suffix}", seed=1)
+    pruned = tmp_path / f"pruned{suffix}"
+    report = prune_remote(server.address, original, pruned, options={"method": "l2", "speedup": 2.0},
+                          report_path=tmp_path / "report.json", progress=False)
+    assert pruned.exists() and json.loads((tmp_path / "report.json").read_text()) == report
+    if suffix == ".safetensors":
+        assert json.loads(pruned.with_suffix(".json").read_text())["family"] == "cnn1d"
+    before, inputs = load_model(original)
+    after, _ = load_model(pruned)
+    assert count_macs(after, inputs) < count_macs(before, inputs)
+    assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
+    with torch.no_grad():
+        assert after(*inputs).shape == before(*inputs).shape
+
+
+def test_watch_events_and_listing(client, tmp_path):
+    model = client.upload_model(write_model(tmp_path / "m.pt2"))
+    assert model.num_parameters > 0 and list(model.input_shape)[1:] == [1, 40]
+    job = client.submit(model.id, method="l1", params_ratio=0.5)
+    events = []
+    final = client.wait(job.job_id, on_event=events.append, timeout=120)
+    assert pb.JobState.Name(final.state) == "SUCCEEDED", final.message
+    states = [pb.JobState.Name(e.state) for e in events if e.kind == "state"]
+    assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    assert {"loading", "pruning", "saving"} <= {e.phase for e in events if e.kind == "phase"}
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert job.job_id in [j.job_id for j in client.list_jobs(state="SUCCEEDED")]
+    report = client.download(job.job_id, tmp_path / "out.pt2")
+    assert report == json.loads(final.report_json)
+    assert abs(report["params_after"] / report["params_before"] / 0.5 - 1) <= 0.02
+
+
+def test_finetune_on_uploaded_data(client, tmp_path):
+    report = prune_remote(
+        client.target, write_model(tmp_path / "m.pt2"), tmp_path / "p.pt2", progress=False,
+        options={"speedup": 2.0, "data": str(write_npz(tmp_path / "d.npz")), "finetune_epochs": 1},
+    )
+    assert report["finetune"] is not None and 0.0 <= report["accuracy_after"] <= 1.0
+
+
+def _wait_for_state(client, job_id, state, seconds=60):
+    deadline = time.monotonic() + seconds
+    while pb.JobState.Name(client.get_job(job_id).state) != state:
+        assert time.monotonic() < deadline, f"{job_id} never reached {state}"
+        time.sleep(0.1)
+
+
+def test_cancel_and_queue_limit(client, tmp_path):
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    long = dict(speedup=2.0, dataset="mnist1d", finetune_epochs=500)
+    running = client.submit(model_id, **long)
+    queued = [client.submit(model_id, **long) for _ in range(2)]
+    assert status_of(lambda: client.submit(model_id, **long)) == "RESOURCE_EXHAUSTED"  # 3 max
+    _wait_for_state(client, running.job_id, "RUNNING")
+    for job in [*queued, running]:
+        assert pb.JobState.Name(client.cancel(job.job_id).state) == "CANCELLED"
+    assert status_of(lambda: client.download(running.job_id, tmp_path / "x.pt2")) == "FAILED_PRECONDITION"
+    # the worker was stopped: the next job runs at once and succeeds
+    job = client.wait(client.submit(model_id, speedup=2.0).job_id, timeout=120)
+    assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+    assert pb.JobState.Name(client.get_job(running.job_id).state) == "CANCELLED"
+
+
+def test_job_time_limit(tmp_path):
+    with ServerProcess(tmp_path / "state", args=("--job-time-s", "3", "--workers", "1")) as server, \
+            PruningClient(server.address) as client:
+        model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+        job = client.submit(model_id, speedup=2.0, dataset="mnist1d", finetune_epochs=1000)
+        job = client.wait(job.job_id, timeout=120)
+        assert pb.JobState.Name(job.state) == "FAILED"
+        assert job.error_code == "RESOURCE_EXHAUSTED" and "time limit" in job.message
