@@ -40,7 +40,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from metaprune.errors import UnsupportedModelError
+from metaprune.errors import ModelFormatError, UnsupportedModelError
 
 aten = torch.ops.aten
 
@@ -357,8 +357,8 @@ def lift_program(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         :func:`metaprune.formats.shapes.record_shapes` with example inputs before pruning it.
 
     Raises:
-        UnsupportedModelError: the program mutates buffers, takes non-tensor or nested inputs,
-            or has no tensor input.
+        UnsupportedModelError: the program mutates buffers, takes non-tensor or nested inputs.
+        ModelFormatError: the graph has no tensor input.
     """
     signature = program.graph_signature
     kinds = {spec.kind.name for spec in signature.output_specs}
@@ -410,7 +410,7 @@ def lift_program(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
         else:
             raise UnsupportedModelError(f"unsupported node {node.format_node()}")
     if tensor_inputs == 0:
-        raise UnsupportedModelError("the model's graph has no tensor input")
+        raise ModelFormatError("the model's graph has no tensor input; nothing could be fed to it")
 
     _Lifter(graph, root).run()
     lifted = torch.fx.GraphModule(root, graph, class_name="LiftedModel")
