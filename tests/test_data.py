@@ -153,6 +153,8 @@ def test_valid_npz_is_used_as_given(tmp_path):
     assert data.mean == (0.0, 0.0, 0.0) and data.std == (1.0, 1.0, 1.0)
     train, _ = resolve_loaders(str(tmp_path / "upload.npz"), batch_size=8)
     assert next(iter(train))[0].shape == (8, 3, 5)
+    os.rename(tmp_path / "upload.npz", tmp_path / "upload-7f3a")  # as a service stores uploads
+    assert torch.equal(load_dataset(tmp_path / "upload-7f3a").y_test, data.y_test)
 
 
 def _with(**changes):

@@ -17,6 +17,7 @@ Example::
 from metaprune.data.cache import cache_dir
 from metaprune.data.dataset import Dataset
 from metaprune.data.errors import DatasetFormatError, DatasetRequestError
+from metaprune.data.npz import Splits, read_npz
 from metaprune.data.registry import (
     DATASET_IDS,
     fetch_dataset,
@@ -30,9 +31,11 @@ __all__ = [
     "Dataset",
     "DatasetFormatError",
     "DatasetRequestError",
+    "Splits",
     "cache_dir",
     "fetch_dataset",
     "list_datasets",
     "load_dataset",
+    "read_npz",
     "resolve_loaders",
 ]

@@ -30,8 +30,9 @@ def load_dataset(name_or_path: str | os.PathLike) -> Dataset:
       :class:`~metaprune.errors.DatasetUnavailableError` saying which ``metaprune data fetch``
       command provides them;
     - a folder with CIFAR-10's python batches is read directly (standardised like ``cifar10``);
-    - an ``.npz`` with ``x_train, y_train, x_test, y_test`` is validated strictly and used as
-      given (no normalisation: the arrays are in whatever units their model expects).
+    - an ``.npz`` file (any name) with ``x_train, y_train, x_test, y_test`` is validated strictly
+      and used as given (no normalisation: the arrays are in whatever units their model
+      expects); a file that is not such an ``.npz`` raises ``DatasetFormatError``.
 
     Example::
 
@@ -45,7 +46,7 @@ def load_dataset(name_or_path: str | os.PathLike) -> Dataset:
         return Dataset.from_splits(
             CIFAR10.id, CIFAR10.build(path), scale=CIFAR10.scale, num_classes=CIFAR10.num_classes
         )
-    if path.is_file() and path.suffix == ".npz":
+    if path.is_file():  # any file is read as an .npz: a stored upload may carry no suffix
         return Dataset.from_splits(path.stem, read_npz(path))
     raise DatasetUnavailableError(
         f"unknown dataset {str(name_or_path)!r}: not one of {', '.join(DATASET_IDS)}, "
