@@ -1,1 +1,23 @@
+"""Structured pruning: dependency groups, allocation, exact MACs/params targets, removal.
 
+Example::
+
+    from metaprune.prune import prune
+    result = prune(model, (torch.randn(1, 3, 32, 32),), method="l2", speedup=2.0)
+    pruned, report = result.model, result.report
+"""
+
+from metaprune.prune.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
+from metaprune.prune.engine import METHODS, PruneResult, prune
+from metaprune.prune.unstructured import mask_density, prune_unstructured
+
+__all__ = [
+    "ALLOCATIONS",
+    "METHODS",
+    "MIN_KEEP_FRACTION",
+    "PruneResult",
+    "load_policy",
+    "prune",
+    "mask_density",
+    "prune_unstructured",
+]

@@ -1,0 +1,131 @@
+"""Targets (speed-up or params ratio) and the bisection that meets them analytically."""
+
+import math
+from dataclasses import dataclass
+
+from metaprune.errors import InvalidTargetError
+from metaprune.prune.allocation import MIN_KEEP_FRACTION, Allocation
+from metaprune.prune.cost import CostModel
+
+TOLERANCE = 0.02  # |achieved / target - 1| allowed by DESIGN §5
+
+
+@dataclass(frozen=True)
+class Target:
+    """A cost target: `kind` is "speedup" (MACs before / after) or "params_ratio" (after / before)."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def from_arguments(cls, speedup: float | None, params_ratio: float | None) -> "Target | None":
+        if speedup is not None and params_ratio is not None:
+            raise InvalidTargetError("give at most one of speedup and params_ratio, not both")
+        if speedup is not None:
+            value = _number("speedup", speedup)
+            if value < 1.0:
+                raise InvalidTargetError(
+                    f"speedup must be at least 1 (MACs before / MACs after), got {value:g}"
+                )
+            return cls("speedup", value)
+        if params_ratio is not None:
+            value = _number("params_ratio", params_ratio)
+            if not 0.0 < value <= 1.0:
+                raise InvalidTargetError(
+                    f"params_ratio must be in (0, 1] (params after / params before), got {value:g}"
+                )
+            return cls("params_ratio", value)
+        return None
+
+    def achieved(self, macs_before, macs_after, params_before, params_after) -> float:
+        if self.kind == "speedup":
+            return macs_before / max(macs_after, 1e-12)
+        return params_after / params_before
+
+    def error(self, achieved: float) -> float:
+        """Relative miss |achieved / target - 1|."""
+        return abs(achieved / self.value - 1.0)
+
+    def goal(self, cost: CostModel) -> float:
+        """The MACs or params the pruned model should have."""
+        if self.kind == "speedup":
+            return cost.macs_before / self.value
+        return cost.params_before * self.value
+
+
+def _number(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise InvalidTargetError(f"{name} must be a number, got {value!r}") from error
+    if not math.isfinite(number):
+        raise InvalidTargetError(f"{name} must be finite, got {value!r}")
+    return number
+
+
+def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: float,
+                 iterations: int = 60) -> list[int]:
+    """Removal counts whose analytic MACs (or params) are closest to `goal`.
+
+    Bisects the allocation parameter: cost falls as it grows. Raises InvalidTargetError when
+    even pruning every group to its floor does not get there.
+    """
+    index = 0 if target.kind == "speedup" else 1
+
+    def quantity(theta: float) -> tuple[float, list[int]]:
+        counts = allocation.counts(theta)
+        return cost.evaluate(counts)[index], counts
+
+    floor_value, floor_counts = quantity(allocation.high)
+    if floor_value > goal * (1.0 + TOLERANCE):
+        best = target.achieved(cost.macs_before, floor_value, cost.params_before, floor_value)
+        raise InvalidTargetError(
+            f"{target.kind} {target.value:g} cannot be reached: keeping at least "
+            f"{MIN_KEEP_FRACTION:.0%} of every prunable layer's channels (and all channels of "
+            f"the input and output layers) allows at most {best:.3g}"
+        )
+    low, high = allocation.low, allocation.high
+    best_counts, best_miss = floor_counts, abs(floor_value / goal - 1.0)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        value, counts = quantity(middle)
+        miss = abs(value / goal - 1.0)
+        if miss < best_miss:
+            best_counts, best_miss = counts, miss
+        if value > goal:
+            low = middle
+        else:
+            high = middle
+    return _refine(best_counts, allocation, cost, index, goal)
+
+
+def _refine(counts: list[int], allocation: Allocation, cost: CostModel, index: int,
+            goal: float, max_moves: int = 32) -> list[int]:
+    """Closes the last gap left by coarse steps: moves one group by one step at a time.
+
+    Wide coupled groups (a transformer's residual width, removed a head's worth at a time) can
+    make the threshold jump past the goal; nudging the groups nearest their own threshold, one
+    step each, lands within a fraction of a percent.
+    """
+    counts = list(counts)
+    miss = abs(cost.evaluate(counts)[index] / goal - 1.0)
+    for _ in range(max_moves):
+        if miss <= TOLERANCE / 8:
+            break
+        best_move, best_miss = None, miss
+        for position, group in enumerate(allocation.groups):
+            if group.blocked:
+                continue
+            for change in (-group.step, group.step):
+                count = counts[position] + change
+                if not 0 <= count <= allocation.max_removed[position]:
+                    continue
+                trial = counts[:position] + [count] + counts[position + 1:]
+                trial_miss = abs(cost.evaluate(trial)[index] / goal - 1.0)
+                if trial_miss < best_miss:
+                    best_move, best_miss = (position, count), trial_miss
+        if best_move is None:
+            break
+        counts[best_move[0]] = best_move[1]
+        miss = best_miss
+    return counts

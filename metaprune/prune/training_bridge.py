@@ -1,0 +1,56 @@
+"""Data, evaluation and fine-tuning for the pruning engine, imported only when data is given.
+
+`metaprune.data` and `metaprune.finetune` own these; the engine reaches them through this one
+module so that pruning without data never imports them.
+"""
+
+from importlib import import_module
+
+from torch import nn
+
+from metaprune.errors import MetaPruneError
+
+DATA_BATCH_SIZE = 128
+
+
+def _component(module_name: str, attribute: str):
+    try:
+        return getattr(import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise MetaPruneError(
+            f"{module_name}.{attribute} is not available in this build, so data cannot be used"
+        ) from error
+
+
+def resolve_data(data, *, seed: int = 0):
+    """(train_loader, test_loader) from a dataset id, a folder, or a loader pair; None stays None."""
+    if data is None:
+        return None
+    return _component("metaprune.data", "resolve_loaders")(data, batch_size=DATA_BATCH_SIZE,
+                                                           seed=seed)
+
+
+def evaluate(model: nn.Module, loader) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float(_component("metaprune.finetune", "evaluate")(model, loader))
+
+
+def recalibrate_batchnorm(model: nn.Module, loader) -> None:
+    """Re-estimates BatchNorm running statistics after channels were removed."""
+    _component("metaprune.finetune", "recalibrate_batchnorm")(model, loader)
+
+
+def finetune(model: nn.Module, train_loader, *, epochs: int, config: dict | None,
+             eval_loader=None, teacher: nn.Module | None = None) -> list[dict]:
+    """Trains `model` in place for `epochs`; returns the per-epoch history."""
+    config_class = _component("metaprune.finetune", "FinetuneConfig")
+    train = _component("metaprune.finetune", "train")
+    settings = config_class.from_dict(dict(config or {}))
+    return list(train(model, train_loader, epochs=epochs, config=settings,
+                      eval_loader=eval_loader,
+                      teacher=teacher if getattr(settings, "distill", False) else None))
+
+
+def wants_bn_recalibration(config: dict | None) -> bool:
+    """BN recalibration is on unless the fine-tune config turns it off."""
+    return bool((config or {}).get("bn_recalibration", True))
