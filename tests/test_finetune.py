@@ -1,6 +1,7 @@
 """metaprune.finetune: the loop learns, is seeded, distils from a teacher, recalibrates BN."""
 
 import copy
+import logging
 import time
 
 import pytest
@@ -44,14 +45,16 @@ def _mlp(seed: int = 0, *, dropout: float = 0.0) -> nn.Module:
     )
 
 
-def test_train_learns_digits_in_seconds(digits):
+def test_train_learns_digits_in_seconds(digits, caplog):
     train_loader, test_loader = digits.loaders(64, seed=0)
     model = _mlp()
     seen = []
     started = time.perf_counter()
-    history = train(model, train_loader, epochs=5, config=FAST, eval_loader=test_loader,
-                    progress=False, on_epoch=seen.append)
+    with caplog.at_level(logging.INFO, logger="metaprune"):
+        history = train(model, train_loader, epochs=5, config=FAST, eval_loader=test_loader,
+                        progress=False, on_epoch=seen.append)
     assert time.perf_counter() - started < 30
+    assert [record.metrics for record in caplog.records if hasattr(record, "epoch")] == history
     assert [entry["epoch"] for entry in history] == [1, 2, 3, 4, 5] and seen == history
     assert set(history[0]) == {
         "epoch", "train_loss", "train_accuracy", "test_accuracy", "lr", "seconds"

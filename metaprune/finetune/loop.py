@@ -1,5 +1,6 @@
 """The training loop used to fine-tune pruned networks and to train the zoo's corpus models."""
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +16,10 @@ from metaprune.finetune.config import FinetuneConfig
 from metaprune.finetune.device import model_device
 from metaprune.finetune.distill import distillation_loss
 from metaprune.seeding import seed_everything
+
+# A child of the "metaprune" logger: the service forwards records carrying `epoch` and
+# `metrics` as progress events, so every caller of train() reports progress without plumbing.
+log = logging.getLogger(__name__)
 
 # Batches used to re-estimate BatchNorm statistics after the last epoch: enough for a stable
 # cumulative average on the small datasets here, a fraction of an epoch's cost.
@@ -37,7 +42,9 @@ def train(
     Returns one dict per epoch: ``epoch`` (1-based), ``train_loss``, ``train_accuracy`` (both
     averaged over the epoch's batches, weighted by batch size), ``test_accuracy`` (on
     ``eval_loader`` after the epoch, or None), ``lr`` (at the epoch's end) and ``seconds``.
-    ``on_epoch`` receives each dict as soon as it exists (progress events, Ray Tune reports).
+    ``on_epoch`` receives each dict as soon as it exists (progress events, Ray Tune reports);
+    each epoch is also logged at INFO on ``metaprune.finetune.loop`` with the dict attached as
+    the record's ``metrics`` (and ``epoch``) attribute.
 
     With ``config.distill`` the loss is :func:`distillation_loss` against ``teacher`` (held in
     eval mode, never updated). With ``config.bn_recalibration`` BatchNorm statistics are
@@ -86,6 +93,12 @@ def train(
                 "seconds": time.perf_counter() - started,
             }
             history.append(metrics)
+            log.info(
+                "epoch %d/%d: train loss %.4f, train accuracy %.4f, test accuracy %s",
+                epoch, epochs, loss, accuracy,
+                "n/a" if metrics["test_accuracy"] is None else f"{metrics['test_accuracy']:.4f}",
+                extra={"epoch": epoch, "metrics": dict(metrics)},
+            )
             if bar is not None:
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", acc=f"{accuracy:.3f}")
             if on_epoch is not None:
