@@ -47,7 +47,7 @@ def _mlp(seed: int = 0, *, dropout: float = 0.0) -> nn.Module:
 
 def test_train_learns_digits_in_seconds(digits, caplog):
     train_loader, test_loader = digits.loaders(64, seed=0)
-    model = _mlp()
+    model = _mlp().eval()
     seen = []
     started = time.perf_counter()
     with caplog.at_level(logging.INFO, logger="metaprune"):
@@ -61,6 +61,7 @@ def test_train_learns_digits_in_seconds(digits, caplog):
     }
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["test_accuracy"] > 0.9
+    assert not model.training  # back in the mode it came in
     assert evaluate(model, test_loader) == pytest.approx(history[-1]["test_accuracy"])
 
 
@@ -221,3 +222,17 @@ def test_config_validation_names_the_problem(settings, message):
         FinetuneConfig.from_dict(settings)
     with pytest.raises(ValueError):  # callers that only know ValueError still catch it
         FinetuneConfig.from_dict(settings)
+
+
+def test_an_on_epoch_exception_stops_training(digits):
+    epochs_seen = []
+
+    def cancel_after_two(metrics):
+        epochs_seen.append(metrics["epoch"])
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt  # what a cancelled job or a stopped trial raises
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_mlp(), digits.loaders(256)[0], epochs=5, config=FAST, progress=False,
+              on_epoch=cancel_after_two)
+    assert epochs_seen == [1, 2]

@@ -44,7 +44,9 @@ def train(
     ``eval_loader`` after the epoch, or None), ``lr`` (at the epoch's end) and ``seconds``.
     ``on_epoch`` receives each dict as soon as it exists (progress events, Ray Tune reports);
     each epoch is also logged at INFO on ``metaprune.finetune.loop`` with the dict attached as
-    the record's ``metrics`` (and ``epoch``) attribute.
+    the record's ``metrics`` (and ``epoch``) attribute. An exception raised by ``on_epoch``
+    stops training (that is how a caller cancels it). The model ends in the training/eval mode
+    it came in.
 
     With ``config.distill`` the loss is :func:`distillation_loss` against ``teacher`` (held in
     eval mode, never updated). With ``config.bn_recalibration`` BatchNorm statistics are
@@ -70,6 +72,7 @@ def train(
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config.schedule, epochs * steps_per_epoch, epochs)
     device = model_device(model)
+    model_mode = model.training
     teacher_mode = teacher.training if teacher is not None else None
     if teacher is not None:
         teacher.eval()
@@ -108,6 +111,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+        model.train(model_mode)
         if teacher is not None:
             teacher.train(teacher_mode)
     return history
