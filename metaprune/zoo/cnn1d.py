@@ -85,19 +85,19 @@ def default_pools(length: int, layers: int) -> list[int]:
 
 
 def complete(reader: ConfigReader) -> dict:
-    widths = reader.int_list("widths", [32, 64, 64])
+    widths = reader.integers("widths", [32, 64, 64])
     layers = len(widths)
-    kernel_sizes = reader.int_list("kernel_sizes", [5] * layers, length=layers, high=MAX_KERNEL)
+    kernel_sizes = reader.integers("kernel_sizes", [5] * layers, length=layers, high=MAX_KERNEL)
     if any(kernel % 2 == 0 for kernel in kernel_sizes):
         reader.fail("kernel_sizes", "must be odd (padding keeps the length)", kernel_sizes)
     length = reader.input_shape[1]
-    pools = reader.int_list("pools", default_pools(length, layers), length=layers, high=16)
+    pools = reader.integers("pools", default_pools(length, layers), length=layers, high=16)
     for i, pool in enumerate(pools):
         length //= pool
         if length < 1:
             reader.fail("pools", f"shrink the input length to 0 at layer {i}", pools)
     head = reader.choice("head", "gap", ("gap", "flatten"))
-    hidden = reader.int_list("hidden", [], min_length=0)
+    hidden = reader.integers("hidden", [], min_length=0)
     return {
         "widths": widths,
         "kernel_sizes": kernel_sizes,

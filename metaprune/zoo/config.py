@@ -83,8 +83,8 @@ class ConfigReader:
     Example::
 
         reader = ConfigReader("cnn1d", {"widths": [8, 16]}, keys=("widths",))
-        reader.int_list("widths", default=[32, 64])   # -> [8, 16]
-        reader.int_list("widths", default=[32, 64], low=4)   # ModelFormatError if any < 4
+        reader.integers("widths", default=[32, 64])   # -> [8, 16]
+        reader.integers("widths", default=[32, 64], low=9)   # ModelFormatError: 8 < 9
     """
 
     def __init__(
@@ -121,13 +121,13 @@ class ConfigReader:
         """The value as given, or `default`; the caller checks it."""
         return self.values.get(key, default)
 
-    def int(self, key: str, default: int, *, low: int = 1, high: int = MAX_WIDTH) -> int:
+    def integer(self, key: str, default: int, *, low: int = 1, high: int = MAX_WIDTH) -> int:
         return as_int(self.raw(key, default), self.where(key), low=low, high=high)
 
-    def int_list(self, key: str, default: list[int], **bounds) -> list[int]:
+    def integers(self, key: str, default: list[int], **bounds) -> list[int]:
         return as_int_list(self.raw(key, default), self.where(key), **bounds)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def flag(self, key: str, default: bool) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):
             self.fail(key, "must be true or false", value)

@@ -121,7 +121,7 @@ def default_blocks(growth: int = 12, layers: int = 4, count: int = 3) -> list[li
 
 
 def complete(reader: ConfigReader) -> dict:
-    stem_width = reader.int("stem_width", 24)
+    stem_width = reader.integer("stem_width", 24)
     where = reader.where("blocks")
     blocks = []
     for b, raw_block in enumerate(as_list(reader.raw("blocks", default_blocks()), where)):
@@ -141,7 +141,7 @@ def complete(reader: ConfigReader) -> dict:
     for block in blocks[:-1]:
         width = max(1, (width + sum(layer["growth"] for layer in block)) // 2)
         default_transitions.append(width)
-    transitions = reader.int_list(
+    transitions = reader.integers(
         "transitions", default_transitions, length=len(blocks) - 1, min_length=0
     )
     return {"stem_width": stem_width, "blocks": blocks, "transitions": transitions}

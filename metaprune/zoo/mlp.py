@@ -76,15 +76,15 @@ class MLP(nn.Module):
 
 
 def complete(reader: ConfigReader) -> dict:
-    residual = reader.bool("residual", False)
+    residual = reader.flag("residual", False)
     if not residual:
         width = reader.raw("width", None)
         if width is not None:
             reader.fail("width", "is only used with residual: true; leave it null", width)
-        hidden = reader.int_list("hidden", [128, 64], min_length=0)
+        hidden = reader.integers("hidden", [128, 64], min_length=0)
         return {"hidden": hidden, "residual": False, "width": None}
-    width = reader.int("width", 128)
-    hidden = reader.int_list("hidden", [2 * width, 2 * width], min_length=0)
+    width = reader.integer("width", 128)
+    hidden = reader.integers("hidden", [2 * width, 2 * width], min_length=0)
     return {"hidden": hidden, "residual": True, "width": width}
 
 

@@ -117,8 +117,8 @@ def default_blocks(stem_width: int) -> list[dict]:
 
 
 def complete(reader: ConfigReader) -> dict:
-    stem_width = reader.int("stem_width", 32)
-    stem_stride = reader.int("stem_stride", 1, high=2)
+    stem_width = reader.integer("stem_width", 32)
+    stem_stride = reader.integer("stem_stride", 1, high=2)
     where = reader.where("blocks")
     blocks, in_width = [], stem_width
     for i, raw in enumerate(as_list(reader.raw("blocks", default_blocks(stem_width)), where)):
@@ -139,7 +139,7 @@ def complete(reader: ConfigReader) -> dict:
             )
         blocks.append({"hidden": hidden, "out": out, "stride": stride, "residual": residual})
         in_width = out
-    last_width = reader.int("last_width", 256)
+    last_width = reader.integer("last_width", 256)
     return {
         "stem_width": stem_width,
         "stem_stride": stem_stride,

@@ -61,7 +61,8 @@ class ResNet(nn.Module):
     ):
         # input_shape: (channels, length) for dims 1, (channels, height, width) for dims 2.
         # dims: 1 (Conv1d) or 2 (Conv2d); must match the input's spatial dimensions.
-        # depth: 6n + 2 layers, n BasicBlocks per stage (20, 32, 56, 110 are the classic ones).
+        # depth: 6n + 2 layers, n BasicBlocks per stage (20, 32, 56, 110 are the classic ones);
+        #   the blocks themselves come from block_widths, which `build` checks against depth.
         # stage_widths: the residual width of each of the three stages (the stem has stage 1's).
         # block_widths: per stage, the inner width of each of its n blocks.
         super().__init__()
@@ -96,14 +97,14 @@ class ResNet(nn.Module):
 
 
 def complete(reader: ConfigReader) -> dict:
-    dims = reader.int("dims", len(reader.input_shape) - 1, high=2)
+    dims = reader.integer("dims", len(reader.input_shape) - 1, high=2)
     if dims != len(reader.input_shape) - 1:
         reader.fail("dims", f"must match input_shape {reader.input_shape}", dims)
-    depth = reader.int("depth", 20, low=8, high=6 * MAX_LAYERS // 3 + 2)
+    depth = reader.integer("depth", 20, low=8, high=6 * MAX_LAYERS // 3 + 2)
     if (depth - 2) % 6:
         reader.fail("depth", "must be 6n + 2 (e.g. 20, 32, 56, 110)", depth)
     blocks = (depth - 2) // 6
-    stage_widths = reader.int_list("stage_widths", [16, 32, 64], length=3)
+    stage_widths = reader.integers("stage_widths", [16, 32, 64], length=3)
     default_blocks = [[width] * blocks for width in stage_widths]
     where = reader.where("block_widths")
     per_stage = as_list(reader.raw("block_widths", default_blocks), where, length=3)

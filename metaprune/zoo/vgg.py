@@ -76,7 +76,7 @@ def complete(reader: ConfigReader) -> dict:
     ]
     if smallest >> len(stages) < 1:
         reader.fail("stages", f"pool a {smallest}-pixel input side below 1 pixel", stages)
-    hidden = reader.int_list("hidden", [128], min_length=0)
+    hidden = reader.integers("hidden", [128], min_length=0)
     return {"stages": stages, "hidden": hidden}
 
 

@@ -111,10 +111,10 @@ def default_patch_size(input_shape: list[int]) -> int:
 
 
 def complete(reader: ConfigReader) -> dict:
-    patch_size = reader.int("patch_size", default_patch_size(reader.input_shape), high=1024)
+    patch_size = reader.integer("patch_size", default_patch_size(reader.input_shape), high=1024)
     if patch_size > min(reader.input_shape[1:]):
         reader.fail("patch_size", f"exceeds a side of input {reader.input_shape}", patch_size)
-    embed_dim = reader.int("embed_dim", 64)
+    embed_dim = reader.integer("embed_dim", 64)
     where = reader.where("blocks")
     default_blocks = [{"heads": 4, "mlp": 2 * embed_dim} for _ in range(4)]
     blocks = []
