@@ -204,8 +204,25 @@ def test_zoo_family_roundtrip(tmp_path, family):
     lifted, example_inputs = load_model(tmp_path / "z.pt2")
     torch.testing.assert_close(lifted(*inputs), model(*inputs))
     assert example_inputs[0].shape[1:] == inputs[0].shape[1:]
+    if family == "vit":
+        assert any(isinstance(m, nn.MultiheadAttention) for m in lifted.modules())
+
+
+# the smallest member of each family that still has its characteristic structure
+_SMALL = {
+    "mlp": {"hidden": [16, 8]},
+    "cnn1d": {"widths": [8, 8]},
+    "vgg": {"stages": [[8], [8]], "hidden": [8]},
+    "resnet": {"depth": 8, "stage_widths": [8, 8, 8]},
+    "mobilenetv2": {"stem_width": 8, "last_width": 16, "blocks": [
+        {"hidden": 8, "out": 8, "stride": 1, "residual": False},
+        {"hidden": 16, "out": 8, "stride": 1, "residual": True}]},
+    "densenet": {"stem_width": 8, "blocks": [[{"width": 8, "growth": 4}], [{"width": 8, "growth": 4}]],
+                 "transitions": [8]},
+    "vit": {"embed_dim": 16, "blocks": [{"heads": 2, "mlp": 16}]},
+}
 
 
 def _small_zoo_config(zoo, family):
-    shape = {"mlp": (1, 40), "cnn1d": (1, 40)}.get(family, (1, 16, 16))
-    return zoo.default_config(family, input_shape=shape, num_classes=3)
+    shape = {"mlp": (1, 40), "cnn1d": (1, 40)}.get(family, (1, 8, 8))
+    return zoo.default_config(family, input_shape=shape, num_classes=3, **_SMALL[family])
