@@ -31,24 +31,37 @@ class LayerInfo:
 
 @dataclass
 class EdgeBlock:
-    """Edges whose flat features are one (possibly permuted) slice of one weight tensor.
+    """A block of edges laid out as a grid, with features read from one weight tensor.
 
-    The weight is viewed as ``[rows, cols, kernel]``; the block covers rows ``row_start:row_stop``.
-    When ``col_perm`` is given, the feature order is ``weight[rows][:, col_perm, :]`` (columns
-    sorted by the input node they belong to, for flatten->Linear).
+    The edges are the broadcast of `src_grid` and `dst_grid` (2-d, e.g. ``[1, C]`` input nodes
+    against ``[R, 1]`` output nodes), flattened row-major: a dense layer's edges are never
+    materialised before the graph is assembled. Their features are a slice of the weight viewed
+    as ``[rows, cols, kernel]`` (rows ``row_start:row_stop``), each edge taking the next run of
+    `edge_k` entries. When ``col_perm`` is given the slice is ``weight[rows][:, col_perm, :]``
+    (columns sorted by the input node they belong to, for flatten->Linear).
     """
 
-    param: str  # parameter name in the module, e.g. ``features.0.weight``
+    param: str  # parameter name in the module, e.g. ``features.0.weight`` ("" for identity)
     view: tuple[int, int, int]  # (rows, cols, kernel) view of the weight
     row_start: int
     row_stop: int
     col_perm: torch.Tensor | None
     edge_k: int  # feature length of each edge in this block
-    layer: int  # index into `GraphBuilder.layers`
-    src: torch.Tensor  # source node of each edge
-    dst: torch.Tensor  # target node of each edge
-    values: torch.Tensor | None  # flat features (None for identity edges, k = 0)
+    layer: int  # index into `GraphBuilder.layers` (the layer owning the edges)
+    src_grid: torch.Tensor  # source nodes, broadcastable against dst_grid
+    dst_grid: torch.Tensor  # target nodes
+    sources: torch.Tensor  # the distinct source nodes (small), for the layer DAG
+    weight: torch.Tensor | None  # the weight itself (a reference, read at assembly)
     attr_offset: int = -1  # start in the flat `edge_attr`, set when the graph is assembled
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return tuple(torch.broadcast_shapes(self.src_grid.shape, self.dst_grid.shape))
+
+    @property
+    def num_edges(self) -> int:
+        rows, cols = self.grid_shape
+        return rows * cols
 
     @property
     def numel(self) -> int:
@@ -135,28 +148,25 @@ class GraphBuilder:
         param: str,
         weight: torch.Tensor,
         view: tuple[int, int, int],
-        src: torch.Tensor,
-        dst: torch.Tensor,
+        src_grid: torch.Tensor,
+        dst_grid: torch.Tensor,
+        sources: torch.Tensor,
         *,
         rows: tuple[int, int] | None = None,
         col_perm: torch.Tensor | None = None,
     ):
-        """Add edges carrying the weights of `weight` viewed as `view`, rows `rows`.
+        """Add the edges of grid `src_grid` x `dst_grid` carrying weights of `weight`.
 
-        Edge e's features are the e-th consecutive run of `k` entries of the (permuted) slice,
-        so `src`/`dst` must list the edges in that row-major order.
+        Edge e (row-major in the broadcast grid) carries the e-th run of k entries of
+        ``weight.view(view)[rows]`` (columns permuted by `col_perm`), k = entries / edges.
         """
         row_start, row_stop = rows if rows is not None else (0, view[0])
-        values = weight.detach().reshape(view)[row_start:row_stop]
-        if col_perm is not None:
-            values = values[:, col_perm, :]
-        values = values.reshape(-1).clone()
-        edge_k = values.numel() // max(src.numel(), 1)
-        if edge_k * src.numel() != values.numel():
-            raise AssertionError(f"{param}: {values.numel()} weights for {src.numel()} edges")
-        self.blocks.append(
-            EdgeBlock(param, view, row_start, row_stop, col_perm, edge_k, layer, src, dst, values)
-        )
+        block = EdgeBlock(param, view, row_start, row_stop, col_perm, 0, layer,
+                          src_grid, dst_grid, sources, weight)
+        block.edge_k = block.numel // block.num_edges
+        if block.edge_k * block.num_edges != block.numel:
+            raise AssertionError(f"{param}: {block.numel} weights for {block.num_edges} edges")
+        self.blocks.append(block)
         self.layers[layer].params.append(param)
 
     def add_identity_edges(self, layer: int, src: torch.Tensor, dst: torch.Tensor):
@@ -164,7 +174,8 @@ class GraphBuilder:
         keep = src >= 0
         src, dst = src[keep], dst[keep]
         if src.numel():
-            self.blocks.append(EdgeBlock("", (0, 0, 0), 0, 0, None, 0, layer, src, dst, None))
+            self.blocks.append(EdgeBlock("", (0, 0, 0), 0, 0, None, 0, layer, src[None],
+                                         dst[None], src, None))
 
     # -- elementwise combinations ------------------------------------------------------------
     def merge(self, left: torch.Tensor, right: torch.Tensor, op: str, where: str) -> torch.Tensor:

@@ -65,6 +65,7 @@ class NetworkGraph:
         slots: list[NodeSlot],
         side_parameters: dict[str, torch.Tensor],
         notes: list[str],  # caveats found during conversion (e.g. unused parameters)
+        layer_links: list[tuple[int, int]],  # (source layer, target layer) pairs of the DAG
     ):
         self._source = source
         self.data = data
@@ -73,6 +74,7 @@ class NetworkGraph:
         self._slots = slots
         self.side_parameters = side_parameters
         self.notes = notes
+        self._layer_links = layer_links
         self._layer_dag = None
 
     @property
@@ -106,7 +108,7 @@ class NetworkGraph:
     def layer_dag(self) -> nx.DiGraph:
         """Layer-level DAG: one vertex per layer (attributes from `LayerInfo`), data-flow edges."""
         if self._layer_dag is None:
-            self._layer_dag = _layer_dag(self.layers, self.data)
+            self._layer_dag = _layer_dag(self.layers, self._layer_links)
         return self._layer_dag
 
     def write_back(
@@ -171,8 +173,7 @@ def assemble(
     node_layer = torch.repeat_interleave(torch.arange(len(layers)), counts)
 
     # Edges grouped by feature length; within a group, blocks keep their creation order.
-    order = sorted(range(len(builder.blocks)), key=lambda i: builder.blocks[i].edge_k)
-    blocks = [builder.blocks[i] for i in order]
+    blocks = sorted(builder.blocks, key=lambda block: block.edge_k)
     group_k, edge_ptr, attr_ptr = [], [0], [0]
     offset = 0
     for block in blocks:
@@ -181,22 +182,31 @@ def assemble(
             edge_ptr.append(edge_ptr[-1])
             attr_ptr.append(attr_ptr[-1])
         block.attr_offset = offset
-        count = block.src.numel()
-        offset += count * block.edge_k
-        edge_ptr[-1] += count
+        offset += block.num_edges * block.edge_k
+        edge_ptr[-1] += block.num_edges
         attr_ptr[-1] = offset
-    if blocks:
-        edge_index = torch.stack(
-            [torch.cat([b.src for b in blocks]), torch.cat([b.dst for b in blocks])]
-        )
-        edge_layer = torch.cat(
-            [torch.full((b.src.numel(),), b.layer, dtype=torch.int32) for b in blocks]
-        )
-    else:
-        edge_index = torch.zeros(2, 0, dtype=torch.long)
-        edge_layer = torch.zeros(0, dtype=torch.int32)
-    values = [b.values.to(dtype) for b in blocks if b.values is not None]
-    edge_attr = torch.cat(values) if values else torch.zeros(0, dtype=dtype)
+    # Filled block by block in place: no per-layer edge list is ever materialised twice.
+    edge_index = torch.empty(2, edge_ptr[-1], dtype=torch.long)
+    edge_layer = torch.empty(edge_ptr[-1], dtype=torch.int32)
+    edge_attr = torch.empty(offset, dtype=dtype)
+    start = 0
+    for block in blocks:
+        shape, count = block.grid_shape, block.num_edges
+        edge_index[0, start:start + count].view(shape).copy_(block.src_grid.expand(shape))
+        edge_index[1, start:start + count].view(shape).copy_(block.dst_grid.expand(shape))
+        edge_layer[start:start + count] = block.layer
+        start += count
+        if block.weight is not None:
+            target = edge_attr[block.attr_offset:block.attr_offset + block.numel]
+            weights = block.weight.detach().reshape(block.view)[block.row_start:block.row_stop]
+            if block.col_perm is not None:
+                weights = weights[:, block.col_perm, :]
+            target.view(weights.shape).copy_(weights)
+    first_nodes = torch.tensor([layer.first_node for layer in layers], dtype=torch.long)
+    links = set()
+    for block in blocks:
+        source_layers = torch.searchsorted(first_nodes, block.sources, right=True) - 1
+        links.update((int(s), block.layer) for s in torch.unique(source_layers).tolist())
 
     x = torch.zeros(num_nodes, NUM_NODE_FEATURES, dtype=dtype)
     param_mask = torch.zeros(num_nodes, NUM_PARAM_SLOTS, dtype=torch.bool)
@@ -229,25 +239,21 @@ def assemble(
     data.edge_layer = edge_layer
     data.layer = node_layer
     data.x_param_mask = param_mask
-    graph = NetworkGraph(source, data, layers, blocks, builder.slots, side_parameters, notes)
+    graph = NetworkGraph(source, data, layers, blocks, builder.slots, side_parameters, notes,
+                         sorted(links))
     depth = _layer_depths(graph.layer_dag, len(layers))
     x[:, SCALAR["depth"]] = (depth / max(float(depth.max()), 1.0))[node_layer].to(dtype)
     return graph
 
 
-def _layer_dag(layers: list[LayerInfo], data: Data) -> nx.DiGraph:
+def _layer_dag(layers: list[LayerInfo], links: list[tuple[int, int]]) -> nx.DiGraph:
     dag = nx.DiGraph()
     for index, layer in enumerate(layers):
         dag.add_node(
             index, name=layer.name, kind=layer.kind, module_type=layer.module_type,
             num_nodes=layer.num_nodes, norms=list(layer.norms),
         )
-    if data.edge_index.numel():
-        count = len(layers)
-        keys = torch.unique(data.layer[data.edge_index[0]] * count + data.edge_layer.long())
-        dag.add_edges_from(
-            (a, b) for a, b in zip((keys // count).tolist(), (keys % count).tolist()) if a != b
-        )
+    dag.add_edges_from((a, b) for a, b in links if a != b)
     return dag
 
 

@@ -55,12 +55,10 @@ def dense_edges(builder, layer, param, weight, view, labels, out_nodes, *, rows=
     Columns sharing a node (flatten->Linear) are gathered into one edge per (row, node), with the
     node's columns in ascending order: k = columns per node x kernel.
     """
-    num_rows = out_nodes.numel()
     unique, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     if unique.numel() == labels.numel():
-        src = labels.repeat(num_rows)
-        dst = out_nodes.repeat_interleave(labels.numel())
-        builder.add_weight_edges(layer, param, weight, view, src, dst, rows=rows)
+        builder.add_weight_edges(layer, param, weight, view, labels[None], out_nodes[:, None],
+                                 unique, rows=rows)
         return
     if not bool((counts == counts[0]).all()):
         raise UnsupportedModelError(
@@ -69,9 +67,8 @@ def dense_edges(builder, layer, param, weight, view, labels, out_nodes, *, rows=
             "input channel"
         )
     perm = torch.argsort(inverse, stable=True)
-    src = unique.repeat(num_rows)
-    dst = out_nodes.repeat_interleave(unique.numel())
-    builder.add_weight_edges(layer, param, weight, view, src, dst, rows=rows, col_perm=perm)
+    builder.add_weight_edges(layer, param, weight, view, unique[None], out_nodes[:, None],
+                             unique, rows=rows, col_perm=perm)
 
 
 def _require_distinct(labels: torch.Tensor, who: str):
@@ -100,18 +97,16 @@ def conv_rule(builder, name, module, args, kwargs, output):
                     labels, out_nodes)
     elif not transposed:
         _require_distinct(labels, name)
-        row = torch.arange(out_ch).repeat_interleave(in_group)
-        col = torch.arange(in_group).repeat(out_ch)
-        src = labels[(row // out_group) * in_group + col]
+        row = torch.arange(out_ch)[:, None]
+        src = labels[(row // out_group) * in_group + torch.arange(in_group)[None, :]]
         builder.add_weight_edges(layer, f"{name}.weight", weight, (out_ch, in_group, kernel),
-                                 src, out_nodes[row])
+                                 src, out_nodes[:, None], labels)
     else:
         _require_distinct(labels, name)
-        row = torch.arange(in_ch).repeat_interleave(out_group)
-        col = torch.arange(out_group).repeat(in_ch)
-        dst = out_nodes[(row // in_group) * out_group + col]
+        row = torch.arange(in_ch)[:, None]
+        dst = out_nodes[(row // in_group) * out_group + torch.arange(out_group)[None, :]]
         builder.add_weight_edges(layer, f"{name}.weight", weight, (in_ch, out_group, kernel),
-                                 labels[row], dst)
+                                 labels[:, None], dst, labels)
     if module.bias is not None:
         builder.add_slot(layer, f"{name}.bias", module.bias, out_nodes, "bias")
     return [along(output.dim(), 1, out_nodes)]
@@ -137,7 +132,7 @@ def embedding_rule(builder, name, module, args, kwargs, output):
     layer = builder.add_layer(name, "embedding", type(module).__name__, dim)
     vocab_nodes, out_nodes = builder.nodes_of(vocab_layer), builder.nodes_of(layer)
     builder.add_weight_edges(layer, f"{name}.weight", module.weight, (vocab, dim, 1),
-                             vocab_nodes.repeat_interleave(dim), out_nodes.repeat(vocab))
+                             vocab_nodes[:, None], out_nodes[None, :], vocab_nodes)
     kept = [p.unsqueeze(-1) for p in planes_of(args[0])]
     return kept + [along(output.dim(), -1, out_nodes)]
 
