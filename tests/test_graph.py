@@ -188,3 +188,49 @@ def test_layer_called_twice_is_refused():
 
     with pytest.raises(UnsupportedModelError, match="'fc'.*more than once"):
         to_graph(Twice(), (torch.randn(1, 3),))
+
+
+PARAM_KINDS = ("conv", "conv_transpose", "linear", "embedding", "attention_in")
+
+
+def _graph_groups(graph):
+    """Sets of parametrised layers whose output channels the graph couples."""
+    component = graph.coupled_channels()
+    groups = {}
+    for layer in graph.layers:
+        if layer.kind not in PARAM_KINDS:
+            continue
+        nodes = slice(layer.first_node, layer.first_node + layer.num_nodes)
+        for c in torch.unique(component[nodes]).tolist():
+            groups.setdefault(c, set()).add(layer.name)
+    return {frozenset(g) for g in groups.values()}
+
+
+def _torch_pruning_groups(model, inputs):
+    import torch_pruning as tp
+
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    found = set()
+    for group in dg.get_all_groups(root_module_types=(nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        names = {
+            dg._module2name[item.dep.target.module] for item in group
+            if dg.is_out_channel_pruning_fn(item.dep.handler)
+            and isinstance(item.dep.target.module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        }
+        found.add(frozenset(names))
+    return found
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "se_block", "unet", "residual_mlp"])
+def test_coupling_agrees_with_torch_pruning(name):
+    model, inputs = build(name)
+    graph = to_graph(model, inputs)
+    assert _graph_groups(graph) == _torch_pruning_groups(model, inputs)
+
+
+def test_mixer_token_axis_is_not_coupled_to_channels():
+    # torch-pruning puts the token-mixing Linear into the channel group; the graph follows axes
+    model, inputs = build("mlp_mixer")
+    groups = _graph_groups(to_graph(model, inputs))
+    assert frozenset({"patch", "blocks.0.channel_fc2", "blocks.1.channel_fc2"}) in groups
+    assert frozenset({"blocks.0.token_fc2", "blocks.1.token_fc2"}) in groups

@@ -25,6 +25,7 @@ class LayerInfo:
     num_nodes: int
     kernel_numel: int = 1  # weights per (input, output) channel pair of the creating layer
     grouped: bool = False  # convolution with groups > 1
+    channelwise: bool = False  # output channel j reads input channel j only (depthwise)
     norms: list[str] = field(default_factory=list)  # normalisation modules folded into it
     params: list[str] = field(default_factory=list)  # parameter/buffer names read into the graph
 

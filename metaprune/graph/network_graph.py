@@ -104,6 +104,29 @@ class NetworkGraph:
             groups.append(EdgeGroup(k, slice(eptr[g], eptr[g + 1]), attr))
         return groups
 
+    def coupled_channels(self) -> torch.Tensor:
+        """Component id of each node: channels that can only be kept or removed together.
+
+        Channels are coupled through identity edges (residual adds, gating products, norm
+        copies) and channel-wise layers (depthwise convolutions). Ids are 0..components-1.
+        """
+        data = self.data
+        channelwise = torch.tensor([layer.channelwise for layer in self.layers] + [False])
+        identity = torch.zeros(self.num_edges, dtype=torch.bool)
+        for group in self.edge_groups():
+            if group.k == 0:
+                identity[group.edges] = True
+        coupled = identity | channelwise[data.edge_layer.long()]
+        src, dst = data.edge_index[:, coupled]
+        component = torch.arange(self.num_nodes)
+        while True:  # min-label propagation: as many rounds as the longest coupling chain
+            low = torch.minimum(component[src], component[dst])
+            new = component.scatter_reduce(0, src, low, "amin")
+            new = new.scatter_reduce(0, dst, low, "amin")
+            if torch.equal(new, component):
+                return torch.unique(component, return_inverse=True)[1]
+            component = new
+
     @property
     def layer_dag(self) -> nx.DiGraph:
         """Layer-level DAG: one vertex per layer (attributes from `LayerInfo`), data-flow edges."""

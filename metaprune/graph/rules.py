@@ -87,7 +87,7 @@ def conv_rule(builder, name, module, args, kwargs, output):
     in_ch, out_ch = module.in_channels, module.out_channels
     layer = builder.add_layer(
         name, "conv_transpose" if transposed else "conv", type(module).__name__, out_ch,
-        kernel_numel=kernel, grouped=groups > 1,
+        kernel_numel=kernel, grouped=groups > 1, channelwise=groups == in_ch == out_ch,
     )
     out_nodes = builder.nodes_of(layer)
     in_group, out_group = in_ch // groups, out_ch // groups

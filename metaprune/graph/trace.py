@@ -71,6 +71,10 @@ FACTORIES = frozenset(
     "new_zeros new_ones new_full new_empty new_tensor zeros_like ones_like full_like empty_like "
     "rand_like randn_like randint_like".split()
 )
+# in-place writes of other data into (part of) a tensor: its channels can no longer be told
+IN_PLACE_WRITES = frozenset(
+    "__setitem__ copy_ index_copy_ index_put_ masked_scatter_ scatter_ scatter_add_".split()
+)
 CASTS = frozenset("to type type_as float double half bfloat16 detach clone contiguous".split())
 _GETTERS = {torch.Tensor.T: "T", torch.Tensor.mT: "mT"}
 
@@ -123,6 +127,9 @@ class ChannelTracer(TorchFunctionMode):
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         free_in = self._check_parameters(name, flat_in)
         out = func(*args, **kwargs)
+        if name in IN_PLACE_WRITES and planes_of(args[0]):
+            setattr(args[0], POISON_ATTR, f"in-place write '{name}' in {self._where_text()}")
+            return out
         flat_out = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not flat_out or not flat_in:
             return out
