@@ -62,6 +62,20 @@ def test_lifted_layers_are_real_modules_at_original_names(loaded):
     assert not any(n.target == torch.ops.aten.view.default for n in lifted.graph.nodes)
 
 
+@pytest.mark.parametrize("name", ["cnn", "cnn1d_tokens", "mlp", "mha"])
+def test_decomposed_program_lifts_to_the_same_modules(tmp_path, name):
+    model, inputs = _make(name, seed=6)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, inputs, dynamic_shapes=({0: batch},)).run_decompositions()
+    torch.export.save(program, tmp_path / "d.pt2")
+    lifted, _ = load_model(tmp_path / "d.pt2")
+    torch.testing.assert_close(lifted(*inputs), model(*inputs))
+    lifted_kinds = {name: type(m) for name, m in lifted.named_modules() if name}
+    original_kinds = {name: type(m) for name, m in model.named_modules()
+                      if name and not isinstance(m, (nn.AdaptiveAvgPool2d,)) and "." not in name}
+    assert {k: v for k, v in lifted_kinds.items() if "." not in k} == original_kinds
+
+
 def test_train_mode_uses_batch_statistics(tmp_path):
     model, inputs = _make("cnn", seed=5)
     save_model(model, inputs, tmp_path / "a.pt2")

@@ -51,6 +51,22 @@ def _values(module: torch.fx.GraphModule, example_inputs: tuple) -> dict[torch.f
     return interpreter.env
 
 
+def _projection(module, path, name):
+    """(weight, bias) of a projection, lifted as ``<path>.<name>`` or left as raw parameters."""
+    try:
+        owner = module.get_submodule(path)
+    except AttributeError:
+        return None, None
+    lifted = getattr(owner, name, None)
+    if isinstance(lifted, nn.Linear):
+        return lifted.weight, lifted.bias
+    weight = getattr(owner, f"{name}_weight", None) if name == "in_proj" else None
+    bias = getattr(owner, f"{name}_bias", None) if name == "in_proj" else None
+    if not isinstance(weight, nn.Parameter) or not (bias is None or isinstance(bias, nn.Parameter)):
+        return None, None
+    return weight, bias
+
+
 def _candidate(module, path, region, env):
     """The MultiheadAttention equal to ``region`` and its (q, k, v) input nodes, or None."""
     members = set(region)
@@ -63,34 +79,34 @@ def _candidate(module, path, region, env):
     inputs = []
     for node in region:
         for arg in node.all_input_nodes:
-            if arg not in members and isinstance(env.get(arg), torch.Tensor) and arg not in inputs:
+            if arg not in members and arg.op != "get_attr" and isinstance(env.get(arg), torch.Tensor) \
+                    and arg not in inputs:
                 inputs.append(arg)
     if not 1 <= len(inputs) <= 3:
         return None
-    try:
-        in_proj = module.get_submodule(f"{path}.in_proj")
-        out_proj = module.get_submodule(f"{path}.out_proj")
-    except AttributeError:
+    in_weight, in_bias = _projection(module, path, "in_proj")
+    out_weight, out_bias = _projection(module, path, "out_proj")
+    if in_weight is None or out_weight is None or in_weight.dim() != 2 or out_weight.dim() != 2:
         return None
-    if not (isinstance(in_proj, nn.Linear) and isinstance(out_proj, nn.Linear)):
+    embed = out_weight.shape[0]
+    if tuple(in_weight.shape) != (3 * embed, embed) or tuple(out_weight.shape) != (embed, embed):
         return None
-    embed = out_proj.out_features
     attention = [n for n in region if n.target == aten.scaled_dot_product_attention.default]
-    if len(attention) != 1 or in_proj.out_features != 3 * embed or in_proj.in_features != embed:
-        return None
-    head_dim = env[attention[0].args[0]].shape[-1]
-    if head_dim == 0 or embed % head_dim:
-        return None
+    if len(attention) == 1:
+        head_counts = [embed // max(env[attention[0].args[0]].shape[-1], 1)]
+    else:  # decomposed attention: let the numerical check below find the head count
+        head_counts = [h for h in range(1, embed + 1) if embed % h == 0]
     orderings = {tuple(inputs[i] for i in order) for order in itertools.product(range(len(inputs)), repeat=3)
                  if set(order) == set(range(len(inputs)))}
     expected = env[output]
-    for batch_first in (True, False):
-        mha = nn.MultiheadAttention(embed, embed // head_dim, bias=in_proj.bias is not None,
-                                    batch_first=batch_first)
-        mha.in_proj_weight = in_proj.weight
-        mha.in_proj_bias = in_proj.bias
-        mha.out_proj.weight = out_proj.weight
-        mha.out_proj.bias = out_proj.bias
+    for heads, batch_first in itertools.product(head_counts, (True, False)):
+        if (in_bias is None) != (out_bias is None):
+            return None
+        mha = nn.MultiheadAttention(embed, heads, bias=in_bias is not None, batch_first=batch_first)
+        mha.in_proj_weight = in_weight
+        mha.in_proj_bias = in_bias
+        mha.out_proj.weight = out_weight
+        mha.out_proj.bias = out_bias
         mha.eval()
         for q, k, v in orderings:
             try:

@@ -10,7 +10,7 @@ ATen call (training IR or decomposed)                    becomes
 =====================================================  =========================================
 ``conv1d/conv2d/conv3d``, ``convolution``                ``nn.Conv1d/2d/3d`` (groups kept)
 ``conv_transpose1d/2d``, transposed ``convolution``      ``nn.ConvTranspose1d/2d``
-``linear``, ``addmm(b, x, t(w))``, ``mm(x, t(w))``       ``nn.Linear``
+``linear``, ``[view →] addmm(b, x, t(w)) [→ view]``, ``mm``  ``nn.Linear``
 ``batch_norm`` (eval), ``_native_batch_norm_legit_no_training``  ``nn.BatchNorm1d/2d/3d`` + running stats
 ``layer_norm``, ``native_layer_norm``                    ``nn.LayerNorm``
 ``group_norm``, ``native_group_norm``                    ``nn.GroupNorm``
@@ -156,8 +156,9 @@ class _Lifter:
         call.meta = dict(node.meta)
         if tuple_output:
             for user in list(node.users):
-                user.replace_all_uses_with(call)
-                call.meta["val"] = user.meta.get("val")
+                if user.args[1] == 0:
+                    user.replace_all_uses_with(call)
+                    call.meta["val"] = user.meta.get("val")
                 self.graph.erase_node(user)
         else:
             node.replace_all_uses_with(call)
@@ -219,8 +220,33 @@ class _Lifter:
             return
         bias = args.get("self") if node.target == aten.addmm.default else None
         weight_node = transposed.args[0]
-        if self.linear(node, args["mat1"], weight_node, bias):
+        x, result = args["mat1"], node
+        folded = self._folded_leading_dims(x, node)
+        if folded is not None:  # view(x, [-1, in]) -> addmm -> view(.., [*lead, out]): Linear(x)
+            x, result = folded
+        if self.linear(result, x, weight_node, bias):
+            if result is not node:
+                self.graph.erase_node(node)
+                if not args["mat1"].users:
+                    self.graph.erase_node(args["mat1"])
             self.graph.erase_node(transposed)
+
+    @staticmethod
+    def _folded_leading_dims(flat, matmul):
+        """(x, outer view) when a >2-D Linear was decomposed into view → (add)mm → view."""
+        views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+        if not (isinstance(flat, torch.fx.Node) and flat.target in views and len(matmul.users) == 1):
+            return None
+        outer = next(iter(matmul.users))
+        source = flat.args[0]
+        if outer.target not in views or not isinstance(source, torch.fx.Node):
+            return None
+        before, after = source.meta.get("val"), outer.meta.get("val")
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+            return None
+        if before.dim() < 3 or [str(d) for d in before.shape[:-1]] != [str(d) for d in after.shape[:-1]]:
+            return None
+        return source, outer
 
     def batch_norm(self, node, args, tuple_output):
         if args.get("training", False):
@@ -282,7 +308,8 @@ class _Lifter:
     # -- utilities ------------------------------------------------------------------------
     @staticmethod
     def _only_first_output(node) -> bool:
-        return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+        # deserialised programs keep dead getitems for the unused mean / rstd outputs
+        return all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users)
 
     @staticmethod
     def _ndim(value) -> int | None:
