@@ -48,7 +48,7 @@ DATA_MOVEMENT = frozenset(
     "__getitem__ select narrow split split_with_sizes tensor_split chunk unbind expand expand_as "
     "broadcast_to repeat tile repeat_interleave unsqueeze squeeze contiguous clone flip roll "
     "index_select view_as reshape_as pixel_shuffle pixel_unshuffle channel_shuffle "
-    "native_channel_shuffle pad rot90 T mT".split()
+    "native_channel_shuffle pad rot90 T mT slice index alias _unsafe_view".split()
 )
 CONCAT = frozenset(("cat", "concat", "concatenate", "stack"))
 BINARY = {
@@ -75,11 +75,24 @@ FACTORIES = frozenset(
 IN_PLACE_WRITES = frozenset(
     "__setitem__ copy_ index_copy_ index_put_ masked_scatter_ scatter_ scatter_add_".split()
 )
-CASTS = frozenset("to type type_as float double half bfloat16 detach clone contiguous".split())
+CASTS = frozenset(
+    "to type type_as float double half bfloat16 detach clone contiguous _to_copy".split()
+)
 _GETTERS = {torch.Tensor.T: "T", torch.Tensor.mT: "mT"}
 
 
 def op_name(func) -> str:
+    """The operator's base name: ``cat`` for torch.cat, Tensor.cat and aten.cat.default alike.
+
+    Exported programs (``.pt2`` lifted by `metaprune.formats`) call aten overloads directly;
+    their ``*_copy`` variants are the functional forms of the same views.
+    """
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        name = func._opname if isinstance(func, torch._ops.OpOverload) else func.__name__
+        name = name.removesuffix("_copy") if name != "_to_copy" else name
+        if "scaled_dot_product" in name:
+            return "scaled_dot_product_attention"
+        return name
     owner = getattr(func, "__self__", None)
     if owner is not None and getattr(func, "__name__", "") == "__get__":
         for descriptor, name in _GETTERS.items():
