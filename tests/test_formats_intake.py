@@ -50,14 +50,21 @@ def test_pickle_payload_in_sample_inputs_is_refused_and_never_runs(good, tmp_pat
     assert not marker.exists()
 
 
-def test_sympy_expression_injection_is_refused(good, tmp_path):
+@pytest.mark.parametrize("evil", [
+    "__import__('os').system('touch {marker}')",   # sympify evals this: code execution
+    "Symbol('s0').func.__globals__",
+    "9**9**9**9",                                  # exact big-integer work: denial of service
+    "1 << 99999999999",
+    "Pow(9, 999999999)",
+    "123456789012345678901234567890",
+])
+def test_sympy_expression_injection_is_refused(good, tmp_path, evil):
     marker = tmp_path / "pwned"
     text = zipfile.ZipFile(good).read(f"{_root(good)}/models/model.json").decode()
     assert "expr_str" in text
-    evil = f"__import__('os').system('touch {marker}')"
 
     def inject(model):
-        _first_expr(model)["expr_str"] = evil
+        _first_expr(model)["expr_str"] = evil.format(marker=marker)
 
     bad = tmp_path / "expr.pt2"
     rewrite_archive(good, bad, replace={"models/model.json": edit_json(inject)})
@@ -125,6 +132,7 @@ def test_total_size_and_member_limits(good):
     _assert_refused(good, "expand to", limits=IntakeLimits(max_total_bytes=1000))
     _assert_refused(good, "members", limits=IntakeLimits(max_members=3))
     _assert_refused(good, "parameters, more than the limit", max_params=100)
+    _assert_refused(good, "elements, more than the limit", limits=IntakeLimits(max_activation_numel=10))
 
 
 def test_truncated_random_empty_and_plain_pickle(good, tmp_path):

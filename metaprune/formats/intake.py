@@ -77,17 +77,17 @@ _STRIDED_LAYOUT = 7
 
 # Symbolic size expressions may only use these names besides size symbols like s0 / u3.
 _SYMPY_NAMES = {
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "True", "False", "positive", "integer", "nonnegative",
-    "real", "finite", "Mod", "PythonMod", "FloorDiv", "CleanDiv", "CeilDiv", "IntTrueDiv",
-    "FloatTrueDiv", "TruncToInt", "TruncToFloat", "RoundToInt", "RoundDecimal", "ToFloat",
-    "FloorToInt", "CeilToInt", "Max", "Min", "Abs", "Pow", "PowByNatural", "FloatPow",
-    "Identity", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise",
-    "IsNonOverlappingAndDenseIndicator", "LShift", "RShift", "BitwiseFn_bitwise_and",
-    "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt",
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "True", "False", "positive", "integer",
+    "nonnegative", "real", "finite", "Mod", "PythonMod", "FloorDiv", "CleanDiv", "CeilDiv",
+    "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "TruncToFloat", "RoundToInt", "RoundDecimal",
+    "ToFloat", "FloorToInt", "CeilToInt", "Max", "Min", "Abs", "Identity", "Eq", "Ne", "Lt", "Le",
+    "Gt", "Ge", "And", "Or", "Not", "Piecewise", "IsNonOverlappingAndDenseIndicator",
 }
+# Powers and shifts are left out on purpose: sympy evaluates them exactly, so Pow(9, 10**9)
+# would be a denial of service; batch-size expressions never need them.
 _SIZE_SYMBOL = re.compile(r"[a-z]{1,4}\d{1,9}")
 _EXPR_TOKEN = re.compile(
-    r"\s+|\*\*|==|!=|<=|>=|[A-Za-z_][A-Za-z0-9_]*|\d+(?:\.\d+)?|'[a-z]{1,4}\d{1,9}'|[-+*/%(),=<>]"
+    r"\s+|==|!=|<=|>=|[A-Za-z_][A-Za-z0-9_]*|\d{1,18}(?:\.\d{1,18})?(?![0-9])|'[a-z]{1,4}\d{1,9}'|[-+*/%(),=<>]"
 )
 
 # Node targets: ATen operators, and the few Python callables export uses for symbolic ints.
@@ -101,8 +101,8 @@ _OPERATOR_TARGETS = {
     "math.trunc", "math.sqrt",
 }
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
-# ATen operators that touch the file system.
-_FORBIDDEN_ATEN = re.compile(r"file|save|load", re.IGNORECASE)
+# ATen operators that touch the file system or re-point tensors at raw storage.
+_FORBIDDEN_ATEN = re.compile(r"file|save|load|storage|from_blob|^set_$", re.IGNORECASE)
 
 _INPUT_SPEC_KINDS = {"parameter", "buffer", "tensor_constant", "user_input", "constant_input"}
 
@@ -132,6 +132,8 @@ class IntakeLimits:
     max_tensor_numel: int = 2**31 - 1
     #: most elements in one example input rebuilt from the graph's input specs
     max_input_numel: int = 2**25
+    #: most elements in any intermediate tensor the graph declares (bounds memory when run)
+    max_activation_numel: int = 2**28
 
 
 def _fail(message: str) -> ModelFormatError:
@@ -189,7 +191,8 @@ def _member_map(archive: zipfile.ZipFile, limits: IntakeLimits) -> tuple[str, di
 def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
     try:
         data = archive.read(info)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as err:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as err:  # RuntimeError: encrypted member
         raise _fail(f"member {info.filename!r} cannot be read ({err})") from err
     if len(data) != info.file_size:
         raise _fail(f"member {info.filename!r} is truncated")
@@ -272,6 +275,8 @@ def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits
 def _check_expr(expr: str) -> None:
     if not isinstance(expr, str) or len(expr) > 4096:
         raise _fail("a symbolic size expression is not a short string")
+    if any(op in expr.replace(" ", "") for op in ("**", "<<", ">>")):
+        raise _fail(f"symbolic size expression {expr!r:.80} uses a power or shift")
     pos = 0
     while pos < len(expr):
         match = _EXPR_TOKEN.match(expr, pos)
@@ -293,6 +298,29 @@ def _check_target(target) -> None:
         raise _fail(f"graph node calls {target!r:.100}; only ATen operators are accepted")
     if _FORBIDDEN_ATEN.search(target.split(".")[3]):
         raise _fail(f"graph node calls the file-system operator {target!r}")
+
+
+def _check_activation_sizes(graph: dict, limits: IntakeLimits) -> None:
+    """Refuse graphs declaring intermediate tensors too large to run (sizes or their hints)."""
+    values = graph.get("tensor_values") or {}
+    if not isinstance(values, dict):
+        raise _fail("graph tensor_values is not an object")
+    for name, meta in values.items():
+        sizes = meta.get("sizes") if isinstance(meta, dict) else None
+        if not isinstance(sizes, list):
+            raise _fail(f"graph value {name!r:.60} has no sizes")
+        numel = 1
+        for size in sizes:
+            value = size.get("as_int") if isinstance(size, dict) else None
+            if value is None and isinstance(size, dict) and isinstance(size.get("as_expr"), dict):
+                hint = size["as_expr"].get("hint")
+                value = hint.get("as_int") if isinstance(hint, dict) else 1
+            if type(value) is not int or value < 0:
+                value = 1
+            numel *= value
+        if numel > limits.max_activation_numel:
+            raise _fail(f"graph value {name!r:.60} has {numel} elements, more than the limit "
+                        f"{limits.max_activation_numel}")
 
 
 def _check_model_json(model: dict) -> None:
@@ -368,6 +396,7 @@ def sanitised_archive(path: str | os.PathLike, limits: IntakeLimits) -> tuple[by
             raise _fail(f"{params} parameters, more than the limit {limits.max_params}")
         model = _read_json(archive, members["models/model.json"], limits)
         _check_model_json(model)
+        _check_activation_sizes(model["graph_module"]["graph"], limits)
         model["guards_code"] = []  # Python source run when the program becomes a module
         sample_inputs = None
         if "data/sample_inputs/model.pt" in members:
