@@ -234,3 +234,21 @@ def test_mixer_token_axis_is_not_coupled_to_channels():
     groups = _graph_groups(to_graph(model, inputs))
     assert frozenset({"patch", "blocks.0.channel_fc2", "blocks.1.channel_fc2"}) in groups
     assert frozenset({"blocks.0.token_fc2", "blocks.1.token_fc2"}) in groups
+
+
+def test_parameters_are_differentiable_in_the_features():
+    model, inputs = build("vgg_flatten")
+    graph = to_graph(model, inputs)
+    x = graph.data.x.clone().requires_grad_()
+    edge_attr = graph.data.edge_attr.clone().requires_grad_()
+    params = graph.parameters(x, edge_attr)
+    for name, value in params.items():
+        assert torch.equal(value, model.get_parameter(name) if name in dict(
+            model.named_parameters()) else model.get_buffer(name)), name
+    trainable = {n: p for n, p in params.items() if n in dict(model.named_parameters())}
+    loss = torch.func.functional_call(model, trainable, inputs).square().sum()
+    loss.backward()
+    assert edge_attr.grad.abs().sum() > 0
+    # structural columns and buffers (running statistics) get no gradient
+    assert x.grad[:, 5:].abs().sum() == 0
+    assert x.grad[:, 1:3].abs().sum() > 0  # BatchNorm affine folded into slots 1 and 2

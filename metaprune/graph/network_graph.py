@@ -75,6 +75,9 @@ class NetworkGraph:
         self.side_parameters = side_parameters
         self.notes = notes
         self._layer_links = layer_links
+        tensors = dict(source.named_parameters(remove_duplicate=False))
+        tensors.update(source.named_buffers(remove_duplicate=False))
+        self._shapes = {name: tuple(tensors[name].shape) for name in self.feature_parameters}
         self._layer_dag = None
 
     @property
@@ -134,13 +137,15 @@ class NetworkGraph:
             self._layer_dag = _layer_dag(self.layers, self._layer_links)
         return self._layer_dag
 
-    def write_back(
+    def parameters(
         self, x: torch.Tensor | None = None, edge_attr: torch.Tensor | None = None
-    ) -> nn.Module:
-        """A new module whose parameters are read back from `x` / `edge_attr`.
+    ) -> dict[str, torch.Tensor]:
+        """The feature-carried parameters and buffers, rebuilt from `x` / `edge_attr`.
 
-        Only the entries that came from parameters are read (`data.x_param_mask` and every
-        flat edge feature); structural columns are ignored. The source module is untouched.
+        Differentiable in the features (views and gathers only), so a metanetwork can train
+        through ``torch.func.functional_call(model, graph.parameters(x, e), inputs)``. Only the
+        entries that came from parameters are read (``data.x_param_mask`` and every flat edge
+        feature); structural columns are ignored. Side parameters are not included.
         """
         x = self.data.x if x is None else x
         edge_attr = self.data.edge_attr if edge_attr is None else edge_attr
@@ -151,23 +156,35 @@ class NetworkGraph:
                 f"edge_attr must be flat with {self.data.edge_attr.numel()} entries "
                 f"(got shape {tuple(edge_attr.shape)}); see NetworkGraph.edge_groups"
             )
+        result = {slot.name: x[slot.nodes, slot.slot] for slot in self._slots}
+        pieces: dict[str, list] = {}
+        for block in self._blocks:
+            values = edge_attr[block.attr_offset:block.attr_offset + block.numel]
+            values = values.view(block.row_stop - block.row_start, *block.view[1:])
+            if block.col_perm is not None:  # undo the grouping of columns by input node
+                values = values[:, torch.argsort(block.col_perm), :]
+            pieces.setdefault(block.param, []).append((block.row_start, values))
+        for name, parts in pieces.items():
+            parts.sort(key=lambda part: part[0])
+            whole = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
+            result[name] = whole.reshape(self._shapes[name])
+        return result
+
+    def write_back(
+        self, x: torch.Tensor | None = None, edge_attr: torch.Tensor | None = None
+    ) -> nn.Module:
+        """A new module whose parameters are read back from `x` / `edge_attr`.
+
+        Feature-carried parameters come from `parameters(x, edge_attr)`, side parameters from
+        the side store, everything else (other buffers, structure) from a copy of the source
+        module, which is left untouched.
+        """
         model = copy.deepcopy(self._source)
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(model.named_buffers(remove_duplicate=False))
-        x = x.detach()
-        edge_attr = edge_attr.detach()
         with torch.no_grad():
-            for slot in self._slots:
-                target = tensors[slot.name]
-                target.copy_(x[slot.nodes, slot.slot].to(target.dtype))
-            for block in self._blocks:
-                target = tensors[block.param].view(block.view)[block.row_start:block.row_stop]
-                values = edge_attr[block.attr_offset:block.attr_offset + block.numel]
-                values = values.view(target.shape).to(target.dtype)
-                if block.col_perm is None:
-                    target.copy_(values)
-                else:
-                    target[:, block.col_perm, :] = values
+            for name, value in self.parameters(x, edge_attr).items():
+                tensors[name].copy_(value.detach())
             for name, value in self.side_parameters.items():
                 tensors[name].copy_(value)
         return model
