@@ -252,3 +252,17 @@ def test_parameters_are_differentiable_in_the_features():
     # structural columns and buffers (running statistics) get no gradient
     assert x.grad[:, 5:].abs().sum() == 0
     assert x.grad[:, 1:3].abs().sum() > 0  # BatchNorm affine folded into slots 1 and 2
+
+
+def test_batched_graphs_keep_their_groups_and_layers_apart():
+    from torch_geometric.data import Batch
+
+    from metaprune.graph import edge_groups
+
+    graphs = [to_graph(*build("vgg_flatten")), to_graph(*build("residual_mlp"))]
+    batch = Batch.from_data_list([g.data for g in graphs])
+    expected = [(grp.k, grp.attr) for g in graphs for grp in g.edge_groups()]
+    got = [(grp.k, grp.attr) for grp in edge_groups(batch)]
+    assert [k for k, _ in got] == [k for k, _ in expected]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+    assert batch.layer.max() == len(graphs[0].layers) + len(graphs[1].layers) - 1

@@ -131,7 +131,7 @@ def measure(name: str, input_size: int) -> dict:
         "nodes": graph.num_nodes,
         "edges": graph.num_edges,
         "edge_groups": dict(zip(map(str, data.edge_group_k.tolist()),
-                                data.edge_group_ptr.diff().tolist())),
+                                data.edge_group_size.tolist())),
         "graph_tensor_mib": graph_bytes / 2**20,
         "params_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
         "to_graph_s": graph_s,

@@ -104,7 +104,7 @@ def describe(model, example_inputs) -> dict:
             "edge_features": graph.data.edge_attr.numel(),
             "edge_groups": {
                 str(k): int(n) for k, n in zip(graph.data.edge_group_k.tolist(),
-                                               graph.data.edge_group_ptr.diff().tolist())
+                                               graph.data.edge_group_size.tolist())
             },
         },
         "layers": layers,

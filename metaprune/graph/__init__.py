@@ -18,7 +18,7 @@ Example::
 from metaprune.graph.builder import LayerInfo
 from metaprune.graph.convert import to_graph
 from metaprune.graph.features import NODE_KINDS, NORM_KINDS, NUM_NODE_FEATURES, PARAM_SLOTS
-from metaprune.graph.network_graph import EdgeGroup, NetworkGraph
+from metaprune.graph.network_graph import EdgeGroup, NetworkData, NetworkGraph, edge_groups
 
 __all__ = [
     "EdgeGroup",
@@ -26,7 +26,9 @@ __all__ = [
     "NODE_KINDS",
     "NORM_KINDS",
     "NUM_NODE_FEATURES",
+    "NetworkData",
     "NetworkGraph",
     "PARAM_SLOTS",
+    "edge_groups",
     "to_graph",
 ]

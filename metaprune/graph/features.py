@@ -25,10 +25,10 @@ Edges are grouped by the length of their feature (``k`` = weights per edge: the 
 convolution, 1 for a linear layer, H*W for a flatten->Linear, 0 for identity edges of residual
 adds, gating products and folded-norm copies). Edges of one group are consecutive in
 ``edge_index``; ``data.edge_attr`` is ONE flat tensor holding, group after group, each edge's ``k``
-weights (so its memory equals the parameter count, never ``num_edges * max_k``). Group ``g`` spans
-edges ``data.edge_group_ptr[g]:data.edge_group_ptr[g+1]`` and flat entries
-``data.edge_attr_ptr[g]:data.edge_attr_ptr[g+1]``, and its features are that slice viewed as
-``[num_edges_in_group, data.edge_group_k[g]]``. `NetworkGraph.edge_groups()` returns these views.
+weights (so its memory equals the parameter count, never ``num_edges * max_k``). Group ``g`` has
+``data.edge_group_size[g]`` edges of ``data.edge_group_k[g]`` weights each; its features are the
+next ``size * k`` flat entries viewed as ``[size, k]``. `metaprune.graph.edge_groups(data)` (also
+on a PyG ``Batch``, whose groups are simply every graph's groups in turn) returns these views.
 """
 
 PARAM_SLOTS = ("bias", "norm_weight", "norm_bias", "norm_running_mean", "norm_running_var")

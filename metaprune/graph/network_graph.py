@@ -29,6 +29,35 @@ class EdgeGroup:
     attr: torch.Tensor  # [num_edges_in_group, k] view of the flat edge features
 
 
+class NetworkData(Data):
+    """PyG `Data` of a network graph; batches keep layers of different graphs apart.
+
+    The group layout (``edge_group_k``, ``edge_group_size``) needs no offset when graphs are
+    batched: groups, edges and flat features are concatenated in the same order, so
+    `edge_groups` of a `Batch` lists every graph's groups one after the other.
+    """
+
+    def __inc__(self, key, value, *args, **kwargs):
+        if key in ("layer", "edge_layer"):
+            return int(self.layer.max()) + 1 if self.layer.numel() else 0
+        return super().__inc__(key, value, *args, **kwargs)
+
+
+def edge_groups(data: Data, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
+    """Views of the flat edge features, one per group of equal feature length.
+
+    Works on one graph's data and on a `torch_geometric.data.Batch` of them alike.
+    """
+    edge_attr = data.edge_attr if edge_attr is None else edge_attr
+    groups, edge_start, attr_start = [], 0, 0
+    for k, count in zip(data.edge_group_k.tolist(), data.edge_group_size.tolist()):
+        attr = edge_attr[attr_start:attr_start + k * count].view(count, k)
+        groups.append(EdgeGroup(k, slice(edge_start, edge_start + count), attr))
+        edge_start += count
+        attr_start += k * count
+    return groups
+
+
 class NetworkGraph:
     """A network as a graph of channels (nodes) and weights (edges), exactly invertible.
 
@@ -38,8 +67,8 @@ class NetworkGraph:
     Attributes:
         data: a `torch_geometric.data.Data` with ``x`` [num_nodes, NUM_NODE_FEATURES],
             ``edge_index`` [2, num_edges] (edges grouped by feature length), ``edge_attr`` (flat,
-            see `edge_groups`), ``edge_group_k`` / ``edge_group_ptr`` / ``edge_attr_ptr`` (the
-            group layout), ``edge_layer`` (int32, the layer owning each edge), ``layer`` (the
+            see `edge_groups`), ``edge_group_k`` / ``edge_group_size`` (the group layout: feature
+            length and edge count of each consecutive group), ``edge_layer`` (int32, the layer owning each edge), ``layer`` (the
             layer of each node, index into `layers`) and ``x_param_mask`` (which of the
             `PARAM_SLOTS` of each node were read from a parameter).
         layers: one `LayerInfo` per node-owning layer (name, kind, nodes, folded norms).
@@ -97,15 +126,7 @@ class NetworkGraph:
 
     def edge_groups(self, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
         """The edge groups of `edge_attr` (default: the graph's own features), as views."""
-        edge_attr = self.data.edge_attr if edge_attr is None else edge_attr
-        groups = []
-        ks = self.data.edge_group_k.tolist()
-        eptr, aptr = self.data.edge_group_ptr.tolist(), self.data.edge_attr_ptr.tolist()
-        for g, k in enumerate(ks):
-            count = eptr[g + 1] - eptr[g]
-            attr = edge_attr[aptr[g]:aptr[g + 1]].view(count, k)
-            groups.append(EdgeGroup(k, slice(eptr[g], eptr[g + 1]), attr))
-        return groups
+        return edge_groups(self.data, edge_attr)
 
     def coupled_channels(self) -> torch.Tensor:
         """Component id of each node: channels that can only be kept or removed together.
@@ -192,7 +213,7 @@ class NetworkGraph:
     def __repr__(self) -> str:
         groups = ", ".join(
             f"k={k}: {n}" for k, n in zip(
-                self.data.edge_group_k.tolist(), self.data.edge_group_ptr.diff().tolist())
+                self.data.edge_group_k.tolist(), self.data.edge_group_size.tolist())
         )
         return (f"NetworkGraph(nodes={self.num_nodes}, edges={self.num_edges}, "
                 f"layers={len(self.layers)}, edge groups {{{groups}}})")
@@ -214,17 +235,15 @@ def assemble(
 
     # Edges grouped by feature length; within a group, blocks keep their creation order.
     blocks = sorted(builder.blocks, key=lambda block: block.edge_k)
-    group_k, edge_ptr, attr_ptr = [], [0], [0]
+    group_k, edge_ptr = [], [0]
     offset = 0
     for block in blocks:
         if not group_k or group_k[-1] != block.edge_k:
             group_k.append(block.edge_k)
             edge_ptr.append(edge_ptr[-1])
-            attr_ptr.append(attr_ptr[-1])
         block.attr_offset = offset
         offset += block.num_edges * block.edge_k
         edge_ptr[-1] += block.num_edges
-        attr_ptr[-1] = offset
     # Filled block by block in place: no per-layer edge list is ever materialised twice.
     edge_index = torch.empty(2, edge_ptr[-1], dtype=torch.long)
     edge_layer = torch.empty(edge_ptr[-1], dtype=torch.int32)
@@ -267,15 +286,14 @@ def assemble(
     x[:, SCALAR["is_input"]] = (kind_ids[node_layer] == NODE_KINDS.index("input")).to(dtype)
     x[output_nodes, SCALAR["is_output"]] = 1
 
-    data = Data(
+    data = NetworkData(
         x=x,
         edge_index=edge_index,
         edge_attr=edge_attr,
         num_nodes=num_nodes,
     )
     data.edge_group_k = torch.tensor(group_k, dtype=torch.long)
-    data.edge_group_ptr = torch.tensor(edge_ptr, dtype=torch.long)
-    data.edge_attr_ptr = torch.tensor(attr_ptr, dtype=torch.long)
+    data.edge_group_size = torch.tensor(edge_ptr, dtype=torch.long).diff()
     data.edge_layer = edge_layer
     data.layer = node_layer
     data.x_param_mask = param_mask
