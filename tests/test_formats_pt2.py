@@ -209,7 +209,7 @@ def test_refresh_recomputes_unflatten_with_one_free_factor():
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn1d", "vgg", "resnet", "mobilenetv2", "densenet", "vit"])
-def test_zoo_family_roundtrip(tmp_path, family):
+def test_zoo_family_roundtrip_prune_roundtrip(tmp_path, family):
     zoo = pytest.importorskip("metaprune.zoo")
     config = _small_zoo_config(zoo, family)
     model = seeded(zoo.build(family, config))
@@ -218,8 +218,17 @@ def test_zoo_family_roundtrip(tmp_path, family):
     lifted, example_inputs = load_model(tmp_path / "z.pt2")
     torch.testing.assert_close(lifted(*inputs), model(*inputs))
     assert example_inputs[0].shape[1:] == inputs[0].shape[1:]
-    if family == "vit":
-        assert any(isinstance(m, nn.MultiheadAttention) for m in lifted.modules())
+    heads = {m: m.num_heads for m in lifted.modules() if isinstance(m, nn.MultiheadAttention)}
+    assert bool(heads) == (family == "vit")
+
+    # the lifted model prunes like the original, runs, and round-trips again
+    before = sum(p.numel() for p in lifted.parameters())
+    _prune(lifted, example_inputs, ratio=0.3, num_heads=heads)
+    refresh_shapes(lifted, example_inputs)
+    assert sum(p.numel() for p in lifted.parameters()) < before
+    save_model(lifted, example_inputs, tmp_path / "pruned.pt2")
+    again, _ = load_model(tmp_path / "pruned.pt2")
+    torch.testing.assert_close(again(*example_inputs), lifted(*example_inputs))
 
 
 # the smallest member of each family that still has its characteristic structure
