@@ -244,7 +244,7 @@ def _print_event(event: pb.JobEvent) -> None:
     elif event.kind == "phase":
         text = f"phase {event.phase}"
     elif event.kind == "metrics":
-        text = f"epoch {event.epoch} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(event.metrics.items()))
+        text = f"epoch {event.epoch} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(event.metrics.items()) if k != "epoch")
     else:
         text = event.message
     print(f"[job] {text}", file=sys.stderr, flush=True)
