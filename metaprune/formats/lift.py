@@ -58,6 +58,12 @@ def _bind(node: torch.fx.Node) -> dict:
     return bound
 
 
+def _ints(value, dims: int) -> tuple[int, ...]:
+    """A conv hyper-parameter as a tuple of ``dims`` ints (schemas allow one int or a list)."""
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return values * dims if len(values) == 1 else values
+
+
 def _get_path(root: nn.Module, path: str):
     obj = root
     for part in path.split("."):
@@ -182,15 +188,15 @@ class _Lifter:
         if isinstance(padding, str):
             if transposed:
                 return
-        elif any(p < 0 for p in padding):
+        elif any(p < 0 for p in _ints(padding, dims)):
             return
-        common = dict(kernel_size=tuple(w.shape[2:]), stride=tuple(args.get("stride", 1)),
-                      padding=padding if isinstance(padding, str) else tuple(padding),
-                      dilation=tuple(args.get("dilation", 1)), groups=groups, bias=bias is not None)
+        common = dict(kernel_size=tuple(w.shape[2:]), stride=_ints(args.get("stride", 1), dims),
+                      padding=padding if isinstance(padding, str) else _ints(padding, dims),
+                      dilation=_ints(args.get("dilation", 1), dims), groups=groups, bias=bias is not None)
         if transposed:
             cls = (nn.ConvTranspose1d, nn.ConvTranspose2d)[dims - 1]
             module = cls(w.shape[0], w.shape[1] * groups,
-                         output_padding=tuple(args.get("output_padding", 0)), **common)
+                         output_padding=_ints(args.get("output_padding", 0), dims), **common)
         else:
             cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
             module = cls(w.shape[1] * groups, w.shape[0], **common)
@@ -203,7 +209,7 @@ class _Lifter:
         if weight is None or (bias_node is not None and bias is None):
             return False
         w = _get_path(self.root, weight)
-        if w.dim() != 2:
+        if w.dim() != 2 or (bias is not None and tuple(_get_path(self.root, bias).shape) != (w.shape[0],)):
             return False
         module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
         self.replace(node, self.module_path(weight), module, {"weight": weight, "bias": bias}, (x,))
