@@ -94,6 +94,10 @@ def test_round_trip_zoo_families():
 def test_resnet56_identity_edges_are_sparse():
     graph = to_graph(CifarResNet(56).eval(), (torch.randn(1, 3, 32, 32),))
     assert graph.num_edges <= 105_000  # reference implementation: 140,720
+    zoo = pytest.importorskip("metaprune.zoo")
+    config = zoo.default_config("resnet", input_shape=(3, 32, 32), num_classes=10, depth=56)
+    zoo_graph = to_graph(zoo.build("resnet", config).eval(), zoo.example_inputs(config))
+    assert zoo_graph.num_edges == graph.num_edges
     identity = graph.edge_groups()[0]
     assert identity.k == 0
     # 27 residual adds, two addends each, one edge per channel: 2 * 9 * (16 + 32 + 64)
@@ -266,3 +270,54 @@ def test_batched_graphs_keep_their_groups_and_layers_apart():
     assert [k for k, _ in got] == [k for k, _ in expected]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
     assert batch.layer.max() == len(graphs[0].layers) + len(graphs[1].layers) - 1
+
+
+class CrossAttention(nn.Module):
+    """nn.MultiheadAttention with key/value widths different from the query's."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(4, 8)
+        self.memory = nn.Linear(4, 6)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=6)  # sequence-first layout
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, m):
+        q, mem = self.query(x), self.memory(m)
+        return self.out(self.attn(q, mem, mem)[0])
+
+
+class StandardisedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        return self._conv_forward(x, (w - w.mean()) / w.std(), self.bias)
+
+
+class PlainSubclass(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward is an ordinary convolution."""
+
+
+def test_separate_key_value_projections_round_trip():
+    torch.manual_seed(0)
+    check_round_trip(CrossAttention().eval(), (torch.randn(5, 2, 4), torch.randn(3, 2, 4)))
+
+
+def test_subclasses_keeping_forward_are_layers():
+    model = nn.Sequential(PlainSubclass(3, 4, 3), nn.ReLU())
+    check_round_trip(model, (torch.randn(1, 3, 6, 6),))
+
+
+@pytest.mark.parametrize(
+    "model, inputs, words",
+    [
+        (nn.Sequential(StandardisedConv(3, 4, 3)), (torch.randn(1, 3, 6, 6),),
+         ["'0.weight'", "StandardisedConv"]),
+        (nn.LSTM(3, 4), (torch.randn(5, 1, 3),), ["lstm", "LSTM"]),
+        (nn.Bilinear(3, 3, 2), (torch.randn(2, 3), torch.randn(2, 3)), ["bilinear"]),
+    ],
+)
+def test_unknown_parametrised_modules_are_named(model, inputs, words):
+    with pytest.raises(UnsupportedModelError) as error:
+        to_graph(model, inputs)
+    for word in words:
+        assert word in str(error.value)

@@ -225,8 +225,13 @@ LAYER_RULES = (
 
 
 def rule_for(module: nn.Module):
-    """The rule of a supported layer type (exact type: a subclass may override forward)."""
+    """The rule of a supported layer, or None.
+
+    A subclass counts only while it keeps its base class's forward: one that rewrites the
+    computation (weight standardisation, a custom kernel) is treated as an unknown module.
+    """
     for types, rule in LAYER_RULES:
-        if type(module) in types:
-            return rule
+        for base in types:
+            if isinstance(module, base) and type(module).forward is base.forward:
+                return rule
     return None

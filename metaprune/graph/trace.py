@@ -71,6 +71,12 @@ FACTORIES = frozenset(
     "new_zeros new_ones new_full new_empty new_tensor zeros_like ones_like full_like empty_like "
     "rand_like randn_like randint_like".split()
 )
+# reads of metadata and attribute getters (shape, dtype, .data): harmless on any tensor, but a
+# tensor they return from a parameter (``weight.data``) stays tied to that parameter
+METADATA = frozenset(
+    "__get__ size dim numel nelement ndimension __len__ stride is_contiguous is_floating_point "
+    "is_complex element_size get_device data_ptr storage_offset".split()
+)
 # in-place writes of other data into (part of) a tensor: its channels can no longer be told
 IN_PLACE_WRITES = frozenset(
     "__setitem__ copy_ index_copy_ index_put_ masked_scatter_ scatter_ scatter_add_".split()
@@ -114,6 +120,7 @@ class ChannelTracer(TorchFunctionMode):
             for pname, param in module.named_parameters():
                 owned[id(param)] = f"{name}.{pname}" if name else pname
         self.layer_params = owned
+        self.layer_param_names = set(owned.values())
         self.free_params = {
             id(p): n for n, p in model.named_parameters() if id(p) not in owned
         }
@@ -138,6 +145,8 @@ class ChannelTracer(TorchFunctionMode):
             return func(*args, **kwargs)
         name = op_name(func)
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        if name in METADATA:
+            return self._metadata(func, args, kwargs, flat_in)
         free_in = self._check_parameters(name, flat_in)
         out = func(*args, **kwargs)
         if name in IN_PLACE_WRITES and planes_of(args[0]):
@@ -160,23 +169,36 @@ class ChannelTracer(TorchFunctionMode):
                 setattr(o, POISON_ATTR, poisons[0])
         return out
 
+    def _metadata(self, func, args, kwargs, flat_in):
+        out = func(*args, **kwargs)
+        owner = next((self._parameter_name(t) for t in flat_in if self._parameter_name(t)), None)
+        if owner is not None and isinstance(out, torch.Tensor):
+            setattr(out, PARAM_ATTR, owner)
+        return out
+
+    def _parameter_name(self, tensor) -> str | None:
+        if hasattr(tensor, PARAM_ATTR):
+            return getattr(tensor, PARAM_ATTR)
+        if isinstance(tensor, nn.Parameter):
+            key = id(tensor)
+            return self.layer_params.get(key) or self.free_params.get(
+                key, "<parameter not in the model>")
+        return None
+
     def _check_parameters(self, name: str, tensors: list) -> list[str]:
         """Refuse parameter uses the graph cannot represent; return free parameters used."""
         free = []
         for tensor in tensors:
-            if hasattr(tensor, PARAM_ATTR):
-                free.append(getattr(tensor, PARAM_ATTR))
+            param = self._parameter_name(tensor)
+            if param is None:
                 continue
-            if not isinstance(tensor, nn.Parameter):
-                continue
-            key = id(tensor)
-            if key in self.layer_params:
+            if param in self.layer_param_names:
                 raise UnsupportedModelError(
-                    f"operator '{name}' in {self._where_text()} uses parameter "
-                    f"'{self.layer_params[key]}' outside its own layer's forward call (weight "
-                    "tying or a functional call); the graph cannot represent a shared weight"
+                    f"operator '{name}' in {self._where_text()} uses parameter '{param}' "
+                    "outside its own layer's forward call (weight tying or a functional call); "
+                    "the graph cannot represent a shared weight"
                 )
-            free.append(self.free_params.get(key, "<parameter not in the model>"))
+            free.append(param)
         if free and not (
             name in DATA_MOVEMENT or name in CASTS or name in CONCAT
             or BINARY.get(name) in ("add", "sub")
