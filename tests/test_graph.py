@@ -321,3 +321,41 @@ def test_unknown_parametrised_modules_are_named(model, inputs, words):
         to_graph(model, inputs)
     for word in words:
         assert word in str(error.value)
+
+
+class ChannelsLastHead(nn.Module):
+    """Flatten in H, W, C order: each channel's H*W weights are strided in the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 3 * 3, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).permute(0, 2, 3, 1).flatten(1))
+
+
+def test_channels_last_flatten_groups_each_channels_weights():
+    torch.manual_seed(0)
+    model = ChannelsLastHead().eval()
+    graph = check_round_trip(model, (torch.randn(1, 3, 5, 5),))
+    group = next(g for g in graph.edge_groups() if g.k == 9)
+    fc_layer = [layer.name for layer in graph.layers].index("fc")
+    fc_edges = graph.data.edge_layer[group.edges] == fc_layer
+    # edge (output j, channel c) holds fc.weight[j, c::4] (positions in H, W order)
+    expected = model.fc.weight.detach().reshape(5, 9, 4).permute(0, 2, 1).reshape(20, 9)
+    assert torch.equal(group.attr[fc_edges], expected)
+
+
+def test_uneven_features_per_channel_are_refused():
+    class Uneven(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv1d(2, 3, 1), nn.Conv1d(2, 3, 1)
+            self.fc = nn.Linear(3 * 4 + 3 * 2, 2)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.a(x).flatten(1), self.b(x[..., :2]).flatten(1)], 1))
+
+    with pytest.raises(UnsupportedModelError, match="fc.weight.*unequal"):
+        to_graph(Uneven(), (torch.randn(1, 2, 4),))

@@ -19,6 +19,14 @@ Operator families and the one rule each follows:
   activations, softmax, interpolation); a plane whose axis changed size is lost and the output is
   marked, so a layer that later reads those channels raises `UnsupportedModelError`.
 
+Why this tracer and not torch-pruning's `DependencyGraph` for channel identity: the graph needs,
+for every weight entry, the exact node of its input channel. torch-pruning records module-level
+dependencies with index mappings for concatenation, split and one flatten stride; permute and
+transpose are "element-wise" to it, so an MLP-Mixer token-mixing Linear lands in the channel group
+and a fused-qkv reshape has no per-entry mapping. Following the data with the model's own
+operators is exact by construction. The pruner and `metaprune inspect` keep using torch-pruning's
+groups; `NetworkGraph.coupled_channels` agrees with them wherever torch-pruning is right (tests).
+
 Parameters outside the supported layers ("free" parameters: class tokens, positional embeddings)
 may only be added to or concatenated with activations; they go to the side store. Any other use
 of a parameter raises `UnsupportedModelError` naming the operator, the parameter and the module.
