@@ -330,6 +330,8 @@ def prune(
     finetune_epochs = int(finetune_epochs or 0)
     if finetune_epochs < 0:
         raise InvalidTargetError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+    if finetune is not None or data is not None:
+        training_bridge.finetune_config(finetune)
     example_inputs = tuple(example_inputs)
     chosen = build_criterion(settings.criterion)
     with timer.phase("load"):
@@ -366,14 +368,12 @@ def prune(
     elif finetune_epochs == 0:
         skipped_reason = "finetune_epochs is 0"
     if loaders is not None:
+        # With 0 epochs this only recalibrates BatchNorm statistics (if the config says so).
         with timer.phase("finetune"):
-            if training_bridge.wants_bn_recalibration(finetune):
-                training_bridge.recalibrate_batchnorm(pruned, loaders[0])
-            if finetune_epochs:
-                finetune_record["history"] += training_bridge.finetune(
-                    pruned, loaders[0], epochs=finetune_epochs, config=finetune,
-                    eval_loader=loaders[1], teacher=module)
-                finetune_record["epochs_after_prune"] = finetune_epochs
+            finetune_record["history"] += training_bridge.finetune(
+                pruned, loaders[0], epochs=finetune_epochs, config=finetune,
+                eval_loader=loaders[1] if finetune_epochs else None, teacher=module)
+            finetune_record["epochs_after_prune"] = finetune_epochs
     with timer.phase("evaluate"):
         accuracy_after = training_bridge.evaluate(pruned, loaders[1]) if loaders else None
     with timer.phase("measure"):

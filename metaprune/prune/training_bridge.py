@@ -35,22 +35,18 @@ def evaluate(model: nn.Module, loader) -> float:
     return float(_component("metaprune.finetune", "evaluate")(model, loader))
 
 
-def recalibrate_batchnorm(model: nn.Module, loader) -> None:
-    """Re-estimates BatchNorm running statistics after channels were removed."""
-    _component("metaprune.finetune", "recalibrate_batchnorm")(model, loader)
+def finetune_config(config: dict | None):
+    """The validated `FinetuneConfig` (bad settings fail before any pruning work)."""
+    return _component("metaprune.finetune", "FinetuneConfig").from_dict(config)
 
 
 def finetune(model: nn.Module, train_loader, *, epochs: int, config: dict | None,
              eval_loader=None, teacher: nn.Module | None = None) -> list[dict]:
-    """Trains `model` in place for `epochs`; returns the per-epoch history."""
-    config_class = _component("metaprune.finetune", "FinetuneConfig")
+    """Trains `model` in place for `epochs` (0: only BatchNorm recalibration, if configured).
+
+    The teacher (the dense model) is used only when the config asks for distillation.
+    """
     train = _component("metaprune.finetune", "train")
-    settings = config_class.from_dict(dict(config or {}))
+    settings = finetune_config(config)
     return list(train(model, train_loader, epochs=epochs, config=settings,
-                      eval_loader=eval_loader,
-                      teacher=teacher if getattr(settings, "distill", False) else None))
-
-
-def wants_bn_recalibration(config: dict | None) -> bool:
-    """BN recalibration is on unless the fine-tune config turns it off."""
-    return bool((config or {}).get("bn_recalibration", True))
+                      eval_loader=eval_loader, teacher=teacher if settings.distill else None))
