@@ -179,9 +179,13 @@ class ChannelTracer(TorchFunctionMode):
 
     def _metadata(self, func, args, kwargs, flat_in):
         out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not flat_in:
+            return out
         owner = next((self._parameter_name(t) for t in flat_in if self._parameter_name(t)), None)
-        if owner is not None and isinstance(out, torch.Tensor):
+        if owner is not None:
             setattr(out, PARAM_ATTR, owner)
+        elif out.shape == flat_in[0].shape:  # x.data: the same channels
+            set_planes(out, planes_of(flat_in[0]))
         return out
 
     def _parameter_name(self, tensor) -> str | None:
