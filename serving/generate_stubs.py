@@ -15,7 +15,8 @@ PROTO_FILE = "metaprune/v1/pruning.proto"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def generate() -> list[Path]:
+def generate(target_dir: Path = PACKAGE_DIR) -> list[Path]:
+    """Write pruning_pb2.py and pruning_pb2_grpc.py into `target_dir`; returns their paths."""
     from grpc_tools import protoc  # build-time tool only
     import grpc_tools
 
@@ -37,7 +38,7 @@ def generate() -> list[Path]:
         for generated in sorted((Path(out) / "metaprune" / "v1").glob("*.py")):
             text = generated.read_text()
             text = re.sub(r"^from metaprune\.v1 import ", "from . import ", text, flags=re.M)
-            target = PACKAGE_DIR / generated.name
+            target = Path(target_dir) / generated.name
             target.write_text(text)
             written.append(target)
     return written

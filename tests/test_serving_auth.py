@@ -92,3 +92,24 @@ def test_open_server_refuses_public_bind(tmp_path):
     from metaprune.cli.main import main
 
     assert main(["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(tmp_path)]) == 2
+
+
+def test_tls_with_token(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tls-token carol\n")
+    args = ("--tokens", str(tokens), "--tls-cert", str(cert), "--tls-key", str(key))
+    with ServerProcess(tmp_path / "state", args=args) as server:
+        with PruningClient(server.address, token="tls-token", tls_ca=cert, timeout=30) as client:
+            assert client.info().auth_required and client.health() == "SERVING"
+        with PruningClient(server.address, token="tls-token", timeout=10) as plaintext:
+            assert status_of(plaintext.info) == "UNAVAILABLE"  # no TLS, no service

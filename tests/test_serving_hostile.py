@@ -138,6 +138,17 @@ def test_malformed_data_upload(client, payload):
     assert _upload_bytes(client, "d.npz", payload, rpc="UploadData") == "INVALID_ARGUMENT"
 
 
+@pytest.mark.slow  # ~10 s: 1 GiB is compressed here and unpacked in the worker
+def test_compressed_npz_bomb_hits_the_memory_limit(client):
+    # 2**28 float32 zeros: 1 GiB unpacked (the intake's per-array ceiling), ~1 MB compressed;
+    # unpacking plus tensor copies needs more than the worker's 3 GiB address space
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x_train=np.zeros((2**22, 1, 64), np.float32), y_train=np.arange(2**22) % 2,
+                        x_test=np.zeros((4, 1, 64), np.float32), y_test=np.arange(4) % 2)
+    assert len(buffer.getvalue()) < 2 * MiB
+    assert _upload_bytes(client, "bomb.npz", buffer.getvalue(), rpc="UploadData") == "RESOURCE_EXHAUSTED"
+
+
 def test_good_data_upload(client):
     reply = _upload_bytes(client, "d.npz", _npz(**GOOD_SPLITS), rpc="UploadData")
     assert isinstance(reply, pb.UploadReply) and reply.id.startswith("data-")
