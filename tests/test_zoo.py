@@ -170,6 +170,10 @@ def test_missing_keys_take_defaults_that_follow_other_keys():
         ("mobilenetv2", {"blocks": [{"out": 8, "stride": 2, "residual": True}]}, "residual"),
         ("densenet", {"transitions": [4]}, "'transitions' must have 2 entries"),
         ("mlp", {"hidden": list(range(1, 30_000))}, "more than 20000 values"),
+        # 30 k parameters, but 32-channel 1024×1024 feature maps: refused before allocating.
+        ("resnet", {"input_shape": [3, 1024, 1024], "depth": 8, "stage_widths": [32, 32, 32]},
+         "feature map per sample"),
+        ("vit", {"input_shape": [1, 65536], "patch_size": 1}, "65536 tokens, more than 4096"),
     ],
 )
 def test_invalid_configs_raise_model_format_error(family, config, message):

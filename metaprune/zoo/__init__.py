@@ -26,11 +26,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from metaprune.errors import ModelFormatError
 from metaprune.zoo import cnn1d, densenet, mlp, mobilenetv2, resnet, vgg, vit
 from metaprune.zoo.config import (
+    MAX_ACTIVATION,
     MAX_CLASSES,
+    MAX_MACS,
     MAX_PARAMS,
     ConfigReader,
     Family,
@@ -76,17 +79,47 @@ def _family(family: Any) -> Family:
 
 
 def _count_values(value: Any, budget: int) -> int:
-    """Number of scalars in a JSON-like value, counting stops once past `budget`."""
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        total = 0
-        for item in value:
-            total += _count_values(item, budget - total)
-            if total > budget:
-                break
-        return total
-    return 1
+    """Number of scalars in a JSON-like value; counting stops once past `budget`."""
+    total, pending = 0, [value]  # a stack, not recursion: a client controls the nesting
+    while pending and total <= budget:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        else:
+            total += 1
+    return total
+
+
+def _check_cost(family: Family, config: dict) -> None:
+    """Refuse configs over the size caps, measured on the meta device (nothing allocated)."""
+    largest = 0
+
+    def track(module, inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel())
+
+    with torch.device("meta"), torch.no_grad():
+        model = family.module_class(**config).eval()
+        params = sum(p.numel() for p in model.parameters())
+        if params > MAX_PARAMS:
+            raise ModelFormatError(
+                f"zoo family {family.id!r}: config describes {params:,} parameters, more than "
+                f"the limit of {MAX_PARAMS:,}"
+            )
+        for module in model.modules():
+            module.register_forward_hook(track)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.empty(1, *config["input_shape"]))
+    macs = counter.get_total_flops() // 2
+    if macs > MAX_MACS or largest > MAX_ACTIVATION:
+        raise ModelFormatError(
+            f"zoo family {family.id!r}: config needs {macs:,} MACs and a {largest:,}-value "
+            f"feature map per sample; the limits are {MAX_MACS:,} and {MAX_ACTIVATION:,}"
+        )
 
 
 def default_config(
@@ -141,8 +174,9 @@ def build(family: str, config: Mapping[str, Any]) -> nn.Module:
             canonical input and `num_classes` to 10.
 
     Raises:
-        ModelFormatError: unknown family or key, a bad value, or more than `MAX_PARAMS`
-            parameters (checked without allocating them).
+        ModelFormatError: unknown family or key, a bad value, or a model over the size caps
+            (`MAX_PARAMS` parameters, `MAX_MACS` MACs or `MAX_ACTIVATION` values in one feature
+            map per sample), checked on the meta device before anything is allocated.
 
     Example::
 
@@ -160,14 +194,7 @@ def build(family: str, config: Mapping[str, Any]) -> nn.Module:
         num_classes=overrides.pop("num_classes", 10),
         **overrides,
     )
-    # Build on the meta device first: the size check then costs no memory however large.
-    with torch.device("meta"):
-        params = sum(p.numel() for p in spec.module_class(**full).parameters())
-    if params > MAX_PARAMS:
-        raise ModelFormatError(
-            f"zoo family {family!r}: config describes {params:,} parameters, more than the "
-            f"limit of {MAX_PARAMS:,}"
-        )
+    _check_cost(spec, full)
     return spec.module_class(**full)
 
 

@@ -14,9 +14,13 @@ from torch import nn
 
 from metaprune.errors import ModelFormatError
 
-# Bounds that keep a hostile or mistyped spec from allocating gigabytes. The parameter cap is
-# checked on a meta-device build (nothing allocated) before the real one.
+# Bounds that keep a hostile or mistyped spec from allocating gigabytes. Parameters, MACs and
+# the largest activation are measured on a meta-device build and forward pass (nothing
+# allocated) before the real build: few parameters can still mean a huge feature map.
 MAX_PARAMS = 100_000_000
+MAX_MACS = 20_000_000_000  # per sample; ResNet-50 at 224×224 needs 4.1 G
+MAX_ACTIVATION = 1 << 24  # values in one layer's output for one sample (64 MiB of float32)
+MAX_TOKENS = 4_096  # ViT sequence length (attention holds tokens² scores per head)
 MAX_WIDTH = 65_536
 MAX_LAYERS = 1_024
 MAX_KERNEL = 63

@@ -8,7 +8,15 @@ number; each block's head count and MLP hidden width are free.
 import torch
 from torch import nn
 
-from metaprune.zoo.config import ConfigReader, Family, as_int, as_list, as_record, fail
+from metaprune.zoo.config import (
+    MAX_TOKENS,
+    ConfigReader,
+    Family,
+    as_int,
+    as_list,
+    as_record,
+    fail,
+)
 from metaprune.zoo.layers import conv
 
 BLOCK_FIELDS = ("heads", "mlp")
@@ -114,6 +122,11 @@ def complete(reader: ConfigReader) -> dict:
     patch_size = reader.integer("patch_size", default_patch_size(reader.input_shape), high=1024)
     if patch_size > min(reader.input_shape[1:]):
         reader.fail("patch_size", f"exceeds a side of input {reader.input_shape}", patch_size)
+    tokens = 1
+    for side in reader.input_shape[1:]:
+        tokens *= side // patch_size
+    if tokens > MAX_TOKENS:
+        reader.fail("patch_size", f"makes {tokens} tokens, more than {MAX_TOKENS}", patch_size)
     embed_dim = reader.integer("embed_dim", 64)
     where = reader.where("blocks")
     default_blocks = [{"heads": 4, "mlp": 2 * embed_dim} for _ in range(4)]
