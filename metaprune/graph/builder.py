@@ -168,7 +168,8 @@ class GraphBuilder:
         if block.edge_k * block.num_edges != block.numel:
             raise AssertionError(f"{param}: {block.numel} weights for {block.num_edges} edges")
         self.blocks.append(block)
-        self.layers[layer].params.append(param)
+        if param not in self.layers[layer].params:  # attention: three blocks of in_proj
+            self.layers[layer].params.append(param)
 
     def add_identity_edges(self, layer: int, src: torch.Tensor, dst: torch.Tensor):
         """Edges without parameters (residual add, gating product, unfoldable norm copy)."""
