@@ -133,6 +133,19 @@ def test_total_size_and_member_limits(good):
     _assert_refused(good, "members", limits=IntakeLimits(max_members=3))
     _assert_refused(good, "parameters, more than the limit", max_params=100)
     _assert_refused(good, "elements, more than the limit", limits=IntakeLimits(max_activation_numel=10))
+    _assert_refused(good, "stored elements", limits=IntakeLimits(max_state_numel=10))
+
+
+def test_absurd_size_argument_is_refused(tmp_path):
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, stride=2)).eval()
+    save_model(conv, (torch.randn(2, 1, 8, 8),), tmp_path / "conv.pt2")
+
+    def enlarge(model):
+        _first_key(model, "as_ints")["as_ints"] = [100_000, 100_000, 100]
+
+    bad = tmp_path / "huge.pt2"
+    rewrite_archive(tmp_path / "conv.pt2", bad, replace={"models/model.json": edit_json(enlarge)})
+    _assert_refused(bad, "describes more than")
 
 
 def test_truncated_random_empty_and_plain_pickle(good, tmp_path):
@@ -193,17 +206,21 @@ def _root(path):
     return zipfile.ZipFile(path).namelist()[0].split("/")[0]
 
 
-def _first_expr(obj):
+def _first_key(obj, key):
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            if "expr_str" in item:
+            if key in item:
                 return item
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    raise AssertionError("no symbolic expression in model.json")
+    raise AssertionError(f"no {key!r} in model.json")
+
+
+def _first_expr(obj):
+    return _first_key(obj, "expr_str")
 
 
 def test_fixture_archive_is_what_torch_writes(good):

@@ -130,6 +130,8 @@ class IntakeLimits:
     max_params: int = 100_000_000
     #: most elements in one stored tensor
     max_tensor_numel: int = 2**31 - 1
+    #: most elements over all stored tensors (a zero stride could make a tiny payload huge)
+    max_state_numel: int = 2**28
     #: most elements in one example input rebuilt from the graph's input specs
     max_input_numel: int = 2**25
     #: most elements in any intermediate tensor the graph declares (bounds memory when run)
@@ -214,13 +216,13 @@ def _as_int(value, what: str) -> int:
     return value["as_int"]
 
 
-def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits) -> int:
-    """Validate a weights/constants config; return the number of parameter elements."""
+def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits) -> tuple[int, int]:
+    """Validate a weights/constants config; return (parameter elements, all elements)."""
     prefix = "weight_" if kind == "weights" else "tensor_"
     folder = f"data/{kind}/"
     if not (isinstance(config, dict) and set(config) == {"config"} and isinstance(config["config"], dict)):
         raise _fail(f"model_{kind}_config.json must be {{'config': {{...}}}}")
-    params = 0
+    params = total = 0
     needed: dict[str, int] = {}
     exact: dict[str, list[int]] = {}
     for fqn, meta in config["config"].items():
@@ -254,6 +256,7 @@ def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits
         numel = math.prod(sizes)
         if numel > limits.max_tensor_numel:
             raise _fail(f"{where} has an absurd shape {sizes}")
+        total += numel
         if meta.get("is_param"):
             params += numel
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -269,7 +272,7 @@ def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits
     unused = [rel for rel in members if rel.startswith(folder + prefix) and rel[len(folder):] not in needed]
     if unused:
         raise _fail(f"unreferenced payload member {unused[0]!r}")
-    return params
+    return params, total
 
 
 def _check_expr(expr: str) -> None:
@@ -323,7 +326,19 @@ def _check_activation_sizes(graph: dict, limits: IntakeLimits) -> None:
                         f"{limits.max_activation_numel}")
 
 
-def _check_model_json(model: dict) -> None:
+def _check_int_list(values: list, limits: IntakeLimits) -> None:
+    """Size-like int lists (zeros, expand, view sizes) must not describe absurd tensors."""
+    numel = 1
+    for value in values:
+        if type(value) is not int:
+            raise _fail(f"an integer list holds {value!r:.40}")
+        numel *= max(abs(value), 1)
+        if numel > limits.max_activation_numel:
+            raise _fail(f"an operator argument {values[:8]!r:.120} describes more than "
+                        f"{limits.max_activation_numel} elements")
+
+
+def _check_model_json(model: dict, limits: IntakeLimits) -> None:
     """Walk the serialized program: expressions, targets, signature kinds, no custom objects."""
     if not isinstance(model, dict) or not isinstance(model.get("graph_module"), dict):
         raise _fail("models/model.json does not describe an exported program")
@@ -349,6 +364,8 @@ def _check_model_json(model: dict) -> None:
                 _check_expr(item["expr_str"])
             if "target" in item and "inputs" in item and "outputs" in item:
                 _check_target(item["target"])
+            if isinstance(item.get("as_ints"), list):
+                _check_int_list(item["as_ints"], limits)
             if "as_custom_obj" in item or "as_opaque_obj" in item:
                 raise _fail("the program holds custom (script/opaque) objects")
             stack.extend(item.values())
@@ -390,12 +407,15 @@ def sanitised_archive(path: str | os.PathLike, limits: IntakeLimits) -> tuple[by
             raise _fail(f"archive_version {version!r:.20} is not supported (expected '0')")
         weights_config = _read_json(archive, members["data/weights/model_weights_config.json"], limits)
         constants_config = _read_json(archive, members["data/constants/model_constants_config.json"], limits)
-        params = _check_payload_config(weights_config, "weights", members, limits)
-        _check_payload_config(constants_config, "constants", members, limits)
+        params, weight_elements = _check_payload_config(weights_config, "weights", members, limits)
+        _, constant_elements = _check_payload_config(constants_config, "constants", members, limits)
         if params > limits.max_params:
             raise _fail(f"{params} parameters, more than the limit {limits.max_params}")
+        if weight_elements + constant_elements > limits.max_state_numel:
+            raise _fail(f"{weight_elements + constant_elements} stored elements, more than the limit "
+                        f"{limits.max_state_numel}")
         model = _read_json(archive, members["models/model.json"], limits)
-        _check_model_json(model)
+        _check_model_json(model, limits)
         _check_activation_sizes(model["graph_module"]["graph"], limits)
         model["guards_code"] = []  # Python source run when the program becomes a module
         sample_inputs = None
