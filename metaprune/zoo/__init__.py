@@ -101,19 +101,21 @@ def _check_cost(family: Family, config: dict) -> None:
         if isinstance(output, torch.Tensor):
             largest = max(largest, output.numel())
 
-    with torch.device("meta"), torch.no_grad():
+    with torch.device("meta"):
         model = family.module_class(**config).eval()
-        params = sum(p.numel() for p in model.parameters())
-        if params > MAX_PARAMS:
-            raise ModelFormatError(
-                f"zoo family {family.id!r}: config describes {params:,} parameters, more than "
-                f"the limit of {MAX_PARAMS:,}"
-            )
-        for module in model.modules():
-            module.register_forward_hook(track)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(torch.empty(1, *config["input_shape"]))
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_PARAMS:
+        raise ModelFormatError(
+            f"zoo family {family.id!r}: config describes {params:,} parameters, more than "
+            f"the limit of {MAX_PARAMS:,}"
+        )
+    for module in model.modules():
+        module.register_forward_hook(track)
+    counter = FlopCounterMode(display=False)
+    # Run outside the device context (the input is already on meta): its per-op hook would
+    # make the pass several times slower.
+    with counter, torch.no_grad():
+        model(torch.empty(1, *config["input_shape"], device="meta"))
     macs = counter.get_total_flops() // 2
     if macs > MAX_MACS or largest > MAX_ACTIVATION:
         raise ModelFormatError(
