@@ -7,15 +7,7 @@ from torch import nn
 
 from metaprune.criteria import CRITERIA, GradientStatistics, build_criterion
 from metaprune.errors import InvalidTargetError, MetaPruneError
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny convs 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_prune import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 
 def _digits_batches(count: int, batch: int = 16):
