@@ -69,7 +69,9 @@ def _show(args) -> int:
     config["num_classes"] = args.num_classes
     model = zoo.build(args.family, config)
     full = zoo.config_of(args.family, model)
-    print(json.dumps({"family": args.family, "config": full}, indent=2))
+    # One line per config key: nested width lists stay readable, the whole is still JSON.
+    entries = ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in full.items())
+    print(f'{{\n  "family": {json.dumps(args.family)},\n  "config": {{\n{entries}\n  }}\n}}')
     macs = count_macs(model, zoo.example_inputs(full, batch=1))
     print(f"params: {count_params(model):,}")
     print(f"MACs:   {macs:,} (batch 1)")
