@@ -70,7 +70,9 @@ def _show(args) -> int:
     model = zoo.build(args.family, config)
     full = zoo.config_of(args.family, model)
     # One line per config key: nested width lists stay readable, the whole is still JSON.
-    entries = ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in full.items())
+    entries = ",\n".join(
+        f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in full.items()
+    )
     print(f'{{\n  "family": {json.dumps(args.family)},\n  "config": {{\n{entries}\n  }}\n}}')
     macs = count_macs(model, zoo.example_inputs(full, batch=1))
     print(f"params: {count_params(model):,}")
