@@ -96,10 +96,10 @@ def _output_layer(module: torch.fx.GraphModule) -> nn.Module:
     return module.get_submodule(node.target)
 
 
-def _prune(module, example_inputs, ratio=0.25, **kwargs):
-    head = _output_layer(module)
+def _prune(module, example_inputs, ratio=0.25, extra_ignored=(), **kwargs):
+    ignored = [_output_layer(module), *extra_ignored]
     pruner = tp.pruner.MagnitudePruner(module, example_inputs, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=ratio, ignored_layers=[head], **kwargs)
+                                       pruning_ratio=ratio, ignored_layers=ignored, **kwargs)
     pruner.step()
 
 
@@ -164,6 +164,21 @@ def test_fused_qkv_is_pruned_or_refused_never_crashes(tmp_path):
         return
     out = lifted(*example_inputs)
     assert out.shape == (4, 3) and torch.isfinite(out).all()
+
+
+def test_shape_locked_layers_let_the_rest_of_fused_qkv_prune(tmp_path):
+    model, inputs = _make("fused_qkv", seed=3)
+    save_model(model, inputs, tmp_path / "a.pt2")
+    lifted, example_inputs = load_model(tmp_path / "a.pt2")
+    assert lifted.shape_locked_layers == ["qkv"]  # feeds reshape(.., [B, n, 3, heads, head_dim])
+    locked = [lifted.get_submodule(name) for name in lifted.shape_locked_layers]
+    _prune(lifted, example_inputs, ratio=0.25, extra_ignored=locked)
+    assert lifted.proj.out_features < 16 and lifted.qkv.out_features == 48
+    refresh_shapes(lifted, example_inputs)
+    out = lifted(*example_inputs)
+    save_model(lifted, example_inputs, tmp_path / "b.pt2")
+    again, _ = load_model(tmp_path / "b.pt2")
+    torch.testing.assert_close(again(*example_inputs), out)
 
 
 def test_refresh_rescales_a_baked_view_or_refuses():

@@ -22,7 +22,9 @@ baked into ``view``/``reshape``/``unflatten``/``expand``/``split``/``slice`` nod
 in ``module.baked_shape_nodes``) from the pruned shapes, or raises
 :class:`~metaprune.errors.UnsupportedModelError` naming the node when a constant cannot be
 recomputed unambiguously (e.g. a head split whose heads and head size both could absorb the
-change).
+change). To avoid that refusal up front, leave the modules in ``module.shape_locked_layers``
+(:func:`shape_locked_layers`) out of pruning (torch-pruning ``ignored_layers``): they feed such
+ambiguous splits.
 
 Example::
 
@@ -45,9 +47,10 @@ from torch import nn
 
 from metaprune.errors import ModelFormatError
 from metaprune.formats.intake import IntakeLimits
-from metaprune.formats.shapes import record_shapes, refresh_shapes
+from metaprune.formats.shapes import record_shapes, refresh_shapes, shape_locked_layers
 
-__all__ = ["IntakeLimits", "SUFFIXES", "load_model", "record_shapes", "refresh_shapes", "save_model"]
+__all__ = ["IntakeLimits", "SUFFIXES", "load_model", "record_shapes", "refresh_shapes", "save_model",
+           "shape_locked_layers"]
 
 #: suffix -> (loadable, savable)
 SUFFIXES = {".pt2": (True, True), ".safetensors": (True, True), ".onnx": (False, True)}

@@ -10,7 +10,10 @@ Two passes handle this, both driven by real example inputs:
   rewrites flatten-like views (output = input's leading dims + the product of the rest) into
   ``aten.flatten.using_ints``, which no longer depends on channel counts, and remembers the
   input/output shape of every remaining *baked-shape node* (``node.meta["metaprune_shape"]``).
-  The names of those nodes are listed in ``module.baked_shape_nodes``.
+  The names of those nodes are listed in ``module.baked_shape_nodes``; the modules whose
+  output channels feed an ambiguous baked split (heads × head size, groups × channels) are
+  listed in ``module.shape_locked_layers`` (see :func:`shape_locked_layers`) — a pruner should
+  pass them as ignored layers.
 * :func:`refresh_shapes` (the pruning engine calls it after physically pruning a lifted module)
   propagates the example inputs through the pruned graph and rewrites each baked constant from
   the new input shape: a view/reshape/unflatten is split into groups of input and output dims
@@ -58,6 +61,7 @@ class _ShapeRun(torch.fx.Interpreter):
 
     def __init__(self, module: torch.fx.GraphModule, fix: bool):
         super().__init__(module)
+        self.extra_traceback = False  # our messages already name the node
         self.fix = fix
         self.changed = False
 
@@ -219,6 +223,63 @@ def _baked_nodes(module: torch.fx.GraphModule) -> list[str]:
     return [n.name for n in module.graph.nodes if n.op == "call_function" and n.target in _BAKED]
 
 
+def _locks_channels(node: torch.fx.Node) -> bool:
+    """True when a pruned input dim of this view could be absorbed by two or more constants."""
+    recorded = node.meta.get(_META_KEY)
+    if not recorded or recorded["in"] is None or recorded["out"] is None:
+        return False
+    if node.target in _VIEWS:
+        sizes, groups = list(node.args[1]), _group_dims(recorded["in"], recorded["out"])
+    elif node.target == aten.unflatten.int:
+        sizes = list(node.args[2])
+        groups = [([0], list(range(len(sizes))))]
+    else:
+        return False
+    for _, out_dims in groups:
+        if any(isinstance(sizes[j], int) and sizes[j] == -1 for j in out_dims):
+            continue
+        constants = [j for j in out_dims if isinstance(sizes[j], int) and sizes[j] > 1]
+        if len(constants) >= 2:
+            return True
+    return False
+
+
+def _producers(start: torch.fx.Node) -> set[str]:
+    """The modules whose outputs reach ``start`` through functional ops."""
+    found, stack, seen = set(), [start], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            found.add(node.target)
+        elif node.op == "call_function":
+            stack.extend(n for n in node.all_input_nodes if n.op not in ("get_attr", "placeholder"))
+    return found
+
+
+def shape_locked_layers(module: torch.fx.GraphModule) -> list[str]:
+    """Names of modules whose output channels feed a baked split of a dim into several constants.
+
+    Pruning such a module's outputs leaves :func:`refresh_shapes` an ambiguous choice (e.g.
+    ``reshape(qkv, [B, n, 3, heads, head_dim])``: fewer heads or smaller heads?), so it would
+    refuse. A pruner that passes these modules as ignored layers prunes the rest of the model.
+    Needs :func:`record_shapes` to have run; also stored as ``module.shape_locked_layers``.
+
+    Example::
+
+        model, example_inputs = load_model("fused_qkv.pt2")
+        ignored = [model.get_submodule(name) for name in shape_locked_layers(model)]
+        # tp.pruner.MagnitudePruner(model, example_inputs, ignored_layers=ignored, ...)
+    """
+    locked: set[str] = set()
+    for node in module.graph.nodes:
+        if node.op == "call_function" and _locks_channels(node) and isinstance(node.args[0], torch.fx.Node):
+            locked |= _producers(node.args[0])
+    return sorted(locked)
+
+
 def record_shapes(module: torch.fx.GraphModule, example_inputs: tuple) -> list[str]:
     """Make flatten-like views shape-agnostic and remember every remaining baked shape.
 
@@ -235,6 +296,7 @@ def record_shapes(module: torch.fx.GraphModule, example_inputs: tuple) -> list[s
         module.graph.lint()
         module.recompile()
     module.baked_shape_nodes = _baked_nodes(module)
+    module.shape_locked_layers = shape_locked_layers(module)
     return module.baked_shape_nodes
 
 
@@ -266,7 +328,8 @@ def refresh_shapes(module: torch.fx.GraphModule, example_inputs: tuple) -> bool:
     if run.changed:
         module.recompile()
     module.baked_shape_nodes = _baked_nodes(module)
+    module.shape_locked_layers = shape_locked_layers(module)
     return run.changed
 
 
-__all__ = ["record_shapes", "refresh_shapes"]
+__all__ = ["record_shapes", "refresh_shapes", "shape_locked_layers"]
