@@ -359,3 +359,30 @@ def test_uneven_features_per_channel_are_refused():
 
     with pytest.raises(UnsupportedModelError, match="fc.weight.*unequal"):
         to_graph(Uneven(), (torch.randn(1, 2, 4),))
+
+
+class SequenceAttention(nn.Module):
+    """[batch, tokens, dim] input, Linear to 3E + chunk + F.scaled_dot_product_attention."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_sequence_input_channels_are_its_last_axis():
+    torch.manual_seed(0)
+    graph = check_round_trip(SequenceAttention().eval(), (torch.randn(2, 5, 8),))
+    names = [layer.name for layer in graph.layers]
+    assert names == ["input.0.last_axis", "qkv", "proj"]  # 8 input channels, no positions
+    dag = graph.layer_dag
+    assert {(dag.nodes[a]["name"], dag.nodes[b]["name"]) for a, b in dag.edges} == {
+        ("input.0.last_axis", "qkv"), ("qkv", "proj")}  # proj reads the value channels

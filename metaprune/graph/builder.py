@@ -123,6 +123,37 @@ class GraphBuilder:
         labels[missing] = self.nodes_of(layer)
         return labels
 
+    def drop_layers(self, drop: set[int], output_nodes: torch.Tensor) -> torch.Tensor:
+        """Remove layers that own no edge and feed nothing; renumber nodes and layers.
+
+        Returns `output_nodes` renumbered.
+        """
+        keep = torch.ones(self.num_nodes, dtype=torch.bool)
+        for layer in drop:
+            info = self.layers[layer]
+            keep[info.first_node:info.first_node + info.num_nodes] = False
+        new_node = torch.cumsum(keep.long(), 0) - 1
+        new_layer = {}
+        layers, first = [], 0
+        for index, info in enumerate(self.layers):
+            if index in drop:
+                continue
+            new_layer[index] = len(layers)
+            info.first_node = first
+            first += info.num_nodes
+            layers.append(info)
+        for block in self.blocks:
+            block.src_grid, block.dst_grid = new_node[block.src_grid], new_node[block.dst_grid]
+            block.sources = new_node[block.sources]
+            block.layer = new_layer[block.layer]
+        for slot in self.slots:
+            slot.nodes = new_node[slot.nodes]
+        self.norm_kind_of = [(new_node[nodes], kind) for nodes, kind in self.norm_kind_of]
+        self.layers = layers
+        self._first_nodes = [info.first_node for info in layers]
+        self.num_nodes = first
+        return new_node[output_nodes]
+
     # -- parameters ----------------------------------------------------------------------
     def add_slot(self, layer: int, name: str, value: torch.Tensor, nodes: torch.Tensor, slot: str):
         """Store the 1-D tensor `value` (parameter/buffer `name`) in slot `slot` of `nodes`."""

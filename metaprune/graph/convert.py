@@ -24,8 +24,9 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
             hand-written attention), plus free parameters that are added or concatenated
             (class tokens, positional embeddings). It is not modified.
         example_inputs: a tuple of inputs for one forward pass (a tensor is accepted too).
-            Float inputs provide the model's input channels (axis 1, or the only axis of a
-            1-d input); integer inputs are token ids for an Embedding.
+            Float inputs provide the model's input channels: axis 1 (``[N, C, ...]``), or for a
+            3-d input whichever of axis 1 and the last axis the model reads (``[N, T, D]``
+            sequences); integer inputs are token ids for an Embedding.
 
     Raises:
         UnsupportedModelError: naming the operator and the module where it sits, for a
@@ -53,14 +54,12 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
     _check_shared_parameters(module, layer_modules)
 
     builder = GraphBuilder()
-    inputs = []
+    inputs, alternatives = [], []
     for index, value in enumerate(example_inputs):
         if isinstance(value, torch.Tensor):
             value = value.detach().clone()
             if value.is_floating_point() and value.dim() >= 1:
-                axis = 1 if value.dim() >= 2 else 0
-                layer = builder.add_layer(f"input.{index}", "input", "input", value.shape[axis])
-                set_planes(value, [along(value.dim(), axis, builder.nodes_of(layer))])
+                alternatives.append(_label_input(builder, value, index))
         inputs.append(value)
 
     tracer = ChannelTracer(module, builder, layer_modules)
@@ -78,6 +77,7 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
             m.training = training
 
     output_nodes = _output_nodes(output)
+    output_nodes = _drop_unused_inputs(builder, alternatives, output_nodes)
     notes = []
     side = {}
     layer_param_names = {
@@ -95,6 +95,44 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
             notes.append(f"parameter '{name}' is never used; kept in the side store")
         side[name] = param.detach().clone()
     return assemble(builder, module, dtype, output_nodes, side, notes)
+
+
+def _label_input(builder: GraphBuilder, value: torch.Tensor, index: int) -> list[int]:
+    """Input channel nodes along axis 1 (``[N, C, ...]``) and, for 3-d inputs, along the last
+    axis too: ``[N, C, L]`` signals and ``[N, T, D]`` sequences look alike, and which axis the
+    model reads is only known after tracing. Returns the candidate input layers."""
+    axes = [1 if value.dim() >= 2 else 0]
+    if value.dim() == 3:
+        axes.append(2)
+    planes, layers = [], []
+    for axis in axes:
+        name = f"input.{index}" if axis == axes[0] else f"input.{index}.last_axis"
+        layer = builder.add_layer(name, "input", "input", value.shape[axis])
+        planes.append(along(value.dim(), axis, builder.nodes_of(layer)))
+        layers.append(layer)
+    set_planes(value, planes)
+    return layers
+
+
+def _drop_unused_inputs(builder: GraphBuilder, alternatives: list[list[int]], output_nodes):
+    """Remove the input labelling a model did not read (keep axis 1 when it read neither)."""
+    used = set(output_nodes.tolist())
+    for block in builder.blocks:
+        used.update(block.sources.tolist())
+    for slot in builder.slots:
+        used.update(slot.nodes.tolist())
+    drop = set()
+    for layers in alternatives:
+        unused = [
+            layer for layer in layers
+            if not used.intersection(builder.nodes_of(layer).tolist())
+        ]
+        if len(unused) == len(layers):
+            unused = unused[1:]
+        drop.update(unused)
+    if not drop:
+        return output_nodes
+    return builder.drop_layers(drop, output_nodes)
 
 
 def _layer_modules(module: nn.Module) -> dict[str, nn.Module]:

@@ -23,7 +23,12 @@ def planes_of(tensor) -> tuple[torch.Tensor, ...]:
 
 
 def set_planes(tensor: torch.Tensor, planes) -> None:
-    setattr(tensor, PLANES_ATTR, tuple(planes))
+    """Attach planes, at most one per signature: the first wins (e.g. after flattening an
+    input labelled along two axes, its channel axis keeps the labelling)."""
+    kept: dict[tuple, torch.Tensor] = {}
+    for plane in planes:
+        kept.setdefault(signature(plane), plane)
+    setattr(tensor, PLANES_ATTR, tuple(kept.values()))
 
 
 def poison_of(tensor) -> str | None:
