@@ -13,17 +13,14 @@ import torch
 from torch import nn
 
 from metaprune.errors import UnsupportedModelError
+from metaprune.formats.pt2 import dynamic_batch
 
 
 def save_onnx(module: nn.Module, example_inputs: tuple, path: str | os.PathLike) -> None:
     """Export ``module`` in eval mode to ONNX with a dynamic batch and verify the file."""
     import onnx
 
-    example_inputs = tuple(example_inputs)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example_inputs)
-    if any(isinstance(x, torch.Tensor) and x.dim() and x.shape[0] < 2 for x in example_inputs):
-        dynamic = None  # a batch of 1 would be specialised anyway
+    example_inputs, dynamic = dynamic_batch(tuple(example_inputs))
     was_training = module.training
     module.eval()
     try:

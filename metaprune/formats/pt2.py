@@ -101,10 +101,16 @@ def load_pt2(path: str | os.PathLike, limits: IntakeLimits | None = None):
     return module, example_inputs
 
 
-def _batch_of_two(example_inputs: tuple) -> tuple:
-    # export specialises a dynamic dim whose example size is 0 or 1, so show it a batch of 2
-    return tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
-                 for x in example_inputs)
+def dynamic_batch(example_inputs: tuple) -> tuple[tuple, tuple]:
+    """Inputs fit for exporting with a dynamic batch, and the ``dynamic_shapes`` to pass.
+
+    Every batched tensor input shares one ``torch.export.Dim("batch")``. Export specialises a
+    dynamic dim whose example size is 0 or 1, so a batch of 1 is repeated to 2.
+    """
+    inputs = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+                   for x in example_inputs)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return inputs, tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
 
 
 def export_program(module: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
@@ -112,9 +118,7 @@ def export_program(module: nn.Module, example_inputs: tuple) -> torch.export.Exp
 
     Falls back to a static batch (with a warning) when the module itself bakes its batch size.
     """
-    example_inputs = _batch_of_two(tuple(example_inputs))
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in example_inputs)
+    example_inputs, dynamic = dynamic_batch(tuple(example_inputs))
     was_training = module.training
     module.eval()
     try:
