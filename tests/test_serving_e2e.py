@@ -110,3 +110,18 @@ def test_job_time_limit(tmp_path):
         job = client.wait(job.job_id, timeout=120)
         assert pb.JobState.Name(job.state) == "FAILED"
         assert job.error_code == "RESOURCE_EXHAUSTED" and "time limit" in job.message
+
+
+def test_cli_prune_through_the_server(server, tmp_path, capsys):
+    from metaprune.cli.main import main
+
+    model = write_model(tmp_path / "m.pt2")
+    code = main(["prune", str(model), "--out", str(tmp_path / "p.pt2"), "--speedup", "2",
+                 "--server", server.address, "--report", str(tmp_path / "r.json")])
+    assert code == 0 and (tmp_path / "p.pt2").exists()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
+    # a refused request is a clear message and exit code 2, not a traceback
+    code = main(["prune", str(model), "--out", str(tmp_path / "q.pt2"), "--speedup", "2",
+                 "--criterion", "taylor", "--server", server.address])
+    assert code == 2 and "FAILED_PRECONDITION" in capsys.readouterr().err
