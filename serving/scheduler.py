@@ -19,6 +19,9 @@ from .worker import TaskFailure
 
 log = logging.getLogger(__name__)
 
+# events recorded per job attempt; a worker that logs without end cannot fill the disk
+MAX_EVENTS_PER_ATTEMPT = 10_000
+
 
 class Scheduler:
     """Job queue in front of a back-end.
@@ -101,11 +104,16 @@ class Scheduler:
         flag = threading.Event()
         with self._flags_lock:
             self._cancel_flags[job_id] = flag
+        recorded = 0
+
+        def record(event: dict) -> None:
+            nonlocal recorded
+            recorded += 1
+            if recorded <= MAX_EVENTS_PER_ATTEMPT:
+                self.store.add_event(job_id, _clean_event(event))
+
         try:
-            report = self.backend.run(
-                task, on_event=lambda event: self.store.add_event(job_id, _clean_event(event)),
-                timeout=self.job_time_seconds, cancelled=flag,
-            )
+            report = self.backend.run(task, on_event=record, timeout=self.job_time_seconds, cancelled=flag)
         except TaskFailure as failure:
             if self._stopping:  # left RUNNING on purpose: the next start re-runs it
                 return

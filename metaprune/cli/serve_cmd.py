@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                         help="job store and artifacts (default $METAPRUNE_CACHE/serve)")
     parser.add_argument("--workers", type=int, default=2, help="jobs running at once (default 2)")
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--ray-address", default=None, help="run jobs on this Ray cluster (e.g. 'auto')")
+    parser.add_argument("--ray-address", default=None, help="run jobs on Ray: 'local' starts a private cluster on 127.0.0.1; "
+                        "or 'auto', HOST:PORT, ray://HOST:PORT")
     parser.add_argument("--tokens", type=Path, default=None, help="file of 'TOKEN TENANT' lines")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
