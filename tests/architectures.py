@@ -159,21 +159,30 @@ class ViT(nn.Module):
 
 
 class FusedQKVAttention(nn.Module):
-    """Hand-written attention: one Linear to 3E, reshape to heads, softmax(q k^T) v, proj."""
+    """Hand-written attention: one Linear to 3E, reshape to heads, softmax(q k^T) v, proj.
 
-    def __init__(self, dim, heads):
+    With ``sdpa=True`` the heads are split by ``chunk`` + ``view`` and attention is
+    F.scaled_dot_product_attention instead.
+    """
+
+    def __init__(self, dim, heads, sdpa=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
-        out = (attn.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
-        return self.proj(out)
+        if self.sdpa:
+            q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2)
+                       for t in self.qkv(x).chunk(3, dim=-1))
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            attn = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
+            out = attn.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class FusedQKVTransformer(nn.Module):

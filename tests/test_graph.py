@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from architectures import ARCHITECTURES, CifarResNet, build
+from architectures import ARCHITECTURES, CifarResNet, FusedQKVAttention, build
 from metaprune.errors import UnsupportedModelError
 from metaprune.graph import NUM_NODE_FEATURES, to_graph
 
@@ -78,9 +78,17 @@ def test_round_trip_architectures(name):
 
 def test_round_trip_zoo_families():
     zoo = pytest.importorskip("metaprune.zoo")
-    small = {
-        "resnet": {"depth": 8}, "densenet": {}, "mobilenetv2": {}, "vit": {}, "vgg": {},
-        "mlp": {}, "cnn1d": {},
+    small = {  # narrow configs keep the test fast; the structure is each family's own
+        "mlp": {"hidden": [16, 8]},
+        "cnn1d": {"widths": [8, 8], "kernel_sizes": [5, 3], "pools": [2, 2]},
+        "vgg": {"stages": [[8], [16, 16]], "hidden": [16]},
+        "resnet": {"depth": 8},
+        "mobilenetv2": {"stem_width": 8, "blocks": [
+            {"hidden": 16, "out": 8, "stride": 1, "residual": False},
+            {"hidden": 24, "out": 8, "stride": 1, "residual": True},
+            {"hidden": 24, "out": 12, "stride": 2, "residual": False}]},
+        "densenet": {"stem_width": 8, "blocks": [[{"width": 8, "growth": 4}] * 2] * 2},
+        "vit": {"embed_dim": 16, "blocks": [{"heads": 2, "mlp": 32}] * 2},
     }
     for family in zoo.FAMILIES:
         spec_shape = {"mlp": (1, 40), "cnn1d": (1, 40)}.get(family, (3, 16, 16))
@@ -361,26 +369,10 @@ def test_uneven_features_per_channel_are_refused():
         to_graph(Uneven(), (torch.randn(1, 2, 4),))
 
 
-class SequenceAttention(nn.Module):
-    """[batch, tokens, dim] input, Linear to 3E + chunk + F.scaled_dot_product_attention."""
-
-    def __init__(self, dim=8, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        batch, tokens, dim = x.shape
-        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2)
-                   for t in self.qkv(x).chunk(3, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
 def test_sequence_input_channels_are_its_last_axis():
     torch.manual_seed(0)
-    graph = check_round_trip(SequenceAttention().eval(), (torch.randn(2, 5, 8),))
+    model = FusedQKVAttention(8, 2, sdpa=True).eval()  # [batch, tokens, dim] input
+    graph = check_round_trip(model, (torch.randn(2, 5, 8),))
     names = [layer.name for layer in graph.layers]
     assert names == ["input.0.last_axis", "qkv", "proj"]  # 8 input channels, no positions
     dag = graph.layer_dag
