@@ -82,11 +82,11 @@ def describe(model, example_inputs) -> dict:
     from metaprune.measure import count_macs, count_params
 
     graph = to_graph(model, example_inputs)
-    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters())
     layers = []
     for layer in graph.layers:
-        module = modules.get(layer.name)
-        params = sum(p.numel() for p in module.parameters()) if module is not None else 0
+        # parameters carried by the layer's nodes and edges (folded norms included)
+        params = sum(parameters[name].numel() for name in layer.params if name in parameters)
         layers.append({
             "name": layer.name, "kind": layer.kind, "type": layer.module_type,
             "channels": layer.num_nodes, "kernel": layer.kernel_numel,
@@ -123,13 +123,14 @@ def _print_text(source: str, report: dict) -> None:
           f"{g['edge_features']:,} edge feature values")
     print(f"\nlayers ({len(report['layers'])}):")
     width = max([len(layer["name"]) for layer in report["layers"]] + [4])
-    print(f"  {'name':<{width}}  {'kind':<14} {'type':<18} {'chan':>6} {'k':>4} {'params':>10}"
-          "  inputs / folded norms")
+    type_width = max([len(layer["type"]) for layer in report["layers"]] + [4])
+    print(f"  {'name':<{width}}  {'kind':<14} {'type':<{type_width}} {'chan':>6} {'k':>4} "
+          f"{'params':>10}  inputs / folded norms")
     for layer in report["layers"]:
         extra = ", ".join(layer["inputs"])
         if layer["folded_norms"]:
             extra += f"  [norm: {', '.join(layer['folded_norms'])}]"
-        print(f"  {layer['name']:<{width}}  {layer['kind']:<14} {layer['type']:<18} "
+        print(f"  {layer['name']:<{width}}  {layer['kind']:<14} {layer['type']:<{type_width}} "
               f"{layer['channels']:>6} {layer['kernel']:>4} {layer['params']:>10,}  {extra}")
     print(f"\ncoupled groups ({len(report['coupled_groups'])}, torch-pruning):")
     for group in report["coupled_groups"]:
