@@ -151,8 +151,8 @@ def _open_zip(data: bytes) -> zipfile.ZipFile:
         raise _fail(f"not a readable zip file ({err})") from err
 
 
-def _member_map(archive: zipfile.ZipFile, limits: IntakeLimits) -> tuple[str, dict]:
-    """Check names, count and sizes; return the root folder and relative path -> ZipInfo."""
+def _member_map(archive: zipfile.ZipFile, limits: IntakeLimits) -> dict:
+    """Check names, count and sizes; return relative path (below the root folder) -> ZipInfo."""
     infos = archive.infolist()
     if len(infos) > limits.max_members:
         raise _fail(f"{len(infos)} members, more than the limit {limits.max_members}")
@@ -187,7 +187,7 @@ def _member_map(archive: zipfile.ZipFile, limits: IntakeLimits) -> tuple[str, di
                      "data/constants/model_constants_config.json"):
         if required not in members:
             raise _fail(f"missing member {root}/{required}")
-    return root, members
+    return members
 
 
 def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
@@ -237,7 +237,8 @@ def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits
         tensor_meta = meta.get("tensor_meta")
         if not isinstance(tensor_meta, dict):
             raise _fail(f"{where} has no tensor_meta")
-        dtype = _DTYPES.get(tensor_meta.get("dtype"))
+        code = tensor_meta.get("dtype")
+        dtype = _DTYPES.get(code) if type(code) is int else None
         if dtype is None:
             raise _fail(f"{where} has an unsupported dtype code {tensor_meta.get('dtype')!r:.20}"
                         " (only float, int and bool tensors)")
@@ -246,8 +247,11 @@ def _check_payload_config(config, kind: str, members: dict, limits: IntakeLimits
         device = tensor_meta.get("device")
         if not (isinstance(device, dict) and device.get("type") == "cpu"):
             raise _fail(f"{where} is not on the CPU (export the model on CPU)")
-        sizes = [_as_int(s, f"{where} size") for s in tensor_meta.get("sizes") or []]
-        strides = [_as_int(s, f"{where} stride") for s in tensor_meta.get("strides") or []]
+        raw_sizes, raw_strides = tensor_meta.get("sizes"), tensor_meta.get("strides")
+        if not (isinstance(raw_sizes, list) and isinstance(raw_strides, list)):
+            raise _fail(f"{where} has no size / stride lists")
+        sizes = [_as_int(s, f"{where} size") for s in raw_sizes]
+        strides = [_as_int(s, f"{where} stride") for s in raw_strides]
         offset = _as_int(tensor_meta.get("storage_offset", {"as_int": 0}), f"{where} storage offset")
         if len(sizes) != len(strides) or len(sizes) > 8:
             raise _fail(f"{where} has {len(sizes)} sizes and {len(strides)} strides")
@@ -348,11 +352,17 @@ def _check_model_json(model: dict, limits: IntakeLimits) -> None:
         raise _fail("models/model.json has no graph")
     if graph.get("custom_obj_values"):
         raise _fail("the program holds custom (script/opaque) objects")
-    for spec in (graph_module.get("signature") or {}).get("input_specs") or []:
+    signature = graph_module.get("signature")
+    if not isinstance(signature, dict) or not isinstance(signature.get("input_specs"), list):
+        raise _fail("models/model.json has no graph signature")
+    for spec in signature["input_specs"]:
         kinds = set(spec) if isinstance(spec, dict) else {"?"}
         if not kinds <= _INPUT_SPEC_KINDS:
             raise _fail(f"unsupported graph input kind {sorted(kinds)}")
-    for name in (model.get("range_constraints") or {}):
+    constraints = model.get("range_constraints") or {}
+    if not isinstance(constraints, dict):
+        raise _fail("range_constraints is not an object")
+    for name in constraints:
         if not _SIZE_SYMBOL.fullmatch(name):
             raise _fail(f"range constraint on an unexpected symbol {name!r:.40}")
 
@@ -385,6 +395,33 @@ def _load_sample_inputs(data: bytes):
     return loaded
 
 
+def _validate(archive: zipfile.ZipFile, members: dict, limits: IntakeLimits):
+    """All content checks; returns (model JSON without guard code, sample inputs, parameters)."""
+    version = _read(archive, members["archive_version"]).decode("ascii", "replace").strip()
+    if version != "0":
+        raise _fail(f"archive_version {version!r:.20} is not supported (expected '0')")
+    weights_config = _read_json(archive, members["data/weights/model_weights_config.json"], limits)
+    constants_config = _read_json(archive, members["data/constants/model_constants_config.json"], limits)
+    params, weight_elements = _check_payload_config(weights_config, "weights", members, limits)
+    _, constant_elements = _check_payload_config(constants_config, "constants", members, limits)
+    if params > limits.max_params:
+        raise _fail(f"{params} parameters, more than the limit {limits.max_params}")
+    if weight_elements + constant_elements > limits.max_state_numel:
+        raise _fail(f"{weight_elements + constant_elements} stored elements, more than the limit "
+                    f"{limits.max_state_numel}")
+    model = _read_json(archive, members["models/model.json"], limits)
+    _check_model_json(model, limits)
+    _check_activation_sizes(model["graph_module"]["graph"], limits)
+    model["guards_code"] = []  # Python source run when the program becomes a module
+    sample_inputs = None
+    if "data/sample_inputs/model.pt" in members:
+        info = members["data/sample_inputs/model.pt"]
+        if info.file_size > limits.max_json_bytes:
+            raise _fail("data/sample_inputs is too large")
+        sample_inputs = _load_sample_inputs(_read(archive, info))
+    return model, sample_inputs, params
+
+
 def sanitised_archive(path: str | os.PathLike, limits: IntakeLimits) -> tuple[bytes, tuple | None, int]:
     """Validate the archive at ``path`` and rebuild it with only safe members.
 
@@ -401,29 +438,12 @@ def sanitised_archive(path: str | os.PathLike, limits: IntakeLimits) -> tuple[by
         data = handle.read()
     archive = _open_zip(data)
     with archive:
-        root, members = _member_map(archive, limits)
-        version = _read(archive, members["archive_version"]).decode("ascii", "replace").strip()
-        if version != "0":
-            raise _fail(f"archive_version {version!r:.20} is not supported (expected '0')")
-        weights_config = _read_json(archive, members["data/weights/model_weights_config.json"], limits)
-        constants_config = _read_json(archive, members["data/constants/model_constants_config.json"], limits)
-        params, weight_elements = _check_payload_config(weights_config, "weights", members, limits)
-        _, constant_elements = _check_payload_config(constants_config, "constants", members, limits)
-        if params > limits.max_params:
-            raise _fail(f"{params} parameters, more than the limit {limits.max_params}")
-        if weight_elements + constant_elements > limits.max_state_numel:
-            raise _fail(f"{weight_elements + constant_elements} stored elements, more than the limit "
-                        f"{limits.max_state_numel}")
-        model = _read_json(archive, members["models/model.json"], limits)
-        _check_model_json(model, limits)
-        _check_activation_sizes(model["graph_module"]["graph"], limits)
-        model["guards_code"] = []  # Python source run when the program becomes a module
-        sample_inputs = None
-        if "data/sample_inputs/model.pt" in members:
-            info = members["data/sample_inputs/model.pt"]
-            if info.file_size > limits.max_json_bytes:
-                raise _fail("data/sample_inputs is too large")
-            sample_inputs = _load_sample_inputs(_read(archive, info))
+        members = _member_map(archive, limits)
+        try:
+            model, sample_inputs, params = _validate(archive, members, limits)
+        except (TypeError, AttributeError, KeyError, IndexError) as err:
+            # JSON of the wrong shape somewhere the checks above did not name
+            raise _fail(f"malformed metadata ({type(err).__name__}: {err})"[:500]) from err
 
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as clean:

@@ -8,6 +8,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 import tempfile
 import warnings
@@ -15,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from metaprune.errors import ModelFormatError, UnsupportedModelError
+from metaprune.errors import MetaPruneError, ModelFormatError, UnsupportedModelError
 from metaprune.formats.attention import lift_attention
 from metaprune.formats.intake import IntakeLimits, read_pt2_strict
 from metaprune.formats.lift import lift_program
@@ -82,12 +84,13 @@ def load_pt2(path: str | os.PathLike, limits: IntakeLimits | None = None):
     """
     limits = limits or IntakeLimits()
     program, sample_inputs = read_pt2_strict(path, limits)
-    for node in program.graph.nodes:  # defence in depth after deserialisation
-        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
-            raise UnsupportedModelError(
-                f"operator {node.target.name()} at node {node.name!r} (control flow / wrapped "
-                "regions) is not supported; export without torch.cond, no_grad or autocast regions")
-    module = lift_program(program)
+    _check_targets(program)
+    try:
+        module = lift_program(program)
+    except MetaPruneError:
+        raise
+    except Exception as err:  # a program torch accepted but whose structure we cannot follow
+        raise UnsupportedModelError(f"cannot lift the exported program: {type(err).__name__}: {err}"[:1000]) from err
     params = sum(p.numel() for p in module.parameters())
     if params > limits.max_params:
         raise ModelFormatError(f"{params} parameters, more than the limit {limits.max_params}")
@@ -96,9 +99,35 @@ def load_pt2(path: str | os.PathLike, limits: IntakeLimits | None = None):
     try:
         lift_attention(module, example_inputs)
         record_shapes(module, example_inputs)
-    except UnsupportedModelError as err:
-        raise ModelFormatError(f"the model does not run on inputs of its own input specs: {err}") from err
+    except Exception as err:  # running the graph is where inconsistent metadata shows
+        raise ModelFormatError(f"the model does not run on inputs of its own input specs: "
+                               f"{type(err).__name__}: {err}"[:1000]) from err
     return module, example_inputs
+
+
+_PYTHON_TARGETS = (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                   operator.truediv, operator.mod, operator.neg, operator.pow, operator.eq, operator.ne,
+                   operator.lt, operator.le, operator.gt, operator.ge, operator.and_, operator.or_,
+                   operator.not_, math.ceil, math.floor, math.trunc, math.sqrt, torch.sym_int,
+                   torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_sqrt,
+                   torch.sym_ite, torch.sym_sum)
+
+
+def _check_targets(program) -> None:
+    """Defence in depth after deserialisation: only ATen overloads and symbolic-int helpers."""
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            raise UnsupportedModelError(
+                f"operator {target.name()} at node {node.name!r} (control flow / wrapped regions) is "
+                "not supported; export without torch.cond, no_grad or autocast regions")
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+            continue
+        if any(target is allowed for allowed in _PYTHON_TARGETS):
+            continue
+        raise ModelFormatError(f"graph node {node.name!r} calls {target!r:.100}, which is not an ATen operator")
 
 
 def dynamic_batch(example_inputs: tuple) -> tuple[tuple, tuple]:
