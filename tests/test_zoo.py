@@ -52,6 +52,28 @@ def test_families_are_the_design_ids():
     assert zoo.FAMILIES == ("mlp", "cnn1d", "vgg", "resnet", "mobilenetv2", "densenet", "vit")
 
 
+# The datasets' input kinds each family accepts: MNIST-1D, Fashion-MNIST, CIFAR-10.
+INPUT_KINDS = {
+    "mlp": [(1, 40), (1, 28, 28), (3, 32, 32)],
+    "cnn1d": [(1, 40)],
+    "vgg": [(1, 28, 28), (3, 32, 32)],
+    "resnet": [(1, 40), (1, 28, 28), (3, 32, 32)],
+    "mobilenetv2": [(1, 28, 28), (3, 32, 32)],
+    "densenet": [(1, 28, 28), (3, 32, 32)],
+    "vit": [(1, 40), (1, 28, 28), (3, 32, 32)],
+}
+
+
+@pytest.mark.parametrize("family", zoo.FAMILIES)
+def test_default_configs_build_and_run_on_every_input_kind(family):
+    for input_shape in INPUT_KINDS[family]:
+        config = zoo.default_config(family, input_shape=input_shape, num_classes=10)
+        assert json.loads(json.dumps(config)) == config
+        model = zoo.build(family, config).eval()
+        with torch.no_grad():
+            assert model(torch.randn(2, *input_shape)).shape == (2, 10)
+
+
 @pytest.mark.parametrize(("family", "input_shape", "overrides"), CASES, ids=IDS)
 def test_build_forward_export_and_config_round_trip(family, input_shape, overrides):
     config, model = make(family, input_shape, overrides)
