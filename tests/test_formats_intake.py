@@ -229,3 +229,36 @@ def test_fixture_archive_is_what_torch_writes(good):
             "data/weights/model_weights_config.json"} <= names
     config = json.loads(zipfile.ZipFile(good).read(f"{_root(good)}/data/weights/model_weights_config.json"))
     assert all(entry["use_pickle"] is False for entry in config["config"].values())
+
+
+def _mutate(obj, rng):
+    """Replace one random value somewhere in a JSON document with a value of another shape."""
+    places, stack = [], [obj]
+    while stack:
+        item = stack.pop()
+        keys = item.keys() if isinstance(item, dict) else range(len(item)) if isinstance(item, list) else ()
+        for key in keys:
+            places.append((item, key))
+            stack.append(item[key])
+    holder, key = rng.choice(places)
+    holder[key] = rng.choice([None, -1, 0, 10**12, "x", [], {}, True, 3.5, [1, 2, 3],
+                              "torch.ops.aten.add.Tensor"])
+
+
+def test_mutated_metadata_never_leaks_a_raw_exception(good, tmp_path):
+    import random
+
+    rng = random.Random(0)
+    members = ["models/model.json", "model_weights_config.json", "model_constants_config.json"]
+    for attempt in range(30):
+        path = tmp_path / f"mutant{attempt}.pt2"
+
+        def mutate(obj):
+            _mutate(obj, rng)
+
+        rewrite_archive(good, path, replace={rng.choice(members): edit_json(mutate)})
+        try:
+            module, example_inputs = load_model(path)
+            module(*example_inputs)  # a harmless mutation (e.g. metadata) still gives a model
+        except MetaPruneError:
+            pass
