@@ -161,28 +161,33 @@ class ViT(nn.Module):
 class FusedQKVAttention(nn.Module):
     """Hand-written attention: one Linear to 3E, reshape to heads, softmax(q k^T) v, proj.
 
-    With ``sdpa=True`` the heads are split by ``chunk`` + ``view`` and attention is
-    F.scaled_dot_product_attention instead.
+    ``attention="sdpa"`` splits q/k/v by ``chunk`` + ``view`` and calls
+    F.scaled_dot_product_attention; ``attention="einsum"`` writes the products with einsum.
     """
 
-    def __init__(self, dim, heads, sdpa=False):
+    def __init__(self, dim, heads, attention="matmul"):
         super().__init__()
-        self.heads, self.sdpa = heads, sdpa
+        self.heads, self.attention = heads, attention
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         batch, tokens, dim = x.shape
-        if self.sdpa:
+        if self.attention == "sdpa":
             q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2)
                        for t in self.qkv(x).chunk(3, dim=-1))
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
         else:
             qkv = self.qkv(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            attn = (q @ k.transpose(-2, -1)) * (dim // self.heads) ** -0.5
-            out = attn.softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+            scale = (dim // self.heads) ** -0.5
+            if self.attention == "einsum":
+                attn = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+                out = torch.einsum("bhij,bhjd->bihd", attn.softmax(-1), v)
+            else:
+                out = ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+                out = out.transpose(1, 2)
+        return self.proj(out.reshape(batch, tokens, dim))
 
 
 class FusedQKVTransformer(nn.Module):

@@ -369,12 +369,18 @@ def test_uneven_features_per_channel_are_refused():
         to_graph(Uneven(), (torch.randn(1, 2, 4),))
 
 
-def test_sequence_input_channels_are_its_last_axis():
+@pytest.mark.parametrize("attention", ["matmul", "sdpa", "einsum"])
+def test_sequence_input_channels_are_its_last_axis(attention):
     torch.manual_seed(0)
-    model = FusedQKVAttention(8, 2, sdpa=True).eval()  # [batch, tokens, dim] input
+    model = FusedQKVAttention(8, 2, attention=attention).eval()  # [batch, tokens, dim] input
     graph = check_round_trip(model, (torch.randn(2, 5, 8),))
     names = [layer.name for layer in graph.layers]
     assert names == ["input.0.last_axis", "qkv", "proj"]  # 8 input channels, no positions
     dag = graph.layer_dag
     assert {(dag.nodes[a]["name"], dag.nodes[b]["name"]) for a, b in dag.edges} == {
-        ("input.0.last_axis", "qkv"), ("qkv", "proj")}  # proj reads the value channels
+        ("input.0.last_axis", "qkv"), ("qkv", "proj")}
+    # proj reads exactly the value channels: qkv outputs 16..23, in order
+    proj = [layer.name for layer in graph.layers].index("proj")
+    src = graph.data.edge_index[0, graph.data.edge_layer == proj].reshape(8, 8)
+    qkv_first = graph.layers[names.index("qkv")].first_node
+    assert torch.equal(src, torch.arange(qkv_first + 16, qkv_first + 24).expand(8, 8))

@@ -126,7 +126,7 @@ class GraphBuilder:
     def drop_layers(self, drop: set[int], output_nodes: torch.Tensor) -> torch.Tensor:
         """Remove layers that own no edge and feed nothing; renumber nodes and layers.
 
-        Returns `output_nodes` renumbered.
+        Returns `output_nodes` renumbered, without those of dropped layers.
         """
         keep = torch.ones(self.num_nodes, dtype=torch.bool)
         for layer in drop:
@@ -152,7 +152,7 @@ class GraphBuilder:
         self.layers = layers
         self._first_nodes = [info.first_node for info in layers]
         self.num_nodes = first
-        return new_node[output_nodes]
+        return new_node[output_nodes[keep[output_nodes]]]
 
     # -- parameters ----------------------------------------------------------------------
     def add_slot(self, layer: int, name: str, value: torch.Tensor, nodes: torch.Tensor, slot: str):

@@ -115,8 +115,8 @@ def _label_input(builder: GraphBuilder, value: torch.Tensor, index: int) -> list
 
 
 def _drop_unused_inputs(builder: GraphBuilder, alternatives: list[list[int]], output_nodes):
-    """Remove the input labelling a model did not read (keep axis 1 when it read neither)."""
-    used = set(output_nodes.tolist())
+    """Remove the input labelling no layer read (keep axis 1 when neither was read)."""
+    used = set()
     for block in builder.blocks:
         used.update(block.sources.tolist())
     for slot in builder.slots:

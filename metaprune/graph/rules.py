@@ -25,7 +25,7 @@ from torch import nn
 
 from metaprune.errors import UnsupportedModelError
 from metaprune.graph.builder import GraphBuilder
-from metaprune.graph.planes import along, channel_labels, planes_of, poison_of
+from metaprune.graph.planes import along, channel_labels, planes_of, poison_of, signature
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -122,7 +122,7 @@ def linear_rule(builder, name, module, args, kwargs, output):
     if module.bias is not None:
         builder.add_slot(layer, f"{name}.bias", module.bias, out_nodes, "bias")
     # planes labelling other axes (tokens, batch) pass through a per-position Linear
-    kept = [p for p in planes_of(source) if p.shape[-1] == 1]
+    kept = [p for p in planes_of(source) if p.shape[-1] == 1 and signature(p)]
     return kept + [along(output.dim(), -1, out_nodes)]
 
 

@@ -241,6 +241,8 @@ class ChannelTracer(TorchFunctionMode):
         elif name in MATMUL and len(flat_in) == 2:
             left, right = (args[0], args[1])
             self._matmul(left, right, flat_out[0])
+        elif name == "einsum":
+            self._einsum(args, flat_in, flat_out[0])
         elif name == "scaled_dot_product_attention":
             value = args[2] if len(args) > 2 else kwargs["value"]
             self._matmul(None, value, flat_out[0])
@@ -358,6 +360,28 @@ class ChannelTracer(TorchFunctionMode):
         if right is not None and right.dim() >= 2:
             kept += [pad_left(p, ndim) for p in planes_of(right) if p.shape[-2] == 1]
         set_planes(out, [p for p in kept if p.dim() == ndim])
+
+    def _einsum(self, args, operands, out):
+        """Planes whose varying axes all survive into the output move to their output axes."""
+        equation = args[0].replace(" ", "")
+        if "->" not in equation or "." in equation:
+            self._generic("einsum", operands[0], [out])  # implicit output or ellipsis
+            return
+        inputs, output = equation.split("->")
+        result = []
+        for subscripts, operand in zip(inputs.split(","), operands):
+            for plane in planes_of(operand):
+                varying = signature(plane)
+                letters = [subscripts[axis] for axis in varying]
+                if not all(letter in output for letter in letters):
+                    continue  # a contracted axis: the channel does not reach the output
+                moved = plane.reshape([plane.shape[axis] for axis in varying])
+                order = sorted(range(len(letters)), key=lambda i: output.index(letters[i]))
+                shape = [1] * len(output)
+                for i in order:
+                    shape[output.index(letters[i])] = plane.shape[varying[i]]
+                result.append(moved.permute(order).reshape(shape))
+        set_planes(out, result)
 
     def _generic(self, name, source, flat_out):
         planes = planes_of(source)
