@@ -262,3 +262,12 @@ def test_mutated_metadata_never_leaks_a_raw_exception(good, tmp_path):
             module(*example_inputs)  # a harmless mutation (e.g. metadata) still gives a model
         except MetaPruneError:
             pass
+
+
+def test_missing_sample_inputs_are_rebuilt_from_input_specs(good, tmp_path):
+    path = tmp_path / "no_samples.pt2"
+    rewrite_archive(good, path, drop=("data/sample_inputs/model.pt",))
+    module, example_inputs = load_model(path)
+    assert len(example_inputs) == 1 and example_inputs[0].shape == (2, 20)  # batch from the size hint
+    assert example_inputs[0].dtype == torch.float32
+    assert module(*example_inputs).shape == (2, 4)
