@@ -7,8 +7,10 @@ The suffix picks the format:
   writes, no pickles, payload sizes matching ``tensor_meta``, symbolic expressions and node
   targets checked; ``torch.export.load`` only ever sees a sanitised copy), then lifts the
   program into a ``torch.fx.GraphModule`` whose conv / linear / norm / embedding calls are real
-  ``nn`` modules (:mod:`metaprune.formats.lift`), refuses NaN/Inf weights and models above
-  ``max_params``, and records baked shape constants (:mod:`metaprune.formats.shapes`).
+  ``nn`` modules (:mod:`metaprune.formats.lift`; exported ``nn.MultiheadAttention`` regions
+  become real ``nn.MultiheadAttention`` again, :mod:`metaprune.formats.attention`), refuses
+  NaN/Inf weights and models above ``max_params``, and records baked shape constants
+  (:mod:`metaprune.formats.shapes`).
   Saving exports in eval mode with a dynamic batch ``torch.export.Dim``.
 * ``.safetensors`` with a sibling spec ``NAME.json`` =
   ``{"format": 1, "family": ID, "config": {...}, "input_shape": [...]}`` — zoo families only.
@@ -28,11 +30,10 @@ ambiguous splits.
 
 Example::
 
-    import metaprune
     from metaprune.formats import load_model, refresh_shapes, save_model
 
     model, example_inputs = load_model("client.pt2", max_params=10_000_000)
-    # ...prune channels of `model` with torch-pruning...
+    # ...prune channels of `model` with torch-pruning, ignoring model.shape_locked_layers...
     refresh_shapes(model, example_inputs)
     save_model(model, example_inputs, "pruned.pt2")
     save_model(model, example_inputs, "pruned.onnx")
