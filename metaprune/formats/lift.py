@@ -20,8 +20,9 @@ ATen call (training IR or decomposed)                    becomes
 A module takes the name of its weight minus ``.weight`` (``features.0.weight`` →
 ``features.0``; ``attn.in_proj_weight`` → ``attn.in_proj``), so lifted names match the
 original model's. A weight shared by several calls stays a plain attribute (the calls stay
-functional), since one module cannot stand for two call sites. Attention keeps its functional
-``scaled_dot_product_attention`` core; its input/output projections become ``nn.Linear``.
+functional), since one module cannot stand for two call sites. Attention stays functional here
+(its projections become ``nn.Linear``); :func:`metaprune.formats.attention.lift_attention` then
+turns recognisable ``nn.MultiheadAttention`` regions back into the module.
 
 Example::
 
