@@ -50,3 +50,11 @@ def test_to_graph_docstring_example():
     torch.manual_seed(0)
     result = doctest.testmod(convert, extraglobs={"nn": torch.nn, "torch": torch})
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_bench_graph_reports_resnet56(capsys):
+    assert main(["bench", "graph", "--models", "resnet56"]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("resnet56"))
+    fields = line.split()
+    assert fields[1] == "855,770" and fields[3] == "99,472" and fields[-1] == "True"

@@ -8,11 +8,13 @@ rewritten) features. See `metaprune.graph.features` for the feature layout and
 
 Example::
 
-    from metaprune.graph import to_graph
+    from metaprune.graph import PARAM_SLOTS, to_graph
     graph = to_graph(model, example_inputs)
     new_x = graph.data.x.clone()
-    new_x[graph.data.x_param_mask] *= 0.9           # only entries read from parameters
-    model_2 = graph.write_back(x=new_x)
+    slots = new_x[:, :len(PARAM_SLOTS)]              # a view: per-channel parameter slots
+    slots[graph.data.x_param_mask] *= 0.9            # only entries read from parameters
+    new_edges = graph.data.edge_attr * 0.9           # every edge feature is a weight
+    model_2 = graph.write_back(x=new_x, edge_attr=new_edges)
 """
 
 from metaprune.graph.builder import LayerInfo
