@@ -30,13 +30,15 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, memory_bytes: int, threads: int = 1):
+    def __init__(self, memory_bytes: int, threads: int = 1, *, warm: bool = True):
         # RLIMIT_AS of each worker process
         self.memory_bytes = memory_bytes
         # torch threads per worker (the machine's cores are shared by the parallel workers)
         self.threads = threads
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["metaprune.serving.preload"])
+        # warm: the fork server preloads torch and the library (see preload.py); the fork
+        # server is one per process, so the first backend created decides
+        self._context.set_forkserver_preload(["metaprune.serving.preload"] if warm else [])
 
     def warm_up(self) -> None:
         """Start the fork server in the background so the first task does not wait for it."""

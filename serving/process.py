@@ -1,4 +1,4 @@
-"""Runs `metaprune serve` as a child process on 127.0.0.1 with an ephemeral port.
+"""Runs the `metaprune serve` command as a child process on 127.0.0.1 with an ephemeral port.
 
 Used by the tests, the demo and the load benchmark: the server lives in its own process, so it
 can be killed (SIGKILL) and restarted on the same state directory, and its resident memory can
@@ -46,7 +46,8 @@ class ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.state_dir.parent / f"{self.state_dir.name}.port"
         port_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "metaprune.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        # `metaprune serve`'s own module: the same handler, without the other commands' imports
+        command = [sys.executable, "-m", "metaprune.cli.serve_cmd", "--host", "127.0.0.1", "--port", "0",
                    "--state-dir", str(self.state_dir), "--port-file", str(port_file), *self.args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

@@ -99,7 +99,8 @@ class Scheduler:
         job = self.store.get_job(job_id)
         job_dir = self.store.job_dir(job_id)
         attempt_dir = job_dir / f"attempt-{attempt}"
-        shutil.rmtree(attempt_dir, ignore_errors=True)
+        for stale in job_dir.glob("attempt-*"):  # left by an attempt a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
         task = dict(job.task, kind="prune", out_dir=str(attempt_dir))
         flag = threading.Event()
         with self._flags_lock:

@@ -102,14 +102,21 @@ def test_cancel_and_queue_limit(client, tmp_path):
     assert pb.JobState.Name(client.get_job(running.job_id).state) == "CANCELLED"
 
 
-def test_job_time_limit(tmp_path):
-    with ServerProcess(tmp_path / "state", args=("--job-time-s", "3", "--workers", "1")) as server, \
-            PruningClient(server.address) as client:
-        model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
-        job = client.submit(model_id, speedup=2.0, dataset="mnist1d", finetune_epochs=1000)
-        job = client.wait(job.job_id, timeout=120)
-        assert pb.JobState.Name(job.state) == "FAILED"
-        assert job.error_code == "RESOURCE_EXHAUSTED" and "time limit" in job.message
+def test_worker_time_limit_kills_the_process(tmp_path):
+    # a cold worker (no preload) needs seconds to import torch: far past a 0.5 s limit
+    import threading
+
+    from metaprune.serving.local_backend import LocalBackend
+    from metaprune.serving.worker import TaskFailure
+
+    backend = LocalBackend(memory_bytes=4 << 30, warm=False)
+    task = {"kind": "validate_model", "model_path": str(write_model(tmp_path / "m.pt2")),
+            "max_parameters": 10**6}
+    began = time.monotonic()
+    with pytest.raises(TaskFailure) as failure:
+        backend.run(task, on_event=lambda event: None, timeout=0.5, cancelled=threading.Event())
+    assert failure.value.code == "RESOURCE_EXHAUSTED" and "time limit" in failure.value.message
+    assert time.monotonic() - began < 30
 
 
 def test_cli_prune_through_the_server(server, tmp_path, capsys):

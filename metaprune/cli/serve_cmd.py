@@ -77,3 +77,16 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         server.stop()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m metaprune.cli.serve_cmd ...`: the same command without loading the other
+    commands' modules (some import torch at import time), for a lean server process."""
+    parser = argparse.ArgumentParser(prog="metaprune")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
