@@ -24,7 +24,8 @@ def _one_thread():
 # The smallest configs of each family; digits (1x8x8) and MNIST-1D (1x40) are the real data.
 TINY = {
     "mlp": ((1, 40), {"hidden": [32, 24]}),
-    "cnn1d": ((1, 40), {"widths": [8, 16, 16], "kernel_sizes": [5, 5, 3]}),
+    "cnn1d": ((1, 40), {"widths": [8, 16, 16], "kernel_sizes": [5, 5, 3], "head": "flatten",
+                        "hidden": [16]}),
     "vgg": ((1, 8, 8), {"stages": [[8, 8], [16, 16]], "hidden": [16]}),
     "resnet": ((1, 8, 8), {"depth": 8, "stage_widths": [8, 16, 32],
                            "block_widths": [[8], [16], [32]]}),

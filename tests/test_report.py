@@ -63,3 +63,17 @@ def test_prune_command_reports_bad_targets_and_missing_service(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["prune", str(tmp_path / "dense.pt2"), "--out", "o.pt2", "--speedup", "2",
               "--params-ratio", "0.5"])
+
+
+def test_prune_command_round_trips_a_zoo_model_in_safetensors(tmp_path):
+    from metaprune.formats import load_model, save_model
+
+    model, example_inputs = tiny_model("vgg")
+    save_model(model, example_inputs, tmp_path / "dense.safetensors")
+    code = main(["prune", str(tmp_path / "dense.safetensors"), "--out",
+                 str(tmp_path / "small.safetensors"), "--params-ratio", "0.5"])
+    assert code == 0
+    pruned, inputs = load_model(tmp_path / "small.safetensors")
+    dense_params = sum(p.numel() for p in model.parameters())
+    assert abs(sum(p.numel() for p in pruned.parameters()) / dense_params / 0.5 - 1) <= 0.02
+    assert pruned(*example_inputs).shape == (2, 10)

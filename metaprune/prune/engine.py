@@ -189,14 +189,14 @@ def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
         return None
 
     after_modules = dict(after.named_modules())
+    # attention's own projections follow its embedding width: reported once, as the attention
+    attention = tuple(f"{name}." for name, m in before.named_modules()
+                      if isinstance(m, nn.MultiheadAttention))
     kept = {}
     for name, module in before.named_modules():
         total = width(module)
-        if total is None or name not in after_modules:
+        if total is None or name not in after_modules or (attention and name.startswith(attention)):
             continue
-        if any(name.startswith(f"{other}.") and isinstance(m, nn.MultiheadAttention)
-               for other, m in before.named_modules() if other):
-            continue  # attention's own projections follow its embedding width
         kept[name] = [int(width(after_modules[name])), int(total)]
     return kept
 
