@@ -76,24 +76,28 @@ def test_round_trip_architectures(name):
     assert nx.is_directed_acyclic_graph(graph.layer_dag)
 
 
+# narrow configs keep the test fast; the structure is each family's own
+ZOO_CASES = [
+    ("mlp", (1, 40), {"hidden": [16, 8]}),
+    ("mlp", (1, 40), {"hidden": [12, 12], "residual": True}),
+    ("cnn1d", (1, 40), {"widths": [8, 8], "kernel_sizes": [5, 3], "pools": [2, 2]}),
+    ("vgg", (3, 16, 16), {"stages": [[8], [16, 16]], "hidden": [16]}),
+    ("resnet", (3, 16, 16), {"depth": 8}),
+    ("resnet", (1, 40), {"depth": 8, "dims": 1}),
+    ("mobilenetv2", (3, 16, 16), {"stem_width": 8, "blocks": [
+        {"hidden": 16, "out": 8, "stride": 1, "residual": False},
+        {"hidden": 24, "out": 8, "stride": 1, "residual": True},
+        {"hidden": 24, "out": 12, "stride": 2, "residual": False}]}),
+    ("densenet", (3, 16, 16), {"stem_width": 8, "blocks": [[{"width": 8, "growth": 4}] * 2] * 2}),
+    ("vit", (3, 16, 16), {"embed_dim": 16, "blocks": [{"heads": 2, "mlp": 32}] * 2}),
+]
+
+
 def test_round_trip_zoo_families():
     zoo = pytest.importorskip("metaprune.zoo")
-    small = {  # narrow configs keep the test fast; the structure is each family's own
-        "mlp": {"hidden": [16, 8]},
-        "cnn1d": {"widths": [8, 8], "kernel_sizes": [5, 3], "pools": [2, 2]},
-        "vgg": {"stages": [[8], [16, 16]], "hidden": [16]},
-        "resnet": {"depth": 8},
-        "mobilenetv2": {"stem_width": 8, "blocks": [
-            {"hidden": 16, "out": 8, "stride": 1, "residual": False},
-            {"hidden": 24, "out": 8, "stride": 1, "residual": True},
-            {"hidden": 24, "out": 12, "stride": 2, "residual": False}]},
-        "densenet": {"stem_width": 8, "blocks": [[{"width": 8, "growth": 4}] * 2] * 2},
-        "vit": {"embed_dim": 16, "blocks": [{"heads": 2, "mlp": 32}] * 2},
-    }
-    for family in zoo.FAMILIES:
-        spec_shape = {"mlp": (1, 40), "cnn1d": (1, 40)}.get(family, (3, 16, 16))
-        config = zoo.default_config(family, input_shape=spec_shape, num_classes=4,
-                                    **small.get(family, {}))
+    assert {family for family, _, _ in ZOO_CASES} == set(zoo.FAMILIES)
+    for family, shape, overrides in ZOO_CASES:
+        config = zoo.default_config(family, input_shape=shape, num_classes=4, **overrides)
         torch.manual_seed(0)
         model = zoo.build(family, config).eval()
         check_round_trip(model, zoo.example_inputs(config))
