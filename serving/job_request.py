@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+
+import metaprune
 
 from . import limits as vocabulary
 from .limits import Limits
@@ -55,7 +58,18 @@ def _policy(text: str) -> dict[str, float] | None:
     return policy
 
 
-def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str, ...],
+def available_metanetworks() -> dict[str, str]:
+    """Metanetwork name -> what `prune(metanet=...)` takes, for the checkpoints the library ships.
+
+    "default" (the library's own choice) is offered whenever a checkpoint exists; each file is
+    also offered by its stem, resolved here to its path, so a client never sends a path.
+    """
+    folder = Path(metaprune.__file__).parent / "checkpoints"
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return {"default": "default", **{path.stem: str(path) for path in files}} if files else {}
+
+
+def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str, str],
                limits: Limits) -> dict:
     """The worker task (minus `kind`/`out_dir`) for a valid request; raises RequestError."""
     model = store.get_upload(request.model_id, tenant, "model")
@@ -69,7 +83,7 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str
     if request.allocation:
         options["allocation"] = _choice(request.allocation, vocabulary.ALLOCATIONS, "allocation")
     if request.metanet:
-        options["metanet"] = _choice(request.metanet, metanetworks, "metanetwork")
+        options["metanet"] = metanetworks[_choice(request.metanet, tuple(metanetworks), "metanetwork")]
 
     target = request.WhichOneof("target")
     if target == "speedup":
@@ -104,6 +118,10 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: tuple[str
     if finetune:
         options["finetune"] = finetune
 
+    if (method == "metanet" or options.get("allocation") == "metanet") and not metanetworks:
+        raise RequestError("FAILED_PRECONDITION",
+                           "this server has no metanetwork checkpoint; use a classic criterion: "
+                           + ", ".join(vocabulary.CRITERIA))
     criterion = options.get("criterion", "l2" if method == "metanet" else method)
     if data is None:
         if method == "metanet" or options.get("allocation") == "metanet":

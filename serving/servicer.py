@@ -27,7 +27,7 @@ from . import limits as vocabulary
 from . import pruning_pb2 as pb
 from . import pruning_pb2_grpc
 from .auth import Authenticator
-from .job_request import FORMAT_NAMES, RequestError, build_task
+from .job_request import FORMAT_NAMES, RequestError, available_metanetworks, build_task
 from .files import sha256_of
 from .limits import Limits
 from .scheduler import Scheduler
@@ -56,13 +56,6 @@ def _answers_errors(method):
         except RequestError as error:
             context.abort(grpc.StatusCode[error.code], error.message)
     return unary
-
-
-def available_metanetworks() -> tuple[str, ...]:
-    """Metanetwork checkpoints shipped with the library ("default" when any is)."""
-    folder = Path(metaprune.__file__).parent / "checkpoints"
-    names = sorted(path.stem for path in folder.glob("*.safetensors")) if folder.is_dir() else []
-    return ("default", *names) if names else ()
 
 
 class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
@@ -292,7 +285,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         limits = self.limits
         return pb.ServerInfo(
             version=metaprune.__version__, methods=vocabulary.METHODS, criteria=vocabulary.CRITERIA,
-            allocations=vocabulary.ALLOCATIONS, metanetworks=available_metanetworks(),
+            allocations=vocabulary.ALLOCATIONS, metanetworks=list(available_metanetworks()),
             datasets=vocabulary.DATASETS, input_formats=vocabulary.INPUT_FORMATS,
             output_formats=vocabulary.OUTPUT_FORMATS,
             limits=pb.Limits(

@@ -132,3 +132,20 @@ def test_cli_prune_through_the_server(server, tmp_path, capsys):
     code = main(["prune", str(model), "--out", str(tmp_path / "q.pt2"), "--speedup", "2",
                  "--criterion", "taylor", "--server", server.address])
     assert code == 2 and "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_onnx_output(server, tmp_path):
+    import onnx
+
+    report = prune_remote(server.address, write_model(tmp_path / "m.pt2"), tmp_path / "p.onnx",
+                          options={"speedup": 2.0}, progress=False)
+    onnx.checker.check_model(onnx.load(tmp_path / "p.onnx"))
+    assert report["flops_after"] < report["flops_before"]
+
+
+def test_metanet_method_needs_a_checkpoint_and_data(client, tmp_path):
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    assert status_of(lambda: client.submit(model_id, method="metanet", speedup=2.0)) == "FAILED_PRECONDITION"
+    if not client.info().metanetworks:  # no checkpoint committed yet: refused up front
+        code = status_of(lambda: client.submit(model_id, method="metanet", speedup=2.0, dataset="mnist1d"))
+        assert code == "FAILED_PRECONDITION"
