@@ -197,8 +197,9 @@ class NetworkGraph:
         """A new module whose parameters are read back from `x` / `edge_attr`.
 
         Feature-carried parameters come from `parameters(x, edge_attr)`, side parameters from
-        the side store, everything else (other buffers, structure) from a copy of the source
-        module, which is left untouched.
+        the side store, everything else (other buffers, structure) from a deep copy of the source
+        module, which is left untouched. The graph keeps the source by reference: modify it
+        (e.g. prune it in place) only after the last `write_back`.
         """
         model = copy.deepcopy(self._source)
         tensors = dict(model.named_parameters(remove_duplicate=False))

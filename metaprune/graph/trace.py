@@ -14,7 +14,8 @@ Operator families and the one rule each follows:
 - elementwise binary (add, sub, mul, div, maximum, where): equal planes pass; different planes
   meet in new merge nodes, one per channel pair, with identity edges (`GraphBuilder.merge`);
 - reductions (mean, sum, amax, ...): planes constant along the reduced axes survive;
-- matmul / scaled_dot_product_attention: planes not varying along the contracted axis survive;
+- matmul / einsum / scaled_dot_product_attention: planes not varying along a contracted axis
+  survive (attention output channels are the value channels);
 - anything else: a plane survives where the operator leaves its axes' sizes unchanged (pooling,
   activations, softmax, interpolation); a plane whose axis changed size is lost and the output is
   marked, so a layer that later reads those channels raises `UnsupportedModelError`.
