@@ -156,7 +156,14 @@ def _remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) -
         if count == 0:
             continue
         idxs = sorted(int(i) for i in order[:count])
-        DG.get_pruning_group(modules[group.root], group.handler, idxs).prune()
+        try:
+            DG.get_pruning_group(modules[group.root], group.handler, idxs).prune()
+        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+            raise UnsupportedModelError(
+                f"removing channels of {group.root!r} failed ({type(error).__name__}: {error}); "
+                "an operator around it couples channels in a way the dependency graph does not "
+                "track"
+            ) from error
     model.zero_grad(set_to_none=True)
     _refresh_shapes(model, example_inputs)
     return model
@@ -201,9 +208,8 @@ def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
     return kept
 
 
-def _plan(work: nn.Module, example_inputs, settings: _Settings, criterion, loaders, timer,
-          policy_ratios_from_metanet):
-    """Groups, removal orders, cost model and removal counts for the dense model `work`."""
+def _plan(work: nn.Module, example_inputs, settings: _Settings, criterion, loaders, timer):
+    """Groups, removal orders, ranking keys and the cost model of the dense model `work`."""
     with timer.phase("graph"):
         DG = build_dependency_graph(work, example_inputs)
         groups = collect_groups(DG, output_layers(DG))
@@ -228,15 +234,40 @@ def _plan(work: nn.Module, example_inputs, settings: _Settings, criterion, loade
     with timer.phase("allocate"):
         cost = CostModel(work, example_inputs, DG, groups)
         cost.set_orders(orders)
-        names = {name for name, _ in work.named_modules()}
-        policy = policy_ratios_from_metanet or settings.policy
-        if policy is not None:
-            allocation = policy_allocation(groups, keys, policy_to_groups(policy, groups, names))
-        elif settings.allocation == "uniform":
-            allocation = uniform_allocation(groups, keys)
-        else:
-            allocation = global_allocation(groups, keys)
-    return groups, orders, cost, allocation
+    return groups, orders, keys, cost
+
+
+def _allocation(work: nn.Module, settings: _Settings, groups, keys, policy_ratios_from_metanet):
+    """The allocation family the target is bisected over (built after groups are final)."""
+    names = {name for name, _ in work.named_modules()}
+    policy = policy_ratios_from_metanet or settings.policy
+    if policy is not None:
+        return policy_allocation(groups, keys, policy_to_groups(policy, groups, names))
+    if settings.allocation == "uniform":
+        return uniform_allocation(groups, keys)
+    return global_allocation(groups, keys)
+
+
+def _block_breaking_groups(work: nn.Module, example_inputs, groups, orders) -> int:
+    """Blocks every group whose smallest removal alone breaks the model; returns how many.
+
+    Runs only after a pruned model failed its check: the dependency graph sometimes couples
+    channels wrongly around operators it cannot follow (a fused qkv reshape), and the rest of
+    the model can still be pruned safely without those groups.
+    """
+    reference_shapes = [tuple(t.shape) for t in _forward_outputs(work, example_inputs)]
+    blocked = 0
+    for index, group in enumerate(groups):
+        if group.blocked:
+            continue
+        counts = [group.step if i == index else 0 for i in range(len(groups))]
+        try:
+            probe = _remove_channels(work, example_inputs, groups, orders, counts)
+            _check_pruned(probe, example_inputs, reference_shapes)
+        except UnsupportedModelError as error:
+            group.blocked = f"removing its channels breaks the model: {error}"
+            blocked += 1
+    return blocked
 
 
 def _prune_to_target(work, example_inputs, settings, groups, orders, cost, allocation, timer):
@@ -358,10 +389,21 @@ def prune(
                     work, loaders[0], epochs=finetune_epochs, config=finetune,
                     eval_loader=loaders[1], teacher=module)
             finetune_record["epochs_after_metanet"] = finetune_epochs
-    groups, orders, cost, allocation_plan = _plan(work, example_inputs, settings, chosen, loaders,
-                                                  timer, policy_from_metanet)
-    pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
-                              allocation_plan, timer)
+    groups, orders, keys, cost = _plan(work, example_inputs, settings, chosen, loaders, timer)
+    try:
+        with timer.phase("allocate"):
+            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
+        pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
+                                  allocation_plan, timer)
+    except UnsupportedModelError:
+        with timer.phase("probe"):
+            if not _block_breaking_groups(work, example_inputs, groups, orders) or \
+                    all(g.blocked for g in groups):
+                raise
+        with timer.phase("allocate"):
+            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
+        pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
+                                  allocation_plan, timer)
     skipped_reason = None
     if loaders is None:
         skipped_reason = "no data was given, so the pruned model was not fine-tuned"

@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from metaprune.errors import UnsupportedModelError
+
 ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 # Layers that consume channels: the output of a layer whose channels reach the model's output
 # without passing one of these is an output layer and keeps all its channels.
@@ -66,8 +68,13 @@ class ChannelGroup:
 
 def build_dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]):
     """Traces `model` once with Torch-Pruning (puts it in eval mode)."""
-    return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs),
-                                                 verbose=False)
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(example_inputs),
+                                                     verbose=False)
+    except (RuntimeError, ValueError, AssertionError, IndexError, KeyError, TypeError) as error:
+        raise UnsupportedModelError(
+            f"cannot trace the model's channel dependencies ({type(error).__name__}: {error})"
+        ) from error
 
 
 def unit_name(DG, target) -> str | None:
@@ -109,6 +116,15 @@ def _block_reason(module) -> str | None:
     if isinstance(module, nn.LSTM):
         return "LSTM"
     return None
+
+
+def _indices_fit(DG, module, side: str, idxs) -> bool:
+    """Whether a group's indices exist in the layer they point at (torch-pruning sometimes maps
+    channels through reshapes it does not understand onto indices past the layer's width)."""
+    if not idxs or module not in DG.module2node:
+        return True
+    width = DG.get_out_channels(module) if side == "out" else DG.get_in_channels(module)
+    return width is None or max(idxs) < width
 
 
 def _multiplicity(root_idxs, size: int) -> torch.Tensor:
@@ -163,6 +179,10 @@ def collect_groups(DG, protected: set[nn.Module]) -> list[ChannelGroup]:
             if side == "out" and module in protected:
                 channel_group.blocked = f"reaches the model output through {unit_name(DG, module)}"
             reason = _block_reason(module) if isinstance(module, nn.Module) else None
+            if reason is None and not _indices_fit(DG, module, side, item.idxs):
+                reason = ("channels the dependency graph cannot map consistently (an operator "
+                          "that reshapes channels into another axis, e.g. a fused qkv split or a "
+                          "Linear over tokens)")
             if reason and channel_group.blocked is None:
                 channel_group.blocked = f"{reason} at {unit_name(DG, module)}"
             name = unit_name(DG, module)
