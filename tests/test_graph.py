@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from architectures import ARCHITECTURES, CifarResNet, FusedQKVAttention, build
 from metaprune.errors import UnsupportedModelError
-from metaprune.graph import NUM_NODE_FEATURES, to_graph
+from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS, to_graph
 
 
 def _state(model):
@@ -55,7 +55,9 @@ def check_round_trip(model, inputs):
     # ... and exactly in the entry it was read from: reading the rebuilt model gives them back
     again = to_graph(rebuilt, inputs)
     assert torch.equal(again.data.edge_attr, edge_attr)
-    assert torch.equal(again.data.x[:, :5][again.data.x_param_mask], x[:, :5][graph.data.x_param_mask])
+    slots = len(PARAM_SLOTS)
+    assert torch.equal(again.data.x[:, :slots][again.data.x_param_mask],
+                       x[:, :slots][graph.data.x_param_mask])
     assert torch.equal(again.data.edge_index, graph.data.edge_index)
     # parameters outside the features (class tokens, positional embeddings) come back as is
     covered = set(graph.feature_parameters) | set(graph.side_parameters)
@@ -146,13 +148,40 @@ class OwnWeight(nn.Module):
 
 
 class LayerScale(nn.Module):
-    def __init__(self):
+    """ConvNeXt-style block: permute to channels-last, LayerNorm, Linear, layer scale."""
+
+    def __init__(self, width=6):
         super().__init__()
-        self.fc = nn.Linear(3, 3)
-        self.gamma = nn.Parameter(torch.ones(3))
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.gamma = nn.Parameter(torch.rand(width))
+        self.head = nn.Linear(width, 2)
 
     def forward(self, x):
-        return self.fc(x) * self.gamma
+        x = self.conv(x)
+        y = self.fc(self.norm(x.permute(0, 2, 3, 1))) * self.gamma
+        return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+class SpatialScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.rand(5, 5))
+
+    def forward(self, x):
+        return self.conv(x) * self.gamma
+
+
+def test_layer_scale_is_a_scale_slot():
+    torch.manual_seed(0)
+    model = LayerScale().eval()
+    graph = check_round_trip(model, (torch.randn(1, 3, 5, 5),))
+    scale = next(layer for layer in graph.layers if layer.name == "gamma:scale")
+    nodes = slice(scale.first_node, scale.first_node + scale.num_nodes)
+    assert torch.equal(graph.data.x[nodes, PARAM_SLOTS.index("scale")], model.gamma.detach())
+    assert "gamma" not in graph.side_parameters
 
 
 class Tied(nn.Module):
@@ -179,7 +208,7 @@ class SpectralChannels(nn.Module):
     "model, inputs, words",
     [
         (OwnWeight(), (torch.randn(2, 3),), ["linear", "'weight'", "OwnWeight"]),
-        (LayerScale(), (torch.randn(2, 3),), ["mul", "'gamma'"]),
+        (SpatialScale(), (torch.randn(1, 3, 5, 5),), ["mul", "'gamma'", "layer scale"]),
         (nn.Sequential(nn.Conv2d(3, 4, 1), nn.PReLU(4)), (torch.randn(1, 3, 4, 4),),
          ["prelu", "'1.weight'", "PReLU"]),
         (Tied(), (torch.randint(0, 10, (2, 3)),), ["linear", "'embed.weight'", "tying"]),
@@ -266,7 +295,7 @@ def test_parameters_are_differentiable_in_the_features():
     loss.backward()
     assert edge_attr.grad.abs().sum() > 0
     # structural columns and buffers (running statistics) get no gradient
-    assert x.grad[:, 5:].abs().sum() == 0
+    assert x.grad[:, len(PARAM_SLOTS):].abs().sum() == 0
     assert x.grad[:, 1:3].abs().sum() > 0  # BatchNorm affine folded into slots 1 and 2
 
 

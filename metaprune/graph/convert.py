@@ -87,7 +87,7 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
     }
     for name, param in module.named_parameters():
         owner = layer_param_names.get(name)
-        if owner is not None and owner in called:
+        if (owner is not None and owner in called) or name in tracer.scale_params:
             continue
         if owner is not None:
             notes.append(f"layer '{owner}' is never called; '{name}' kept in the side store")

@@ -5,9 +5,11 @@ Node features (`data.x`, shape `[num_nodes, NUM_NODE_FEATURES]`, the model's par
 =====================  =========================================================================
 columns                meaning
 =====================  =========================================================================
-``PARAM_SLOTS`` (5)    read from parameters/buffers: ``bias`` of the layer that created the
+``PARAM_SLOTS`` (6)    read from parameters/buffers: ``bias`` of the layer that created the
                        channel, then ``norm_weight``, ``norm_bias``, ``norm_running_mean``,
-                       ``norm_running_var`` of the normalisation folded into the channel.
+                       ``norm_running_var`` of the normalisation folded into the channel, and
+                       ``scale``: a free per-channel parameter the activations are multiplied
+                       by (layer scale), held by the product's ``merge_mul`` channels.
                        ``data.x_param_mask[n, s]`` is True exactly where slot ``s`` of node ``n``
                        came from a parameter; ``write_back`` reads those entries and no others.
 ``NODE_KINDS`` (12)    structural one-hot: which rule created the node (model input, conv, ...).
@@ -31,7 +33,9 @@ next ``size * k`` flat entries viewed as ``[size, k]``. `metaprune.graph.edge_gr
 on a PyG ``Batch``, whose groups are simply every graph's groups in turn) returns these views.
 """
 
-PARAM_SLOTS = ("bias", "norm_weight", "norm_bias", "norm_running_mean", "norm_running_var")
+PARAM_SLOTS = (
+    "bias", "norm_weight", "norm_bias", "norm_running_mean", "norm_running_var", "scale",
+)
 SLOT = {name: index for index, name in enumerate(PARAM_SLOTS)}
 
 NODE_KINDS = (

@@ -177,7 +177,10 @@ class NetworkGraph:
                 f"edge_attr must be flat with {self.data.edge_attr.numel()} entries "
                 f"(got shape {tuple(edge_attr.shape)}); see NetworkGraph.edge_groups"
             )
-        result = {slot.name: x[slot.nodes, slot.slot] for slot in self._slots}
+        result = {
+            slot.name: x[slot.nodes, slot.slot].reshape(self._shapes[slot.name])
+            for slot in self._slots
+        }
         pieces: dict[str, list] = {}
         for block in self._blocks:
             values = edge_attr[block.attr_offset:block.attr_offset + block.numel]

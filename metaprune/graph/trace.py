@@ -43,6 +43,7 @@ from metaprune.graph.builder import GraphBuilder
 from metaprune.graph.planes import (
     PARAM_ATTR,
     POISON_ATTR,
+    along,
     compress,
     expand_full,
     pad_left,
@@ -51,6 +52,7 @@ from metaprune.graph.planes import (
     set_planes,
     signature,
 )
+from metaprune.graph.planes import channel_labels as channel_labels_of
 
 DATA_MOVEMENT = frozenset(
     "view reshape flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis "
@@ -139,6 +141,10 @@ class ChannelTracer(TorchFunctionMode):
             for pname, _ in module.named_parameters(recurse=False)
         }
         self.used_free_params: set[str] = set()
+        self.scale_params: set[str] = set()  # free parameters read into `scale` slots
+        self._free_tensors = {
+            n: p for n, p in model.named_parameters() if id(p) not in owned
+        }
 
     @property
     def where(self) -> str:
@@ -214,7 +220,7 @@ class ChannelTracer(TorchFunctionMode):
             free.append(param)
         if free and not (
             name in DATA_MOVEMENT or name in CASTS or name in CONCAT
-            or BINARY.get(name) in ("add", "sub")
+            or BINARY.get(name) in ("add", "sub", "mul")  # mul: see `_scale`
         ):
             param = free[0]
             raise UnsupportedModelError(
@@ -313,6 +319,11 @@ class ChannelTracer(TorchFunctionMode):
             operands.append(kwargs["other"])
         operands = [o for o in operands if isinstance(o, torch.Tensor)]
         out = flat_out[0]
+        scales = [o for o in operands if self._parameter_name(o)]
+        if BINARY[name] == "mul" and scales:
+            data = [o for o in operands if not self._parameter_name(o)]
+            self._scale(name, scales[0], data[0], out)
+            return True
         ndim = out.dim()
         if ndim == 0:
             return True
@@ -331,6 +342,42 @@ class ChannelTracer(TorchFunctionMode):
             result.append(merged)
         set_planes(out, result)
         return True
+
+    def _scale(self, name, scale, data, out):
+        """``x * gamma`` with a free per-channel parameter (layer scale): new channels whose
+        ``scale`` slot holds gamma, one identity edge from each channel of x."""
+        param = self._parameter_name(scale)
+        ndim = out.dim()
+        shape = (1,) * (ndim - scale.dim()) + tuple(scale.shape)
+        axes = [axis for axis, size in enumerate(shape) if size > 1]
+        tensor = self._free_tensors.get(param)
+        labels = None
+        if len(axes) == 1 and data.dim() == ndim:
+            labels = channel_labels_of(data, axes[0])
+        same_memory = (
+            tensor is not None and scale.numel() == tensor.numel() and scale.is_contiguous()
+            and scale.data_ptr() == tensor.data_ptr()
+        )
+        if param in self.scale_params:
+            raise UnsupportedModelError(
+                f"parameter '{param}' scales activations twice (second time in "
+                f"{self._where_text()}); the graph cannot represent one weight at two places"
+            )
+        if labels is None or not same_memory or torch.unique(labels).numel() != labels.numel():
+            raise UnsupportedModelError(
+                f"operator '{name}' in {self._where_text()} multiplies activations by parameter "
+                f"'{param}'; the graph represents this only for one value per channel of a "
+                "traced channel axis (layer scale)"
+            )
+        builder = self.builder
+        layer = builder.add_layer(f"{param}:scale", "merge_mul", "scale", labels.numel())
+        nodes = builder.nodes_of(layer)
+        builder.add_identity_edges(layer, labels, nodes)
+        builder.add_slot(layer, param, tensor.reshape(-1), nodes, "scale")
+        self.used_free_params.discard(param)
+        self.scale_params.add(param)
+        kept = [pad_left(p, ndim) for p in planes_of(data) if signature(p) != (axes[0],)]
+        set_planes(out, kept + [along(ndim, axes[0], nodes)])
 
     def _reduction(self, args, kwargs, source, flat_out) -> bool:
         dims = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis"))
