@@ -170,22 +170,26 @@ class PruningClient:
 
     def wait(self, job_id: str, *, on_event: Callable[[pb.JobEvent], None] | None = None,
              timeout: float | None = None) -> pb.Job:
-        """Follow the job's events until it finishes; returns the final Job."""
+        """Follow the job's events until it finishes; returns the final Job.
+
+        If the stream breaks (the server restarted), it is opened again after the last event
+        seen; a server that stays away ends the wait with RemoteError UNAVAILABLE.
+        """
         seq = 0
-        stream = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self._metadata,
-                                    timeout=timeout)
-        try:
-            for event in stream:
-                seq = event.seq
-                if on_event is not None:
-                    on_event(event)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE:  # a restart: fall through and poll
-                raise RemoteError(error.code().name, error.details() or "") from None
-        job = self.get_job(job_id)
-        if job.state not in _FINISHED:  # the stream broke (server restart): follow it again
-            return self.wait(job_id, on_event=on_event, timeout=timeout)
-        return job
+        while True:
+            stream = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_seq=seq),
+                                        metadata=self._metadata, timeout=timeout)
+            try:
+                for event in stream:
+                    seq = event.seq
+                    if on_event is not None:
+                        on_event(event)
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise RemoteError(error.code().name, error.details() or "") from None
+            job = self.get_job(job_id)
+            if job.state in _FINISHED:
+                return job
 
     @_remote_errors
     def download(self, job_id: str, out_path: str | Path, *, report_path: str | Path | None = None) -> dict:

@@ -48,6 +48,8 @@ class Limits:
     job_time_seconds: float = 3600.0
     # wall-clock limit of validating one upload in a worker
     validate_time_seconds: float = 300.0
+    # wall-clock limit of receiving one upload (a stalled client must not hold a thread)
+    upload_time_seconds: float = 600.0
     # fine-tuning epochs one job may ask for
     max_finetune_epochs: int = 1000
 

@@ -55,8 +55,12 @@ class LocalBackend:
             target=process_main, args=(task, sender_bytes, self.memory_bytes, self.threads),
             daemon=True, name=f"metaprune-{task['kind']}",
         )
-        process.start()
-        sender.close()
+        try:
+            process.start()
+        except OSError as error:  # no fork server, no memory for a process, too many processes
+            raise TaskFailure("UNAVAILABLE", f"cannot start a worker process: {error}") from None
+        finally:
+            sender.close()
         deadline = time.monotonic() + timeout
         try:
             while True:

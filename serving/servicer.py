@@ -121,6 +121,9 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             raise RequestError("RESOURCE_EXHAUSTED", self._too_big(metadata.size_bytes))
         path = self.store.incoming_dir() / new_id("in")
         digest, size = hashlib.sha256(), 0
+        stalled = threading.Timer(self.limits.upload_time_seconds, context.cancel)
+        stalled.daemon = True
+        stalled.start()
         try:
             with open(path, "xb") as sink:
                 for message in request_iterator:
@@ -146,6 +149,8 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         except BaseException:
             path.unlink(missing_ok=True)
             raise
+        finally:
+            stalled.cancel()
         return path, file_format, metadata, size, sha
 
     def _too_big(self, size: int) -> str:

@@ -1,8 +1,6 @@
 """Bearer tokens and tenants: no or wrong token -> UNAUTHENTICATED, another tenant's ids ->
 NOT_FOUND; health and reflection stay open."""
 
-import io
-
 import grpc
 import numpy as np
 import pytest
@@ -69,7 +67,7 @@ def test_other_tenants_job_is_not_found(server, tmp_path):
         assert status_of(lambda: bob.submit(model_id, speedup=2.0)) == "NOT_FOUND"
         job = alice.submit(model_id, speedup=2.0)
         for call in (bob.get_job, bob.cancel, bob.watch):
-            assert status_of(lambda: call(job.job_id)) == "NOT_FOUND"
+            assert status_of(lambda call=call: call(job.job_id)) == "NOT_FOUND"
         assert status_of(lambda: bob.download(job.job_id, tmp_path / "o.pt2")) == "NOT_FOUND"
         assert [j.job_id for j in alice.list_jobs()] == [job.job_id]
         assert alice.get_job(job.job_id).job_id == job.job_id

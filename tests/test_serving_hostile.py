@@ -1,11 +1,10 @@
 """Hostile and malformed requests: each gets a clear status, nothing stored is lost, and the
 server stays healthy. The server runs as a separate process on 127.0.0.1 with small limits."""
 
-import hashlib
 import io
 import json
 import os
-import pickle
+import time
 import zipfile
 from pathlib import Path
 
@@ -27,7 +26,8 @@ MAX_PARAMETERS = 50_000
 def server(tmp_path_factory):
     state = tmp_path_factory.mktemp("hostile") / "state"
     with ServerProcess(state, args=("--max-upload-mb", "2", "--max-parameters", str(MAX_PARAMETERS),
-                                    "--max-finetune-epochs", "50", "--worker-memory-mb", "2048")) as proc:
+                                    "--max-finetune-epochs", "50", "--worker-memory-mb", "2048",
+                                    "--upload-time-s", "3")) as proc:
         yield proc
     # after everything below: still alive and serving
     assert proc.process.returncode in (0, -15), proc.log()[-2000:]
@@ -92,6 +92,18 @@ def test_stream_without_metadata(client):
 def test_second_metadata_message(client):
     first = pb.UploadChunk(metadata=pb.UploadMetadata(filename="a.pt2"))
     assert _stream(client, [first, pb.UploadChunk(data=b"x"), first]) == "INVALID_ARGUMENT"
+
+
+def test_stalled_upload_is_cancelled(client):
+    def stalling():
+        yield pb.UploadChunk(metadata=pb.UploadMetadata(filename="a.pt2"))
+        yield pb.UploadChunk(data=b"PK")
+        time.sleep(6)  # past the server's 3 s upload limit
+        yield pb.UploadChunk(data=b"late")
+
+    began = time.monotonic()
+    assert _stream(client, stalling()) == "CANCELLED"
+    assert time.monotonic() - began < 6
 
 
 def test_chunk_over_limit(client):
@@ -289,7 +301,7 @@ def test_absurd_safetensors_spec(client, tmp_path):
     for config in ({**spec["config"], "widths": [10**9, 10**9]}, {**spec["config"], "widths": [-4, 8]}):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**spec, "config": config}))
-        assert status_of(lambda: client.upload_model(path, spec_path=bad)) == "INVALID_ARGUMENT"
+        assert status_of(lambda bad=bad: client.upload_model(path, spec_path=bad)) == "INVALID_ARGUMENT"
     bad.write_text(json.dumps({**spec, "family": "no-such-family"}))
     assert status_of(lambda: client.upload_model(path, spec_path=bad)) == "INVALID_ARGUMENT"
 

@@ -39,6 +39,8 @@ def register(subparsers) -> None:
     limits.add_argument("--worker-memory-mb", type=float, default=4096, help="address space of a worker (default 4096)")
     limits.add_argument("--job-time-s", type=float, default=3600, help="wall time of one job (default 3600)")
     limits.add_argument("--max-finetune-epochs", type=int, default=1000, help="epochs one job may ask for")
+    limits.add_argument("--upload-time-s", type=float, default=600,
+                        help="wall time to receive one upload; slower ones are cancelled (default 600)")
     parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
     parser.set_defaults(handler=run)
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from metaprune.serving.server import PruningServer, ServerConfig
 
     for name in ("max_upload_mb", "worker_memory_mb", "job_time_s", "max_parameters",
-                 "max_queued_jobs"):
+                 "max_queued_jobs", "upload_time_s"):
         if getattr(args, name) <= 0:
             print(f"metaprune serve: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * MiB), max_parameters=args.max_parameters,
         max_queued_jobs=args.max_queued_jobs, worker_memory_bytes=int(args.worker_memory_mb * MiB),
         job_time_seconds=args.job_time_s, max_finetune_epochs=args.max_finetune_epochs,
+        upload_time_seconds=args.upload_time_s,
     )
     config = ServerConfig(
         state_dir=args.state_dir or _default_state_dir(), host=args.host, port=args.port,
