@@ -417,3 +417,17 @@ def test_sequence_input_channels_are_its_last_axis(attention):
     src = graph.data.edge_index[0, graph.data.edge_layer == proj].reshape(8, 8)
     qkv_first = graph.layers[names.index("qkv")].first_node
     assert torch.equal(src, torch.arange(qkv_first + 16, qkv_first + 24).expand(8, 8))
+
+
+def test_unused_layers_go_to_the_side_store():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    graph = check_round_trip(Spare(), (torch.randn(1, 3),))
+    assert set(graph.side_parameters) == {"spare.weight", "spare.bias"}
+    assert any("'spare' is never called" in note for note in graph.notes)

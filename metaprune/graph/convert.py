@@ -78,13 +78,19 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
 
     output_nodes = _output_nodes(output)
     output_nodes = _drop_unused_inputs(builder, alternatives, output_nodes)
-    notes = []
-    side = {}
+    side, notes = _side_store(module, layer_modules, called, tracer)
+    return assemble(builder, module, dtype, output_nodes, side, notes)
+
+
+def _side_store(module, layer_modules, called, tracer) -> tuple[dict, list[str]]:
+    """Parameters that are no graph feature (free ones added/concatenated, unused ones), with
+    notes on those the forward pass never touched."""
     layer_param_names = {
         f"{name}.{pname}" if name else pname: name
         for name, layer in layer_modules.items()
         for pname, _ in layer.named_parameters()
     }
+    side, notes = {}, []
     for name, param in module.named_parameters():
         owner = layer_param_names.get(name)
         if (owner is not None and owner in called) or name in tracer.scale_params:
@@ -94,7 +100,7 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
         elif name not in tracer.used_free_params:
             notes.append(f"parameter '{name}' is never used; kept in the side store")
         side[name] = param.detach().clone()
-    return assemble(builder, module, dtype, output_nodes, side, notes)
+    return side, notes
 
 
 def _label_input(builder: GraphBuilder, value: torch.Tensor, index: int) -> list[int]:
