@@ -413,7 +413,8 @@ def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model, inputs = ARCHITECTURES[name]()
     for module in model.modules():  # random running stats and affine, so a mix-up shows
-        if isinstance(module, (nn.modules.batchnorm._NormBase,)) and module.running_mean is not None:
+        is_norm = isinstance(module, nn.modules.batchnorm._NormBase)
+        if is_norm and module.running_mean is not None:
             module.running_mean.uniform_(-1, 1)
             module.running_var.uniform_(0.5, 2)
         if getattr(module, "weight", None) is not None and isinstance(

@@ -431,3 +431,8 @@ def test_unused_layers_go_to_the_side_store():
     graph = check_round_trip(Spare(), (torch.randn(1, 3),))
     assert set(graph.side_parameters) == {"spare.weight", "spare.bias"}
     assert any("'spare' is never called" in note for note in graph.notes)
+
+
+def test_root_module_as_the_only_layer():
+    graph = check_round_trip(nn.Linear(3, 2), (torch.randn(1, 3),))
+    assert set(graph.feature_parameters) == {"weight", "bias"}

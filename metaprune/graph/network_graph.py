@@ -68,9 +68,10 @@ class NetworkGraph:
         data: a `torch_geometric.data.Data` with ``x`` [num_nodes, NUM_NODE_FEATURES],
             ``edge_index`` [2, num_edges] (edges grouped by feature length), ``edge_attr`` (flat,
             see `edge_groups`), ``edge_group_k`` / ``edge_group_size`` (the group layout: feature
-            length and edge count of each consecutive group), ``edge_layer`` (int32, the layer owning each edge), ``layer`` (the
-            layer of each node, index into `layers`) and ``x_param_mask`` (which of the
-            `PARAM_SLOTS` of each node were read from a parameter).
+            length and edge count of each consecutive group), ``edge_layer`` (int32, the layer
+            owning each edge), ``layer`` (the layer of each node, index into `layers`) and
+            ``x_param_mask`` (which of the `PARAM_SLOTS` of each node were read from a
+            parameter).
         layers: one `LayerInfo` per node-owning layer (name, kind, nodes, folded norms).
         side_parameters: parameters that are not graph features (free parameters such as class
             tokens and positional embeddings, parameters the forward pass never used), restored

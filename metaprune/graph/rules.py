@@ -33,6 +33,11 @@ BATCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 INSTANCE_NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
+def _path(module_path: str, attr: str) -> str:
+    """Qualified name of a parameter or sub-part (the root module has the empty path)."""
+    return f"{module_path}.{attr}" if module_path else attr
+
+
 def input_labels(builder: GraphBuilder, tensor, axis: int, who: str) -> torch.Tensor:
     """Node of each input feature along `axis`; unexplained features get fresh nodes."""
     if not isinstance(tensor, torch.Tensor):
@@ -93,22 +98,22 @@ def conv_rule(builder, name, module, args, kwargs, output):
     in_group, out_group = in_ch // groups, out_ch // groups
     weight = module.weight
     if not transposed and groups == 1:
-        dense_edges(builder, layer, f"{name}.weight", weight, (out_ch, in_ch, kernel),
+        dense_edges(builder, layer, _path(name, "weight"), weight, (out_ch, in_ch, kernel),
                     labels, out_nodes)
     elif not transposed:
         _require_distinct(labels, name)
         row = torch.arange(out_ch)[:, None]
         src = labels[(row // out_group) * in_group + torch.arange(in_group)[None, :]]
-        builder.add_weight_edges(layer, f"{name}.weight", weight, (out_ch, in_group, kernel),
+        builder.add_weight_edges(layer, _path(name, "weight"), weight, (out_ch, in_group, kernel),
                                  src, out_nodes[:, None], labels)
     else:
         _require_distinct(labels, name)
         row = torch.arange(in_ch)[:, None]
         dst = out_nodes[(row // in_group) * out_group + torch.arange(out_group)[None, :]]
-        builder.add_weight_edges(layer, f"{name}.weight", weight, (in_ch, out_group, kernel),
+        builder.add_weight_edges(layer, _path(name, "weight"), weight, (in_ch, out_group, kernel),
                                  labels[:, None], dst, labels)
     if module.bias is not None:
-        builder.add_slot(layer, f"{name}.bias", module.bias, out_nodes, "bias")
+        builder.add_slot(layer, _path(name, "bias"), module.bias, out_nodes, "bias")
     return [along(output.dim(), 1, out_nodes)]
 
 
@@ -117,10 +122,10 @@ def linear_rule(builder, name, module, args, kwargs, output):
     labels = input_labels(builder, source, -1, name)
     layer = builder.add_layer(name, "linear", type(module).__name__, module.out_features)
     out_nodes = builder.nodes_of(layer)
-    dense_edges(builder, layer, f"{name}.weight", module.weight,
+    dense_edges(builder, layer, _path(name, "weight"), module.weight,
                 (module.out_features, module.in_features, 1), labels, out_nodes)
     if module.bias is not None:
-        builder.add_slot(layer, f"{name}.bias", module.bias, out_nodes, "bias")
+        builder.add_slot(layer, _path(name, "bias"), module.bias, out_nodes, "bias")
     # planes labelling other axes (tokens, batch) pass through a per-position Linear
     kept = [p for p in planes_of(source) if p.shape[-1] == 1 and signature(p)]
     return kept + [along(output.dim(), -1, out_nodes)]
@@ -128,10 +133,10 @@ def linear_rule(builder, name, module, args, kwargs, output):
 
 def embedding_rule(builder, name, module, args, kwargs, output):
     vocab, dim = module.weight.shape
-    vocab_layer = builder.add_layer(f"{name}.vocabulary", "vocabulary", "vocabulary", vocab)
+    vocab_layer = builder.add_layer(_path(name, "vocabulary"), "vocabulary", "vocabulary", vocab)
     layer = builder.add_layer(name, "embedding", type(module).__name__, dim)
     vocab_nodes, out_nodes = builder.nodes_of(vocab_layer), builder.nodes_of(layer)
-    builder.add_weight_edges(layer, f"{name}.weight", module.weight, (vocab, dim, 1),
+    builder.add_weight_edges(layer, _path(name, "weight"), module.weight, (vocab, dim, 1),
                              vocab_nodes[:, None], out_nodes[None, :], vocab_nodes)
     kept = [p.unsqueeze(-1) for p in planes_of(args[0])]
     return kept + [along(output.dim(), -1, out_nodes)]
@@ -145,30 +150,31 @@ def attention_rule(builder, name, module, args, kwargs, output):
             f"nn.MultiheadAttention '{name}' uses add_bias_kv, which the graph does not represent"
         )
     embed = module.embed_dim
-    labels = [input_labels(builder, t, -1, f"{name}.{n}") for t, n in zip(inputs, names)]
-    layer_in = builder.add_layer(f"{name}.in_proj", "attention_in", type(module).__name__,
+    labels = [input_labels(builder, t, -1, _path(name, n)) for t, n in zip(inputs, names)]
+    layer_in = builder.add_layer(_path(name, "in_proj"), "attention_in", type(module).__name__,
                                  3 * embed)
     in_nodes = builder.nodes_of(layer_in)
     for index, lab in enumerate(labels):
         nodes = in_nodes[index * embed:(index + 1) * embed]
         if module._qkv_same_embed_dim:
-            dense_edges(builder, layer_in, f"{name}.in_proj_weight", module.in_proj_weight,
+            dense_edges(builder, layer_in, _path(name, "in_proj_weight"), module.in_proj_weight,
                         (3 * embed, embed, 1), lab, nodes,
                         rows=(index * embed, (index + 1) * embed))
         else:
             pname = f"{names[index][0]}_proj_weight"
             weight = getattr(module, pname)
-            dense_edges(builder, layer_in, f"{name}.{pname}", weight,
+            dense_edges(builder, layer_in, _path(name, pname), weight,
                         (embed, weight.shape[1], 1), lab, nodes)
     if module.in_proj_bias is not None:
-        builder.add_slot(layer_in, f"{name}.in_proj_bias", module.in_proj_bias, in_nodes, "bias")
+        builder.add_slot(layer_in, _path(name, "in_proj_bias"), module.in_proj_bias, in_nodes,
+                         "bias")
     proj = module.out_proj
-    layer_out = builder.add_layer(f"{name}.out_proj", "linear", type(proj).__name__, embed)
+    layer_out = builder.add_layer(_path(name, "out_proj"), "linear", type(proj).__name__, embed)
     out_nodes = builder.nodes_of(layer_out)
-    dense_edges(builder, layer_out, f"{name}.out_proj.weight", proj.weight, (embed, embed, 1),
+    dense_edges(builder, layer_out, _path(name, "out_proj.weight"), proj.weight, (embed, embed, 1),
                 in_nodes[2 * embed:], out_nodes)
     if proj.bias is not None:
-        builder.add_slot(layer_out, f"{name}.out_proj.bias", proj.bias, out_nodes, "bias")
+        builder.add_slot(layer_out, _path(name, "out_proj.bias"), proj.bias, out_nodes, "bias")
     attn_output = output[0]
     return [along(attn_output.dim(), -1, out_nodes)]
 
@@ -211,7 +217,7 @@ def norm_rule(builder, name, module, args, kwargs, output):
         planes = [p for p in planes if p.shape[axis] == 1] + [along(source.dim(), axis, nodes)]
     builder.take_norm_slots(nodes, kind)
     for slot, attr, value in entries:
-        builder.add_slot(layer, f"{name}.{attr}", value, nodes, slot)
+        builder.add_slot(layer, _path(name, attr), value, nodes, slot)
     return planes
 
 
