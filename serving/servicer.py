@@ -239,8 +239,10 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         tenant = self._tenant(context)
         state = pb.JobState.Name(request.state) if request.state else None
         limit = request.limit if 0 < request.limit <= 1000 else 100
-        return pb.ListJobsReply(jobs=[self._job_message(job)
-                                      for job in self.store.list_jobs(tenant, state, limit)])
+        jobs = [self._job_message(job) for job in self.store.list_jobs(tenant, state, limit)]
+        for job in jobs:  # reports can be large; GetJob has them, a listing stays under 4 MiB
+            job.ClearField("report_json")
+        return pb.ListJobsReply(jobs=jobs)
 
     @_answers_errors
     def CancelJob(self, request, context):
