@@ -306,3 +306,34 @@ def test_a_residual_onto_the_model_input_keeps_the_input_width():
     result = prune(Residual(), example_inputs, speedup=1.5)
     assert result.report["kept"]["outer"] == [4, 4]
     assert result.model(*example_inputs).shape == (1, 4, 6, 6)
+
+
+# Hand-written architectures shared with the graph tests; the ones torch-pruning's dependency
+# graph follows must prune to the target, the others must be refused with a clear error.
+PRUNABLE_ARCHITECTURES = ("unet", "squeezenet_fire", "mlp_mixer", "vit_mha", "text_cnn",
+                          "vgg_flatten", "densenet", "mobilenetv2", "resnet20", "se_block")
+
+
+@pytest.mark.parametrize("name", ["unet", "squeezenet_fire", "se_block", "mlp_mixer", "vit_mha",
+                                  "fused_qkv", "text_cnn", "group_instance_norm", "vgg_flatten",
+                                  "densenet", "mobilenetv2", "residual_mlp", "conv_transpose",
+                                  "resnet20"])
+def test_hand_written_architectures_prune_or_are_refused_clearly(name):
+    import architectures
+
+    model, example_inputs = architectures.build(name)
+    # Models this narrow have a coarse grid of reachable MACs; the first target the grid
+    # allows within 2 % must be met.
+    errors = []
+    for speedup in (1.3, 1.5):
+        try:
+            result = prune(model, example_inputs, speedup=speedup)
+        except (InvalidTargetError, UnsupportedModelError) as error:
+            assert len(str(error)) > 40
+            errors.append(str(error))
+            continue
+        assert abs(result.report["speedup"] / speedup - 1) <= 0.02
+        with torch.no_grad():
+            assert result.model(*example_inputs).shape == model(*example_inputs).shape
+        return
+    assert name not in PRUNABLE_ARCHITECTURES, errors

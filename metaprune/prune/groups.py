@@ -18,7 +18,7 @@ from torch import nn
 
 from metaprune.errors import UnsupportedModelError
 
-ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 # Layers that consume channels: the output of a layer whose channels reach the model's output
 # without passing one of these is an output layer and keeps all its channels.
 CONSUMER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention, nn.Embedding,

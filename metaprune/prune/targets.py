@@ -99,33 +99,49 @@ def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: 
     return _refine(best_counts, allocation, cost, index, goal)
 
 
+def _moves(counts: list[int], allocation: Allocation, pairs: bool):
+    """Count vectors one step (or, with `pairs`, one step up here and one down there) away."""
+    steps = []
+    for position, group in enumerate(allocation.groups):
+        if group.blocked:
+            continue
+        for change in (-group.step, group.step):
+            if 0 <= counts[position] + change <= allocation.max_removed[position]:
+                steps.append((position, change))
+    for position, change in steps:
+        yield {position: change}
+    if pairs:
+        for first, change in steps:
+            for second, other in steps:
+                if first < second and (change > 0) != (other > 0):
+                    yield {first: change, second: other}
+
+
 def _refine(counts: list[int], allocation: Allocation, cost: CostModel, index: int,
             goal: float, max_moves: int = 32) -> list[int]:
     """Closes the last gap left by coarse steps: moves one group by one step at a time.
 
     Wide coupled groups (a transformer's residual width, removed a head's worth at a time) can
-    make the threshold jump past the goal; nudging the groups nearest their own threshold, one
-    step each, lands within a fraction of a percent.
+    make the threshold jump past the goal; nudging the groups nearest their own threshold lands
+    within a fraction of a percent. When single steps are all too coarse (small models), one
+    group gives a step back while another takes one.
     """
     counts = list(counts)
     miss = abs(cost.evaluate(counts)[index] / goal - 1.0)
+    prunable = sum(1 for g in allocation.groups if not g.blocked)
     for _ in range(max_moves):
         if miss <= TOLERANCE / 8:
             break
-        best_move, best_miss = None, miss
-        for position, group in enumerate(allocation.groups):
-            if group.blocked:
-                continue
-            for change in (-group.step, group.step):
-                count = counts[position] + change
-                if not 0 <= count <= allocation.max_removed[position]:
-                    continue
-                trial = counts[:position] + [count] + counts[position + 1:]
-                trial_miss = abs(cost.evaluate(trial)[index] / goal - 1.0)
-                if trial_miss < best_miss:
-                    best_move, best_miss = (position, count), trial_miss
-        if best_move is None:
+        best_counts, best_miss = None, miss
+        pairs = miss > TOLERANCE / 2 and prunable <= 64
+        for move in _moves(counts, allocation, pairs):
+            trial = list(counts)
+            for position, change in move.items():
+                trial[position] += change
+            trial_miss = abs(cost.evaluate(trial)[index] / goal - 1.0)
+            if trial_miss < best_miss:
+                best_counts, best_miss = trial, trial_miss
+        if best_counts is None:
             break
-        counts[best_move[0]] = best_move[1]
-        miss = best_miss
+        counts, miss = best_counts, best_miss
     return counts
