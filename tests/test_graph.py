@@ -235,20 +235,8 @@ def test_layer_called_twice_is_refused():
         to_graph(Twice(), (torch.randn(1, 3),))
 
 
-PARAM_KINDS = ("conv", "conv_transpose", "linear", "embedding", "attention_in")
-
-
 def _graph_groups(graph):
-    """Sets of parametrised layers whose output channels the graph couples."""
-    component = graph.coupled_channels()
-    groups = {}
-    for layer in graph.layers:
-        if layer.kind not in PARAM_KINDS:
-            continue
-        nodes = slice(layer.first_node, layer.first_node + layer.num_nodes)
-        for c in torch.unique(component[nodes]).tolist():
-            groups.setdefault(c, set()).add(layer.name)
-    return {frozenset(g) for g in groups.values()}
+    return {frozenset(names) for names in graph.coupled_layers()}
 
 
 def _torch_pruning_groups(model, inputs):

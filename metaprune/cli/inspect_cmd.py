@@ -109,6 +109,7 @@ def describe(model, example_inputs) -> dict:
         },
         "layers": layers,
         "coupled_groups": groups,
+        "graph_coupled_layers": graph.coupled_layers(),
         "notes": graph.notes + ([groups_note] if groups_note else []),
         "side_parameters": sorted(graph.side_parameters),
     }
@@ -136,6 +137,10 @@ def _print_text(source: str, report: dict) -> None:
     for group in report["coupled_groups"]:
         state = f"  BLOCKED: {group['blocked']}" if group["blocked"] else ""
         print(f"  {group['root']} [{group['channels']} ch]: {', '.join(group['layers'])}{state}")
+    coupled = [names for names in report["graph_coupled_layers"] if len(names) > 1]
+    print(f"\nlayers whose channels the graph couples ({len(coupled)} groups of 2+):")
+    for names in coupled:
+        print(f"  {', '.join(names)}")
     if report["side_parameters"]:
         print(f"\nside store (not graph features): {', '.join(report['side_parameters'])}")
     for note in report["notes"]:

@@ -20,6 +20,9 @@ from metaprune.graph.features import (
 )
 
 
+PARAMETRISED_KINDS = ("conv", "conv_transpose", "linear", "embedding", "attention_in")
+
+
 @dataclass
 class EdgeGroup:
     """Edges whose features all have length `k` (a view into the flat `edge_attr`)."""
@@ -151,6 +154,36 @@ class NetworkGraph:
             if torch.equal(new, component):
                 return torch.unique(component, return_inverse=True)[1]
             component = new
+
+    def coupled_layers(self) -> list[list[str]]:
+        """Parametrised layers grouped by coupled output channels (from `coupled_channels`).
+
+        Each group lists the layers (convolutions, linears, embeddings, attention projections)
+        owning at least one channel of a coupled component: e.g. a ResNet stage's stem or
+        projection plus every block's last convolution.
+        """
+        component = self.coupled_channels()
+        parent: dict[str, str] = {}  # union-find over layer names
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        first_layer: dict[int, str] = {}  # component -> a layer seen in it
+        for layer in self.layers:
+            if layer.kind not in PARAMETRISED_KINDS:
+                continue
+            parent.setdefault(layer.name, layer.name)
+            nodes = component[layer.first_node:layer.first_node + layer.num_nodes]
+            for c in torch.unique(nodes).tolist():
+                other = first_layer.setdefault(c, layer.name)
+                parent[root(layer.name)] = root(other)
+        groups: dict[str, list[str]] = {}
+        for name in parent:  # layers in graph order
+            groups.setdefault(root(name), []).append(name)
+        return sorted(groups.values(), key=lambda names: (-len(names), names))
 
     @property
     def layer_dag(self) -> nx.DiGraph:
