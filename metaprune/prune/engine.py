@@ -363,7 +363,9 @@ def prune(
         raise InvalidTargetError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
     if finetune is not None or data is not None:
         training_bridge.finetune_config(finetune)
-    example_inputs = tuple(example_inputs)
+    # a lone tensor is one input, not a sequence of rows
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+        else tuple(example_inputs)
     chosen = build_criterion(settings.criterion)
     with timer.phase("load"):
         metanet_object = load_metanet(settings.metanet)
