@@ -1,5 +1,6 @@
 """The package layout promised in DESIGN.md §1 holds."""
 
+import ast
 import subprocess
 import sys
 import tomllib
@@ -24,10 +25,12 @@ def test_every_package_folder_is_declared():
     assert found == declared
 
 
-def test_library_does_not_import_ray_or_grpc():
+def test_cli_parser_imports_no_heavy_library():
+    # `metaprune serve` must stay small, and `metaprune --help` fast: building the parser loads
+    # neither torch nor Ray nor gRPC; commands import them when they run.
     code = (
         "import sys, metaprune, metaprune.cli.main as m; m.build_parser();"
-        "bad = [n for n in sys.modules if n.split('.')[0] in ('ray', 'grpc')];"
+        "bad = [n for n in sys.modules if n.split('.')[0] in ('ray', 'grpc', 'torch')];"
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -40,3 +43,28 @@ def test_cli_help_lists_commands():
     )
     for command in ("data", "bench"):
         assert command in out.stdout
+
+
+def _imported_modules(tree: ast.AST, *, top_level_only: bool) -> set[str]:
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_dependencies_point_inward():
+    # metaprune/ never imports Ray, gRPC, or the pipelines built on it. The CLI is the one
+    # exception DESIGN.md allows, and only lazily, inside the command that runs a pipeline.
+    forbidden = ("ray", "grpc", "metaprune.training", "metaprune.serving")
+    offenders = []
+    for path in (ROOT / "metaprune").rglob("*.py"):
+        in_cli = path.parent.name == "cli"
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for name in _imported_modules(tree, top_level_only=in_cli):
+            if any(name == f or name.startswith(f + ".") for f in forbidden):
+                offenders.append(f"{path.relative_to(ROOT)}: {name}")
+    assert offenders == []
