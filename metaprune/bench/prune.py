@@ -163,6 +163,9 @@ def _criteria_table(args) -> None:
                     results.setdefault((target, criterion), []).append(
                         (pruned_only["accuracy_after"], report["accuracy_after"],
                          report["speedup"]))
+                    print(f"  seed {seed} {target:.1f}x {criterion:9s} pruned "
+                          f"{100 * pruned_only['accuracy_after']:.2f}% fine-tuned "
+                          f"{100 * report['accuracy_after']:.2f}%", flush=True)
         print(f"\n{dataset}: {args.seeds} seed(s), dense accuracy {_mean_se(dense)} %, "
               f"{args.finetune_epochs} fine-tune epochs (AdamW 1e-3), global allocation")
         print(f"{'target':>7s} {'criterion':10s} {'pruned %':>16s} {'fine-tuned %':>16s} "
