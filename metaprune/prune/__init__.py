@@ -8,7 +8,8 @@ Example::
 """
 
 from metaprune.prune.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
-from metaprune.prune.engine import METHODS, PruneResult, prune
+from metaprune.prune.engine import PruneResult, prune
+from metaprune.prune.options import METHODS
 from metaprune.prune.unstructured import mask_density, prune_unstructured
 
 __all__ = [

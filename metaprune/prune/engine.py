@@ -13,20 +13,16 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import import_module
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from metaprune.criteria import CRITERIA, build_criterion
-from metaprune.errors import InvalidTargetError, MetaPruneError, UnsupportedModelError
+from metaprune.criteria import build_criterion
+from metaprune.errors import InvalidTargetError, UnsupportedModelError
 from metaprune.measure import count_macs, count_params, measure_latency_ms
 from metaprune.prune import training_bridge
 from metaprune.prune.allocation import (
-    ALLOCATIONS,
     global_allocation,
-    load_policy,
     policy_allocation,
     policy_to_groups,
     removal_order,
@@ -34,11 +30,17 @@ from metaprune.prune.allocation import (
 )
 from metaprune.prune.cost import CostModel
 from metaprune.prune.groups import build_dependency_graph, collect_groups, output_layers
-from metaprune.prune.metanet_bridge import apply_metanet, load_metanet, require_data_for_metanet
-from metaprune.prune.targets import TOLERANCE, Target, solve_counts
+from metaprune.prune.metanet_bridge import apply_metanet, load_metanet
+from metaprune.prune.options import PruneOptions, resolve_options
+from metaprune.prune.removal import (
+    block_breaking_groups,
+    check_pruned,
+    forward_outputs,
+    remove_channels,
+)
+from metaprune.prune.targets import TOLERANCE, solve_counts
 from metaprune.report import build_report
 
-METHODS = ("metanet", *CRITERIA)
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
 _RECOUNT_TOLERANCE = TOLERANCE / 4
 _MAX_CORRECTIONS = 3
@@ -72,118 +74,6 @@ class _Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-@dataclass
-class _Settings:
-    criterion: str
-    allocation: str
-    metanet: object
-    policy: dict | None
-    target: Target | None
-
-
-def _settings(method, criterion, metanet, allocation, speedup, params_ratio, policy,
-              data) -> _Settings:
-    """Validates the arguments before any work (so bad input fails fast)."""
-    if method not in METHODS:
-        raise InvalidTargetError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if method == "metanet":
-        metanet = "default" if metanet is None else metanet
-        allocation = "metanet" if allocation == "global" else allocation
-        criterion = criterion or "l2"
-    criterion = criterion or method
-    if criterion not in CRITERIA:
-        raise InvalidTargetError(
-            f"unknown criterion {criterion!r}; valid criteria: {', '.join(CRITERIA)}"
-        )
-    if isinstance(allocation, dict) or (isinstance(allocation, (str, Path))
-                                        and str(allocation).endswith(".json")):
-        if policy is not None:
-            raise InvalidTargetError("give the policy either as allocation or as policy, not both")
-        policy, allocation = allocation, "policy"
-    elif allocation not in ALLOCATIONS:
-        raise InvalidTargetError(
-            f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)} "
-            "or a policy (dict or JSON file)"
-        )
-    if policy is not None and allocation == "global":
-        allocation = "policy"
-    target = Target.from_arguments(speedup, params_ratio)
-    if allocation == "metanet" and metanet is None:
-        metanet = "default"
-    if metanet is not None:
-        require_data_for_metanet(data)
-    if criterion in ("taylor", "hessian") and data is None:
-        raise MetaPruneError(
-            f"criterion {criterion!r} needs data (it uses gradients of the loss); give a dataset "
-            "or use a data-free criterion: l1, l2, bn_scale, lamp, fpgm, random"
-        )
-    if target is None and policy is None and allocation != "metanet":
-        raise InvalidTargetError(
-            "nothing to prune to: give a speedup, a params_ratio or a policy"
-        )
-    return _Settings(criterion, allocation, metanet,
-                     load_policy(policy) if policy is not None else None, target)
-
-
-def _forward_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
-    with torch.no_grad():
-        output = model(*example_inputs)
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    return [t for t in output if isinstance(t, torch.Tensor)]
-
-
-def _refresh_shapes(model: nn.Module, example_inputs) -> None:
-    """Recomputes shape constants baked into fx graphs (models loaded from .pt2)."""
-    if not isinstance(model, torch.fx.GraphModule):
-        return
-    try:
-        refresh = getattr(import_module("metaprune.formats"), "refresh_shapes", None)
-    except ImportError:
-        refresh = None
-    if refresh is not None:
-        refresh(model, example_inputs)
-
-
-def _remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) -> nn.Module:
-    """A pruned copy of `dense`: group i loses the first counts[i] channels of orders[i]."""
-    model = copy.deepcopy(dense)
-    DG = build_dependency_graph(model, example_inputs)
-    modules = dict(model.named_modules())
-    for group, order, count in zip(groups, orders, counts):
-        if count == 0:
-            continue
-        idxs = sorted(int(i) for i in order[:count])
-        try:
-            DG.get_pruning_group(modules[group.root], group.handler, idxs).prune()
-        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
-            raise UnsupportedModelError(
-                f"removing channels of {group.root!r} failed ({type(error).__name__}: {error}); "
-                "an operator around it couples channels in a way the dependency graph does not "
-                "track"
-            ) from error
-    model.zero_grad(set_to_none=True)
-    _refresh_shapes(model, example_inputs)
-    return model
-
-
-def _check_pruned(model: nn.Module, example_inputs, reference_shapes) -> None:
-    try:
-        shapes = [tuple(t.shape) for t in _forward_outputs(model, example_inputs)]
-    except (RuntimeError, ValueError, AssertionError) as error:
-        raise UnsupportedModelError(
-            f"the pruned model no longer runs ({type(error).__name__}: {error}); an operator in "
-            "this model couples channels in a way the dependency graph does not track"
-        ) from error
-    if shapes != reference_shapes:
-        raise UnsupportedModelError(
-            f"pruning changed the model's output shapes from {reference_shapes} to {shapes}; "
-            "an operator in this model hides an output dimension from the dependency graph"
-        )
-
-
 def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
     """Module name -> [kept, total] output channels of every conv, Linear and attention layer."""
     def width(module):
@@ -208,7 +98,7 @@ def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
     return kept
 
 
-def _plan(work: nn.Module, example_inputs, settings: _Settings, criterion, loaders, timer):
+def _plan(work: nn.Module, example_inputs, settings: PruneOptions, criterion, loaders, timer):
     """Groups, removal orders, ranking keys and the cost model of the dense model `work`."""
     with timer.phase("graph"):
         DG = build_dependency_graph(work, example_inputs)
@@ -237,7 +127,7 @@ def _plan(work: nn.Module, example_inputs, settings: _Settings, criterion, loade
     return groups, orders, keys, cost
 
 
-def _allocation(work: nn.Module, settings: _Settings, groups, keys, policy_ratios_from_metanet):
+def _allocation(work: nn.Module, settings: PruneOptions, groups, keys, policy_ratios_from_metanet):
     """The allocation family the target is bisected over (built after groups are final)."""
     names = {name for name, _ in work.named_modules()}
     policy = policy_ratios_from_metanet or settings.policy
@@ -248,36 +138,14 @@ def _allocation(work: nn.Module, settings: _Settings, groups, keys, policy_ratio
     return global_allocation(groups, keys)
 
 
-def _block_breaking_groups(work: nn.Module, example_inputs, groups, orders) -> int:
-    """Blocks every group whose smallest removal alone breaks the model; returns how many.
-
-    Runs only after a pruned model failed its check: the dependency graph sometimes couples
-    channels wrongly around operators it cannot follow (a fused qkv reshape), and the rest of
-    the model can still be pruned safely without those groups.
-    """
-    reference_shapes = [tuple(t.shape) for t in _forward_outputs(work, example_inputs)]
-    blocked = 0
-    for index, group in enumerate(groups):
-        if group.blocked:
-            continue
-        counts = [group.step if i == index else 0 for i in range(len(groups))]
-        try:
-            probe = _remove_channels(work, example_inputs, groups, orders, counts)
-            _check_pruned(probe, example_inputs, reference_shapes)
-        except UnsupportedModelError as error:
-            group.blocked = f"removing its channels breaks the model: {error}"
-            blocked += 1
-    return blocked
-
-
 def _prune_to_target(work, example_inputs, settings, groups, orders, cost, allocation, timer):
     """Physically pruned model whose real MACs/params meet the target (or the policy as is)."""
-    reference_shapes = [tuple(t.shape) for t in _forward_outputs(work, example_inputs)]
+    reference_shapes = [tuple(t.shape) for t in forward_outputs(work, example_inputs)]
     target = settings.target
     if target is None:
         with timer.phase("prune"):
-            pruned = _remove_channels(work, example_inputs, groups, orders, allocation.counts(1.0))
-            _check_pruned(pruned, example_inputs, reference_shapes)
+            pruned = remove_channels(work, example_inputs, groups, orders, allocation.counts(1.0))
+            check_pruned(pruned, example_inputs, reference_shapes)
         return pruned
     goal = target.goal(cost)
     best, best_miss = None, float("inf")
@@ -286,8 +154,8 @@ def _prune_to_target(work, example_inputs, settings, groups, orders, cost, alloc
             counts = solve_counts(allocation, cost, target, goal)
             predicted = cost.evaluate(counts)[0 if target.kind == "speedup" else 1]
         with timer.phase("prune"):
-            pruned = _remove_channels(work, example_inputs, groups, orders, counts)
-            _check_pruned(pruned, example_inputs, reference_shapes)
+            pruned = remove_channels(work, example_inputs, groups, orders, counts)
+            check_pruned(pruned, example_inputs, reference_shapes)
         with timer.phase("verify"):
             real = count_macs(pruned, example_inputs) if target.kind == "speedup" \
                 else count_params(pruned)
@@ -356,7 +224,7 @@ def prune(
         result.model(*example_inputs)  # runs, with fewer channels
     """
     timer = _Timer()
-    settings = _settings(method, criterion, metanet, allocation, speedup, params_ratio, policy,
+    settings = resolve_options(method, criterion, metanet, allocation, speedup, params_ratio, policy,
                          data)
     finetune_epochs = int(finetune_epochs or 0)
     if finetune_epochs < 0:
@@ -399,7 +267,7 @@ def prune(
                                   allocation_plan, timer)
     except UnsupportedModelError:
         with timer.phase("probe"):
-            if not _block_breaking_groups(work, example_inputs, groups, orders) or \
+            if not block_breaking_groups(work, example_inputs, groups, orders) or \
                     all(g.blocked for g in groups):
                 raise
         with timer.phase("allocate"):
