@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from metaprune.criteria import CRITERIA
+from metaprune.criteria import CRITERIA, DATA_FREE_CRITERIA
 from metaprune.errors import InvalidTargetError, MetaPruneError
 from metaprune.prune.allocation import ALLOCATIONS, load_policy
 from metaprune.prune.metanet_bridge import require_data_for_metanet
@@ -24,7 +24,7 @@ class PruneOptions:
 
 
 def resolve_options(method, criterion, metanet, allocation, speedup, params_ratio, policy,
-              data) -> "PruneOptions":
+                    data) -> PruneOptions:
     """Validates the arguments before any work (so bad input fails fast)."""
     if method not in METHODS:
         raise InvalidTargetError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -57,11 +57,11 @@ def resolve_options(method, criterion, metanet, allocation, speedup, params_rati
     if criterion in ("taylor", "hessian") and data is None:
         raise MetaPruneError(
             f"criterion {criterion!r} needs data (it uses gradients of the loss); give a dataset "
-            "or use a data-free criterion: l1, l2, bn_scale, lamp, fpgm, random"
+            f"or use a data-free criterion: {', '.join(DATA_FREE_CRITERIA)}"
         )
     if target is None and policy is None and allocation != "metanet":
         raise InvalidTargetError(
             "nothing to prune to: give a speedup, a params_ratio or a policy"
         )
     return PruneOptions(criterion, allocation, metanet,
-                     load_policy(policy) if policy is not None else None, target)
+                        load_policy(policy) if policy is not None else None, target)
