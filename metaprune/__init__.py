@@ -29,8 +29,8 @@ _LAZY = {
     "save_model": "metaprune.formats",
     "to_graph": "metaprune.graph",
     "NetworkGraph": "metaprune.graph",
-    "prune": "metaprune.prune",
-    "PruneResult": "metaprune.prune",
+    "prune": "metaprune.pruning",
+    "PruneResult": "metaprune.pruning",
 }
 
 __all__ = [

@@ -14,7 +14,7 @@ import tempfile
 from importlib import import_module
 from pathlib import Path
 
-for _name in ("torch", "metaprune", "metaprune.measure", "metaprune.formats", "metaprune.prune",
+for _name in ("torch", "metaprune", "metaprune.measure", "metaprune.formats", "metaprune.pruning",
               "metaprune.data", "metaprune.serving.worker"):
     try:
         import_module(_name)
@@ -25,7 +25,7 @@ for _name in ("torch", "metaprune", "metaprune.measure", "metaprune.formats", "m
 def _warm_up() -> None:
     import torch
     from metaprune.formats import load_model, save_model
-    from metaprune.prune import prune
+    from metaprune.pruning import prune
     from metaprune.serving.samples import small_model
 
     torch.set_num_threads(1)

@@ -186,7 +186,7 @@ class _LogForwarder(logging.Handler):
 def run_prune(task: dict, emit: Emit) -> dict:
     """Load, prune, save; returns the report. Files land in task["out_dir"]."""
     from metaprune.formats import load_model, save_model
-    from metaprune.prune import prune  # the function (after `import metaprune.prune`, metaprune.prune is the package)
+    from metaprune.pruning import prune
 
     out_dir = Path(task["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,14 @@ def test_dependencies_point_inward():
             if any(name == f or name.startswith(f + ".") for f in forbidden):
                 offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert offenders == []
+
+
+def test_public_names_resolve_to_the_design_functions():
+    # DESIGN.md §5: `metaprune.prune` is the function, even once the engine package is imported.
+    code = (
+        "import metaprune, metaprune.pruning, metaprune.formats, metaprune.graph;"
+        "assert callable(metaprune.prune) and metaprune.prune is metaprune.pruning.prune;"
+        "assert callable(metaprune.load_model) and callable(metaprune.to_graph);"
+        "assert issubclass(metaprune.UnsupportedModelError, ValueError)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,7 +10,7 @@ from metaprune import zoo
 from metaprune.criteria import CRITERIA
 from metaprune.errors import InvalidTargetError, MetaPruneError, UnsupportedModelError
 from metaprune.measure import count_macs, count_params
-from metaprune.prune import mask_density, prune, prune_unstructured
+from metaprune.pruning import mask_density, prune, prune_unstructured
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -6,7 +6,7 @@ import torch
 from metaprune import zoo
 from metaprune.data import load_dataset
 from metaprune.finetune import FinetuneConfig, evaluate, train
-from metaprune.prune import prune
+from metaprune.pruning import prune
 from test_prune import _one_thread  # noqa: F401  (autouse fixture: one torch thread)
 
 

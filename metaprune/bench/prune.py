@@ -83,7 +83,7 @@ def _torch_pruning_iterative(model, example_inputs, speedup: float, steps: int):
 
 def _timing(args) -> None:
     from metaprune.measure import count_macs, measure_latency_ms
-    from metaprune.prune import prune
+    from metaprune.pruning import prune
 
     model, example_inputs = _resnet(args.depth)
     print(f"ResNet-{args.depth} (3x32x32, 10 classes), target speed-up {args.speedup}x, "
@@ -137,7 +137,7 @@ def _criteria_table(args) -> None:
     from metaprune.criteria import CRITERIA
     from metaprune.data import load_dataset
     from metaprune.finetune import FinetuneConfig, evaluate, train
-    from metaprune.prune import prune
+    from metaprune.pruning import prune
 
     targets = [float(t) for t in args.targets.split(",")]
     finetune = {"optimizer": "adamw", "lr": 1e-3}

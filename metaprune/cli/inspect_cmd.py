@@ -55,7 +55,7 @@ def _load(args):
 def _coupled_groups(model, example_inputs) -> tuple[list[dict], str | None]:
     """Channel groups as the pruner sees them (torch-pruning's DependencyGraph)."""
     try:
-        from metaprune.prune.groups import (
+        from metaprune.pruning.groups import (
             build_dependency_graph,
             collect_groups,
             output_layers,

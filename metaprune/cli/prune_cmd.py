@@ -74,7 +74,7 @@ def _run(args) -> int:
 
 def _run_local(args, report_path: Path) -> dict:
     from metaprune.formats import load_model, save_model
-    from metaprune.prune import prune
+    from metaprune.pruning import prune
 
     module, example_inputs = load_model(args.input)
     result = prune(module, example_inputs, **_options(args))

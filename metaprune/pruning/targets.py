@@ -4,8 +4,8 @@ import math
 from dataclasses import dataclass
 
 from metaprune.errors import InvalidTargetError
-from metaprune.prune.allocation import MIN_KEEP_FRACTION, Allocation
-from metaprune.prune.cost import CostModel
+from metaprune.pruning.allocation import MIN_KEEP_FRACTION, Allocation
+from metaprune.pruning.cost import CostModel
 
 TOLERANCE = 0.02  # |achieved / target - 1| allowed by DESIGN §5
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from metaprune.measure import count_macs, count_params
-from metaprune.prune.groups import ChannelGroup
+from metaprune.pruning.groups import ChannelGroup
 
 # Attention score/value products: linear in the embedding width (the sequence length is fixed).
 _LINEAR_IN_WIDTH_OPS = ("bmm", "baddbmm", "_scaled_dot_product")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from metaprune.errors import UnsupportedModelError
-from metaprune.prune.groups import build_dependency_graph
+from metaprune.pruning.groups import build_dependency_graph
 
 
 def forward_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:

@@ -2,15 +2,15 @@
 
 Example::
 
-    from metaprune.prune import prune
+    from metaprune.pruning import prune
     result = prune(model, (torch.randn(1, 3, 32, 32),), method="l2", speedup=2.0)
     pruned, report = result.model, result.report
 """
 
-from metaprune.prune.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
-from metaprune.prune.engine import PruneResult, prune
-from metaprune.prune.options import METHODS
-from metaprune.prune.unstructured import mask_density, prune_unstructured
+from metaprune.pruning.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
+from metaprune.pruning.engine import PruneResult, prune
+from metaprune.pruning.options import METHODS
+from metaprune.pruning.unstructured import mask_density, prune_unstructured
 
 __all__ = [
     "ALLOCATIONS",

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from metaprune.criteria import CRITERIA, DATA_FREE_CRITERIA
 from metaprune.errors import InvalidTargetError, MetaPruneError
-from metaprune.prune.allocation import ALLOCATIONS, load_policy
-from metaprune.prune.metanet_bridge import require_data_for_metanet
-from metaprune.prune.targets import Target
+from metaprune.pruning.allocation import ALLOCATIONS, load_policy
+from metaprune.pruning.metanet_bridge import require_data_for_metanet
+from metaprune.pruning.targets import Target
 
 METHODS = ("metanet", *CRITERIA)
 

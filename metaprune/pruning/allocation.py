@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from metaprune.errors import InvalidTargetError
-from metaprune.prune.groups import ChannelGroup, minimum_kept
+from metaprune.pruning.groups import ChannelGroup, minimum_kept
 
 ALLOCATIONS = ("global", "uniform", "metanet")
 MIN_KEEP_FRACTION = 0.1  # each layer keeps at least this share of its channels

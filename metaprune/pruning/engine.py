@@ -20,25 +20,25 @@ from torch import nn
 from metaprune.criteria import build_criterion
 from metaprune.errors import InvalidTargetError, UnsupportedModelError
 from metaprune.measure import count_macs, count_params, measure_latency_ms
-from metaprune.prune import training_bridge
-from metaprune.prune.allocation import (
+from metaprune.pruning import training_bridge
+from metaprune.pruning.allocation import (
     global_allocation,
     policy_allocation,
     policy_to_groups,
     removal_order,
     uniform_allocation,
 )
-from metaprune.prune.cost import CostModel
-from metaprune.prune.groups import build_dependency_graph, collect_groups, output_layers
-from metaprune.prune.metanet_bridge import apply_metanet, load_metanet
-from metaprune.prune.options import PruneOptions, resolve_options
-from metaprune.prune.removal import (
+from metaprune.pruning.cost import CostModel
+from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
+from metaprune.pruning.options import PruneOptions, resolve_options
+from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
     forward_outputs,
     remove_channels,
 )
-from metaprune.prune.targets import TOLERANCE, solve_counts
+from metaprune.pruning.targets import TOLERANCE, solve_counts
 from metaprune.report import build_report
 
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
