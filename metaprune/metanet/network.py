@@ -1,0 +1,196 @@
+"""`MetaNetwork`: a GNN that rewrites a network's weights and proposes per-layer keep ratios."""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch_geometric.utils import scatter
+
+from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS
+from metaprune.graph.features import SLOT
+from metaprune.metanet.edges import EdgeSetDecoder, EdgeSetEncoder, layer_weight_rms, mlp
+from metaprune.metanet.layers import BidirectionalBlock
+
+NUM_SLOTS = len(PARAM_SLOTS)
+NUM_STRUCTURAL = NUM_NODE_FEATURES - NUM_SLOTS
+# Running variances must stay positive: they are updated multiplicatively, the rest additively.
+POSITIVE_SLOT = SLOT["norm_running_var"]
+DEFAULT_SPEEDUP = 2.0  # what the sparsity head is conditioned on when no target is given
+MIN_PRIOR_KEEP, MAX_PRIOR_KEEP = 0.05, 0.99
+
+
+def prior_keep_ratio(speedup: torch.Tensor) -> torch.Tensor:
+    """Uniform keep ratio for a MACs speed-up: MACs scale with kept in x kept out channels."""
+    return speedup.rsqrt().clamp(MIN_PRIOR_KEEP, MAX_PRIOR_KEEP)
+
+
+class MetaNetwork(nn.Module):
+    """A metanetwork over `metaprune.graph` graphs: residual weight rewrite + sparsity head.
+
+    Nodes (channels) are embedded from their structural features and their per-layer
+    normalised parameter slots; edges (weights) by `EdgeSetEncoder`, for any kernel length.
+    `num_layers` `BidirectionalBlock` rounds pass messages along and against the edges. The
+    outputs are residual: ``new = old + residual_scale * delta * layer_rms`` on parameter-carrying
+    entries only (running variances: ``old * exp(residual_scale * delta)``), so an untrained
+    metanetwork is close to, but not exactly, the identity, and structural columns never change.
+    The sparsity head pools node embeddings per layer and, given the speed-up target, predicts
+    each layer's keep ratio around the uniform prior ``speedup ** -0.5``.
+
+    Args:
+        hidden: width of node, edge and per-weight-entry embeddings.
+        num_layers: message-passing rounds (each one forward + reverse + edge update).
+        aggregations: PyG aggregations combined at every node (fan-in varies from 1 to 1000s).
+        residual_scale: multiplies every delta; small so the untrained network is near-identity.
+        head_hidden: width of the per-layer sparsity head's MLP.
+
+    Example::
+
+        from metaprune.graph import to_graph
+        metanet = MetaNetwork(hidden=32, num_layers=3)
+        graph = to_graph(model, example_inputs)
+        new_x, new_edge_attr, keep = metanet(graph.data, speedup=2.0)
+        rewritten = graph.write_back(new_x.detach(), new_edge_attr.detach())
+        keep.shape                                   # [len(graph.layers)]
+    """
+
+    def __init__(
+        self,
+        hidden: int = 32,
+        num_layers: int = 3,
+        aggregations: Sequence[str] = ("sum", "mean", "max"),
+        residual_scale: float = 1e-3,
+        head_hidden: int = 32,
+    ):
+        super().__init__()
+        self.config = {
+            "hidden": int(hidden), "num_layers": int(num_layers),
+            "aggregations": list(aggregations), "residual_scale": float(residual_scale),
+            "head_hidden": int(head_hidden),
+        }
+        self.residual_scale = float(residual_scale)
+        # structural columns, normalised slots, slot mask, log RMS of the layer's weights
+        self.node_encoder = mlp([NUM_STRUCTURAL + 2 * NUM_SLOTS + 1, hidden, hidden])
+        self.edge_encoder = EdgeSetEncoder(hidden)
+        self.blocks = nn.ModuleList(
+            BidirectionalBlock(hidden, aggregations) for _ in range(num_layers))
+        self.node_decoder = mlp([hidden, hidden, NUM_SLOTS])
+        self.edge_decoder = EdgeSetDecoder(hidden)
+        # per layer: mean and max node embedding, mean structure, log width, log speed-up
+        self.sparsity_head = mlp([2 * hidden + NUM_STRUCTURAL + 2, head_hidden, 1])
+        with torch.no_grad():
+            # small last layers: deltas start O(0.1) (the untrained rewrite is near-identity)
+            # and keep ratios start at the uniform prior; training moves away from both
+            # (zero biases: a shared offset would shift every weight of the model one way)
+            for last in (self.node_decoder[-1], self.edge_decoder.out[-1]):
+                last.weight.mul_(0.1)
+                last.bias.zero_()
+            self.sparsity_head[-1].weight.mul_(0.01)
+            self.sparsity_head[-1].bias.zero_()
+
+    def forward(self, data, speedup=None):
+        """Rewritten features and per-layer keep ratios of a graph or a PyG `Batch` of graphs.
+
+        Args:
+            data: `NetworkGraph.data` (or a `Batch` of them).
+            speedup: MACs speed-up target the keep ratios are for: a number, a tensor with one
+                value per graph of the batch, or None (`DEFAULT_SPEEDUP`).
+
+        Returns:
+            ``(new_x, new_edge_attr, keep_ratios)``: features shaped and typed like the input's,
+            and a keep ratio in (0, 1) for every layer (``data.layer`` indices).
+        """
+        dtype = self.node_encoder[0].weight.dtype
+        x, edge_attr = data.x.to(dtype), data.edge_attr.to(dtype)
+        num_layers = int(data.layer.max()) + 1 if data.layer.numel() else 0
+        node_layer = data.layer.long()
+        with torch.no_grad():  # scales are normalisers, not something to learn through
+            rms = layer_weight_rms(data, edge_attr, num_layers)
+            edge_scale = rms[data.edge_layer.long()].clamp_min(1e-12)
+            slot_scale = self._slot_scale(x, data.x_param_mask, node_layer, num_layers, rms)
+        mask = data.x_param_mask.to(dtype)
+        slots = x[:, :NUM_SLOTS] * mask / slot_scale[node_layer]
+        log_rms = rms.clamp_min(1e-12).log().clamp(-12, 4) / 4
+        h = self.node_encoder(torch.cat(
+            [x[:, NUM_SLOTS:], slots, mask, log_rms[node_layer].unsqueeze(1)], dim=-1))
+        e = self.edge_encoder(data, edge_attr, edge_scale)
+        for block in self.blocks:
+            h, e = block(h, data.edge_index, e)
+
+        delta = self.residual_scale * self.node_decoder(h) * mask
+        old_slots = x[:, :NUM_SLOTS]
+        positive = torch.arange(NUM_SLOTS, device=x.device) == POSITIVE_SLOT
+        new_slots = torch.where(positive, old_slots * delta.exp(),
+                                old_slots + delta * slot_scale[node_layer])
+        new_x = torch.cat([new_slots, x[:, NUM_SLOTS:]], dim=-1).to(data.x.dtype)
+        edge_delta = self.residual_scale * self.edge_decoder(data, edge_attr, edge_scale, e)
+        new_edge_attr = (edge_attr + edge_delta).to(data.edge_attr.dtype)
+        keep = self._keep_ratios(data, x, h, node_layer, num_layers, speedup)
+        return new_x, new_edge_attr, keep
+
+    @staticmethod
+    def _slot_scale(x, param_mask, node_layer, num_layers, rms):
+        """[num_layers, NUM_SLOTS]: RMS of each slot within its layer, else the weights' RMS."""
+        mask = param_mask.to(x.dtype)
+        squares = scatter((x[:, :NUM_SLOTS] * mask).square(), node_layer, 0, num_layers, "sum")
+        counts = scatter(mask, node_layer, 0, num_layers, "sum")
+        slot_rms = (squares / counts.clamp_min(1)).sqrt()
+        fallback = torch.where(rms > 0, rms, torch.ones_like(rms)).unsqueeze(1)
+        return torch.where(slot_rms > 0, slot_rms, fallback)
+
+    def _keep_ratios(self, data, x, h, node_layer, num_layers, speedup):
+        pooled = torch.cat([
+            scatter(h, node_layer, 0, num_layers, "mean"),
+            scatter(h, node_layer, 0, num_layers, "max"),
+            scatter(x[:, NUM_SLOTS:], node_layer, 0, num_layers, "mean"),
+            scatter(torch.ones_like(x[:, :1]), node_layer, 0, num_layers, "sum").log() / 8,
+        ], dim=-1)
+        target = self._speedup_per_layer(data, node_layer, num_layers, speedup, x)
+        features = torch.cat([pooled, target.log().unsqueeze(1)], dim=-1)
+        prior = torch.logit(prior_keep_ratio(target))
+        return torch.sigmoid(prior + self.sparsity_head(features).squeeze(1))
+
+    @staticmethod
+    def _speedup_per_layer(data, node_layer, num_layers, speedup, like):
+        if speedup is None:
+            speedup = DEFAULT_SPEEDUP
+        speedup = torch.as_tensor(speedup, dtype=like.dtype, device=like.device)
+        if bool((speedup < 1).any()) or not bool(torch.isfinite(speedup).all()):
+            raise ValueError(f"speedup must be finite and >= 1, got {speedup.tolist()}")
+        if speedup.dim() == 0:
+            return speedup.expand(num_layers)
+        batch = getattr(data, "batch", None)
+        if batch is None:
+            batch = torch.zeros_like(node_layer)
+        layer_graph = scatter(batch, node_layer, 0, num_layers, "max")
+        return speedup[layer_graph]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def metanet_parameters(metanet: MetaNetwork, graph, speedup=None) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers rewritten by `metanet`, differentiable in its weights.
+
+    For meta-training: the task loss of the rewritten model flows back into the metanetwork.
+
+    Example::
+
+        graph = to_graph(model, example_inputs)
+        params = metanet_parameters(metanet, graph)
+        loss = F.cross_entropy(torch.func.functional_call(model, params, (inputs,)), labels)
+        loss.backward()                       # gradients land in metanet.parameters()
+    """
+    new_x, new_edge_attr, _ = metanet(graph.data, speedup)
+    params = graph.parameters(new_x, new_edge_attr)
+    # Running statistics are estimates, not trained weights (batch_norm refuses gradients
+    # through them): their rewritten values are used, detached. A probe with ones in the
+    # statistics columns only tells which tensors they are (each tensor comes from one slot).
+    probe = torch.zeros_like(graph.data.x)
+    probe[:, [SLOT["norm_running_mean"], SLOT["norm_running_var"]]] = 1
+    probed = graph.parameters(probe, torch.zeros_like(graph.data.edge_attr))
+    for name, value in probed.items():
+        if value.numel() and bool(value.any()):
+            params[name] = params[name].detach()
+    return params

@@ -1,0 +1,83 @@
+"""DepGraph-style group-sparsity regulariser, computed on (rewritten) graph features.
+
+Channels that can only be removed together (`NetworkGraph.coupled_channels`: residual adds,
+depthwise convolutions, norm copies) form a group. A group's norm is the L2 norm of every
+parameter that disappears with it: the weights producing its channels (incoming edges), the
+weights reading them (outgoing edges) and the per-channel bias and norm affine slots. Summing
+group norms (a group lasso) drives whole groups towards zero, so the metanetwork learns to
+output networks whose channels are easy to remove. Groups that hold model input or output
+channels can never be pruned and are left out.
+"""
+
+import torch
+from torch_geometric.utils import scatter
+
+from metaprune.graph import PARAM_SLOTS, edge_groups
+from metaprune.graph.features import SCALAR, SLOT
+
+# Per-channel slots that vanish with the channel; running statistics are buffers, not weights.
+PRUNED_SLOTS = tuple(SLOT[name] for name in ("bias", "norm_weight", "norm_bias", "scale"))
+
+
+class GroupSparsity:
+    """Group norms of a graph's coupled channel groups, for any rewritten features.
+
+    The grouping is computed once per graph; calling the object is differentiable in `x` and
+    `edge_attr`.
+
+    Args:
+        graph: the `NetworkGraph` the features belong to.
+
+    Example::
+
+        regularizer = GroupSparsity(graph)
+        params = graph.parameters(new_x, new_edge_attr)
+        loss = task_loss + 1e-4 * regularizer(new_x, new_edge_attr)
+        regularizer.group_norms(new_x, new_edge_attr)   # [num_groups]
+    """
+
+    def __init__(self, graph):
+        data = graph.data
+        self._data = data
+        component = graph.coupled_channels()
+        fixed = (data.x[:, SCALAR["is_input"]] > 0) | (data.x[:, SCALAR["is_output"]] > 0)
+        num = int(component.max()) + 1 if component.numel() else 0
+        fixed_component = scatter(fixed.long(), component, 0, num, "max").bool()
+        prunable = ~fixed_component
+        # renumber prunable components 0..groups-1; channels of fixed ones map to `groups`
+        new_id = torch.full((num,), -1, dtype=torch.long)
+        new_id[prunable] = torch.arange(int(prunable.sum()))
+        self.num_groups = int(prunable.sum())
+        self._group_of_node = torch.where(new_id[component] >= 0, new_id[component],
+                                          torch.full_like(component, self.num_groups))
+        self._slot_mask = torch.zeros(len(PARAM_SLOTS), dtype=torch.bool)
+        self._slot_mask[list(PRUNED_SLOTS)] = True
+
+    def group_norms(self, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+        """L2 norm of every prunable group's parameters, [num_groups]."""
+        data = self._data
+        edge_squares = []
+        for group in edge_groups(data, edge_attr):
+            if group.k == 0:
+                edge_squares.append(edge_attr.new_zeros(group.attr.shape[0]))
+            else:
+                edge_squares.append(group.attr.square().sum(1))
+        edge_sq = torch.cat(edge_squares) if edge_squares else edge_attr.new_zeros(0)
+        num_nodes = x.shape[0]
+        source, target = data.edge_index
+        node_sq = scatter(edge_sq, target, 0, num_nodes, "sum") \
+            + scatter(edge_sq, source, 0, num_nodes, "sum")
+        slots = x[:, :len(PARAM_SLOTS)] * (data.x_param_mask & self._slot_mask)
+        node_sq = node_sq + slots.square().sum(1)
+        squares = scatter(node_sq, self._group_of_node, 0, self.num_groups + 1, "sum")
+        # eps inside the root: the gradient of sqrt stays finite for a group already at zero
+        return (squares[:self.num_groups] + 1e-12).sqrt()
+
+    def __call__(self, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+        """The group lasso: the sum of `group_norms`."""
+        return self.group_norms(x, edge_attr).sum()
+
+
+def group_sparsity(graph, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
+    """One-off `GroupSparsity(graph)(x, edge_attr)`; keep the object when calling repeatedly."""
+    return GroupSparsity(graph)(x, edge_attr)

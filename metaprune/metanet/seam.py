@@ -1,0 +1,114 @@
+"""`LoadedMetanet`: the object the pruning engine calls (see `metaprune.pruning.metanet_bridge`)."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metaprune.errors import InvalidTargetError
+from metaprune.graph import to_graph
+from metaprune.metanet.checkpoint import read_metanet
+from metaprune.metanet.network import DEFAULT_SPEEDUP, MetaNetwork
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _target_speedup(speedup, params_ratio) -> float:
+    """The MACs speed-up the sparsity head is conditioned on, from either target."""
+    if speedup is not None and params_ratio is not None:
+        raise InvalidTargetError("give a speed-up or a params ratio, not both")
+    if speedup is not None:
+        if not speedup >= 1:
+            raise InvalidTargetError(f"speedup must be >= 1, got {speedup}")
+        return float(speedup)
+    if params_ratio is not None:
+        if not 0 < params_ratio <= 1:
+            raise InvalidTargetError(f"params_ratio must be in (0, 1], got {params_ratio}")
+        # params, like MACs, scale with kept-in x kept-out channels in most layers
+        return 1.0 / float(params_ratio)
+    return DEFAULT_SPEEDUP
+
+
+class LoadedMetanet:
+    """A `MetaNetwork` behind the pruning engine's seam: rewrite weights, propose keep ratios.
+
+    Args:
+        metanet: the network (used in eval mode, without gradients).
+        document: its checkpoint's JSON document (config, training metadata), if any.
+
+    Example::
+
+        loaded = load_metanet("metaprune/checkpoints/metanet.safetensors")
+        rewritten = loaded.transform(model, (x,))             # model itself is untouched
+        policy = loaded.layer_keep_ratios(rewritten, (x,), speedup=2.0)
+        prune(model, (x,), method="metanet", metanet=loaded, data="mnist1d", speedup=2.0)
+    """
+
+    def __init__(self, metanet: MetaNetwork, document: dict | None = None):
+        self.metanet = metanet.eval()
+        self.document = dict(document or {})
+
+    @property
+    def training_metadata(self) -> dict:
+        return dict(self.document.get("training", {}))
+
+    def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
+        """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
+        graph = to_graph(module, _as_tuple(example_inputs))
+        with torch.no_grad():
+            new_x, new_edge_attr, _ = self.metanet(graph.data)
+        return graph.write_back(new_x, new_edge_attr)
+
+    def keep_ratios_by_layer(self, module: nn.Module, example_inputs: Sequence,
+                             speedup: float = DEFAULT_SPEEDUP) -> dict[str, float]:
+        """Graph layer name -> the sparsity head's keep ratio, for every graph layer."""
+        graph = to_graph(module, _as_tuple(example_inputs))
+        with torch.no_grad():
+            _, _, keep = self.metanet(graph.data, speedup)
+        return {layer.name: float(ratio) for layer, ratio in zip(graph.layers, keep.tolist())}
+
+    def layer_keep_ratios(self, module: nn.Module, example_inputs: Sequence, *,
+                          speedup: float | None = None,
+                          params_ratio: float | None = None) -> dict[str, float]:
+        """Module name -> keep ratio, one per prunable channel group of the pruning engine.
+
+        The head answers per graph layer; the engine allocates per channel group (coupled
+        layers, e.g. a ResNet stage's convolutions feeding one residual sum), so each group
+        takes the mean ratio of its layers that own output channels and is named by its root
+        module. Groups the engine must not prune (model outputs, unsupported operators) are left
+        out, so the policy never asks for the impossible.
+        """
+        from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+
+        inputs = _as_tuple(example_inputs)
+        by_layer = self.keep_ratios_by_layer(module, inputs, _target_speedup(speedup,
+                                                                             params_ratio))
+        fallback = sum(by_layer.values()) / max(len(by_layer), 1)
+        modes = {m: m.training for m in module.modules()}
+        try:
+            DG = build_dependency_graph(module, inputs)  # this sets eval mode: restored below
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        policy = {}
+        for group in collect_groups(DG, output_layers(DG)):
+            if group.blocked:
+                continue
+            owned = [by_layer[use.unit] for use in group.uses
+                     if use.side == "out" and use.unit in by_layer]
+            ratio = sum(owned) / len(owned) if owned else fallback
+            policy[group.root] = min(max(ratio, 1e-3), 1.0)
+        return policy
+
+
+def load_metanet(path: str | Path) -> LoadedMetanet:
+    """A `LoadedMetanet` from a ``.safetensors`` checkpoint and its sibling JSON config.
+
+    Raises:
+        ModelFormatError: the files are missing, unreadable, unsafe or inconsistent.
+    """
+    metanet, document = read_metanet(path)
+    return LoadedMetanet(metanet, document)

@@ -1,0 +1,242 @@
+"""metaprune.metanet: runs on every architecture, near-identity untrained, differentiable,
+safe checkpoints, and the pruning engine's metanet path end to end."""
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch_geometric.data import Batch
+
+from architectures import build
+from metaprune import zoo
+from metaprune.errors import ModelFormatError
+from metaprune.graph import PARAM_SLOTS, to_graph
+from metaprune.metanet import (
+    GroupSparsity,
+    LoadedMetanet,
+    MetaNetwork,
+    load_metanet,
+    metanet_parameters,
+    save_metanet,
+)
+
+SLOTS = len(PARAM_SLOTS)
+
+# narrow configs of every zoo family keep the test fast
+ZOO_CASES = [
+    ("mlp", (1, 40), {"hidden": [12, 6]}),
+    ("cnn1d", (1, 40), {"widths": [6, 10], "kernel_sizes": [3, 5], "pools": [2, 2]}),
+    ("vgg", (3, 12, 12), {"stages": [[6], [10]], "hidden": [12]}),
+    ("resnet", (1, 32), {"depth": 8, "dims": 1}),
+    ("resnet", (3, 12, 12), {"depth": 8, "stage_widths": [4, 8, 8]}),
+    ("mobilenetv2", (3, 12, 12), {"stem_width": 6, "blocks": [
+        {"hidden": 12, "out": 6, "stride": 1, "residual": True}]}),
+    ("densenet", (3, 12, 12), {"stem_width": 6, "blocks": [[{"width": 6, "growth": 3}] * 2]}),
+    ("vit", (3, 12, 12), {"embed_dim": 12, "blocks": [{"heads": 3, "mlp": 24}]}),
+]
+ARCHITECTURE_CASES = ["unet", "text_cnn", "conv_transpose", "mlp_mixer", "se_block", "vgg_flatten"]
+
+
+def _zoo_model(family, shape, overrides, seed=0):
+    config = zoo.default_config(family, input_shape=shape, num_classes=4, **overrides)
+    torch.manual_seed(seed)
+    return zoo.build(family, config).eval(), zoo.example_inputs(config)
+
+
+def _cases():
+    yield from (_zoo_model(*case) for case in ZOO_CASES)
+    yield from (build(name) for name in ARCHITECTURE_CASES)
+
+
+@pytest.fixture(scope="module")
+def metanet():
+    torch.manual_seed(0)
+    return MetaNetwork(hidden=16, num_layers=2).eval()
+
+
+def _relative_error(a, b):
+    return float((a - b).norm() / a.norm())
+
+
+def test_every_architecture_keeps_shapes_structure_and_is_near_identity(metanet):
+    assert {family for family, _, _ in ZOO_CASES} == set(zoo.FAMILIES)
+    for model, inputs in _cases():
+        graph = to_graph(model, inputs)
+        data = graph.data
+        with torch.no_grad():
+            new_x, new_edge_attr, keep = metanet(data, speedup=2.0)
+        assert new_x.shape == data.x.shape and new_x.dtype == data.x.dtype
+        assert new_edge_attr.shape == data.edge_attr.shape
+        assert keep.shape == (len(graph.layers),)
+        assert bool(((keep > 0) & (keep <= 1)).all())
+        # structural columns and slots that hold no parameter never change
+        assert torch.equal(new_x[:, SLOTS:], data.x[:, SLOTS:])
+        slots_free = ~data.x_param_mask
+        assert torch.equal(new_x[:, :SLOTS][slots_free], data.x[:, :SLOTS][slots_free])
+        # the untrained rewrite is a small, real change
+        assert not torch.equal(new_edge_attr, data.edge_attr)
+        rewritten = graph.write_back(new_x, new_edge_attr)
+        with torch.no_grad():
+            before, after = model(*inputs), rewritten(*inputs)
+        error = _relative_error(before, after)
+        assert 0 < error < 1e-2, (type(model).__name__, error)
+
+
+def test_batched_graphs_give_each_graph_its_own_answer(metanet):
+    graphs = [to_graph(*build("text_cnn")), to_graph(*build("vgg_flatten"))]
+    batch = Batch.from_data_list([g.data for g in graphs])
+    with torch.no_grad():
+        new_x, new_edge_attr, keep = metanet(batch, speedup=torch.tensor([2.0, 4.0]))
+        alone = [metanet(g.data, speedup=s) for g, s in zip(graphs, (2.0, 4.0))]
+    torch.testing.assert_close(new_x, torch.cat([a[0] for a in alone]))
+    torch.testing.assert_close(new_edge_attr, torch.cat([a[1] for a in alone]))
+    torch.testing.assert_close(keep, torch.cat([a[2] for a in alone]))
+
+
+def test_sparsity_head_follows_the_speedup(metanet):
+    graph = to_graph(*build("vgg_flatten"))
+    with torch.no_grad():
+        mild = metanet(graph.data, speedup=1.5)[2]
+        strong = metanet(graph.data, speedup=4.0)[2]
+    assert bool((strong < mild).all())
+    with pytest.raises(ValueError, match="speedup"):
+        metanet(graph.data, speedup=0.5)
+
+
+def test_task_loss_gradients_reach_the_metanetwork():
+    torch.manual_seed(0)
+    metanet = MetaNetwork(hidden=16, num_layers=2)
+    model, (inputs,) = _zoo_model(*ZOO_CASES[1])
+    graph = to_graph(model, (inputs,))
+    labels = torch.tensor([0, 1])
+    params = metanet_parameters(metanet, graph, speedup=2.0)
+    assert set(params) == set(graph.feature_parameters)
+    logits = torch.func.functional_call(model, params, (inputs,))
+    F.cross_entropy(logits, labels).backward()
+    grads = {name: p.grad for name, p in metanet.named_parameters()}
+    assert grads["edge_decoder.out.1.weight"].abs().sum() > 0
+    assert grads["node_decoder.2.weight"].abs().sum() > 0
+    assert grads["edge_encoder.entry.0.weight"].abs().sum() > 0  # through message passing
+    assert grads["blocks.0.forward_messages.message_mlp.0.weight"].abs().sum() > 0
+
+
+def test_group_sparsity_is_differentiable_and_shrinks_with_the_groups():
+    model, inputs = build("resnet20")
+    graph = to_graph(model, inputs)
+    regularizer = GroupSparsity(graph)
+    x = graph.data.x.clone().requires_grad_()
+    edge_attr = graph.data.edge_attr.clone().requires_grad_()
+    norms = regularizer.group_norms(x, edge_attr)
+    # ResNet-20: every hidden conv channel is its own group; the three residual streams
+    # (16, 32, 64 channels, each coupled through its identity edges) are groups too
+    assert regularizer.num_groups > 0 and bool((norms > 0).all())
+    loss = regularizer(x, edge_attr)
+    loss.backward()
+    assert edge_attr.grad.abs().sum() > 0
+    assert x.grad[:, :SLOTS].abs().sum() > 0
+    assert x.grad[:, SLOTS:].abs().sum() == 0  # structure carries no parameter
+    with torch.no_grad():
+        shrunk = regularizer(x * 0.5, edge_attr * 0.5)
+    assert shrunk < loss
+    # a gradient step on the regulariser alone lowers it
+    with torch.no_grad():
+        stepped = regularizer(x - 0.01 * x.grad, edge_attr - 0.01 * edge_attr.grad)
+    assert stepped < loss
+
+
+def test_save_load_gives_identical_outputs(tmp_path, metanet):
+    path = save_metanet(metanet, tmp_path / "metanet.safetensors", training={"steps": 0})
+    document = json.loads((tmp_path / "metanet.json").read_text())
+    assert document["config"]["hidden"] == 16 and document["training"] == {"steps": 0}
+    assert document["num_parameters"] == metanet.num_parameters
+    loaded = load_metanet(path)
+    assert isinstance(loaded, LoadedMetanet)
+    model, inputs = build("text_cnn")
+    graph = to_graph(model, inputs)
+    with torch.no_grad():
+        expected = metanet(graph.data)
+        got = loaded.metanet(graph.data)
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rewritten = loaded.transform(model, inputs)
+    for key, value in model.state_dict().items():  # the input is untouched
+        assert torch.equal(value, state[key])
+    reference = graph.write_back(expected[0], expected[1])
+    for key, value in reference.state_dict().items():
+        assert torch.equal(rewritten.state_dict()[key], value), key
+
+
+def test_bad_checkpoints_are_model_format_errors(tmp_path, metanet):
+    good = save_metanet(metanet, tmp_path / "good.safetensors")
+    config = json.loads((tmp_path / "good.json").read_text())
+
+    def variant(name, weights: bytes, document):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(weights)
+        text = document if isinstance(document, str) else json.dumps(document)
+        (tmp_path / f"{name}.json").write_text(text)
+        return path
+
+    weights = good.read_bytes()
+    pickled = tmp_path / "pickle.safetensors"
+    torch.save(metanet.state_dict(), pickled)  # a pickle under a safetensors name
+    (tmp_path / "pickle.json").write_text(json.dumps(config))
+    cases = {
+        variant("truncated", weights[: len(weights) // 2], config): "safetensors",
+        variant("garbage", b"\x00" * 64, config): "safetensors",
+        pickled: "safetensors",
+        variant("not_json", weights, "{"): "not JSON",
+        variant("wrong_format", weights, {**config, "format": "other"}): "not a metanetwork",
+        variant("future", weights, {**config, "version": 99}): "version",
+        variant("extra_key", weights, {**config, "config": {**config["config"], "x": 1}}):
+            "exactly the keys",
+        variant("huge_width", weights, {**config, "config": {**config["config"],
+                                                             "hidden": 10**9}}): "hidden",
+        variant("bad_aggr", weights, {**config, "config": {**config["config"],
+                                                           "aggregations": ["eval"]}}):
+            "aggregations",
+        variant("mismatch", weights, {**config, "config": {**config["config"], "hidden": 8}}):
+            "expected",
+        tmp_path / "missing.safetensors": "existing",
+    }
+    (tmp_path / "no_config.safetensors").write_bytes(weights)
+    cases[tmp_path / "no_config.safetensors"] = "no config"
+    for path, words in cases.items():
+        with pytest.raises(ModelFormatError, match=words):
+            load_metanet(path)
+    nan_state = {k: v.clone() for k, v in metanet.state_dict().items()}
+    next(iter(nan_state.values())).fill_(float("nan"))
+    broken = MetaNetwork(**metanet.config)
+    broken.load_state_dict(nan_state)
+    with pytest.raises(ModelFormatError, match="NaN"):
+        load_metanet(save_metanet(broken, tmp_path / "nan.safetensors"))
+
+
+def test_keep_ratios_name_prunable_modules(metanet):
+    loaded = LoadedMetanet(metanet)
+    model, inputs = _zoo_model(*ZOO_CASES[4])
+    policy = loaded.layer_keep_ratios(model, inputs, speedup=3.0)
+    names = dict(model.named_modules())
+    assert policy and all(name in names for name in policy)
+    assert "fc" not in policy  # the classifier's outputs are never pruned
+    assert all(0 < ratio <= 1 for ratio in policy.values())
+    assert model.training is False  # eval model stays eval
+    assert loaded.layer_keep_ratios(model, inputs, params_ratio=0.5).keys() == policy.keys()
+
+
+def test_prune_runs_through_the_metanet_seam(tmp_path):
+    from metaprune.pruning import prune
+
+    torch.manual_seed(0)
+    path = save_metanet(MetaNetwork(hidden=8, num_layers=1), tmp_path / "untrained.safetensors")
+    config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 16])
+    model = zoo.build("cnn1d", config)
+    result = prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
+                   data="mnist1d", speedup=2.0, finetune_epochs=1)
+    report = result.report
+    assert report["method"] == "metanet" and report["allocation"] == "metanet"
+    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+    assert report["finetune"]["epochs_after_metanet"] == 1
+    assert "metanet" in report["seconds"]
