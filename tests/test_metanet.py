@@ -18,6 +18,7 @@ from metaprune.metanet import (
     MetaNetwork,
     load_metanet,
     metanet_parameters,
+    policy_targets,
     save_metanet,
 )
 
@@ -214,16 +215,35 @@ def test_bad_checkpoints_are_model_format_errors(tmp_path, metanet):
         load_metanet(save_metanet(broken, tmp_path / "nan.safetensors"))
 
 
-def test_keep_ratios_name_prunable_modules(metanet):
+def test_keep_ratios_are_a_policy_the_engine_accepts(metanet):
+    from metaprune.pruning.allocation import policy_to_groups
+    from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+
     loaded = LoadedMetanet(metanet)
-    model, inputs = _zoo_model(*ZOO_CASES[4])
-    policy = loaded.layer_keep_ratios(model, inputs, speedup=3.0)
-    names = dict(model.named_modules())
-    assert policy and all(name in names for name in policy)
-    assert "fc" not in policy  # the classifier's outputs are never pruned
-    assert all(0 < ratio <= 1 for ratio in policy.values())
-    assert model.training is False  # eval model stays eval
-    assert loaded.layer_keep_ratios(model, inputs, params_ratio=0.5).keys() == policy.keys()
+    for case in (ZOO_CASES[4], ZOO_CASES[5], ZOO_CASES[7]):  # resnet, mobilenetv2, vit
+        model, inputs = _zoo_model(*case)
+        policy = loaded.layer_keep_ratios(model, inputs, speedup=3.0)
+        assert model.training is False  # the tracing for groups leaves modes as they were
+        names = dict(model.named_modules())
+        assert policy and all(0 < ratio <= 1 for ratio in policy.values())
+        DG = build_dependency_graph(model, inputs)
+        groups = collect_groups(DG, output_layers(DG))
+        ratios = policy_to_groups(policy, groups, set(names))  # raises on anything impossible
+        assert min(ratios) < 1.0
+        assert loaded.layer_keep_ratios(model, inputs, params_ratio=0.5).keys() == policy.keys()
+
+
+def test_policy_targets_index_the_head_outputs(metanet):
+    model, inputs = _zoo_model(*ZOO_CASES[1])
+    graph = to_graph(model, inputs)
+    conv = next(layer.name for layer in graph.layers if layer.kind == "conv")
+    index, target = policy_targets(graph, {conv: 0.25, "not_a_layer": 0.5})
+    assert [graph.layers[i].name for i in index.tolist()] == [conv]
+    assert target.tolist() == [0.25]
+    keep = metanet(graph.data, speedup=2.0)[2]
+    F.mse_loss(keep[index], target).backward()
+    assert metanet.sparsity_head[0].weight.grad.abs().sum() > 0
+    metanet.zero_grad()
 
 
 def test_prune_runs_through_the_metanet_seam(tmp_path):

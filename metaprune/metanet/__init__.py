@@ -6,6 +6,7 @@ per-layer keep ratios, for any architecture `metaprune.graph` converts.
   ``torch.func.functional_call`` in meta-training; `GroupSparsity` the DepGraph regulariser.
 - `save_metanet` / `load_metanet`: safetensors + JSON config; `load_metanet` returns a
   `LoadedMetanet`, the object `metaprune.prune(method="metanet")` calls.
+- `policy_targets` / `group_policy`: sparsity-head outputs <-> pruning policies.
 
 Example::
 
@@ -22,6 +23,7 @@ Example::
 
 from metaprune.metanet.checkpoint import read_metanet, save_metanet, validate_config
 from metaprune.metanet.network import DEFAULT_SPEEDUP, MetaNetwork, metanet_parameters
+from metaprune.metanet.policy import group_policy, policy_targets
 from metaprune.metanet.regularizer import GroupSparsity, group_sparsity
 from metaprune.metanet.seam import LoadedMetanet, load_metanet
 
@@ -30,9 +32,11 @@ __all__ = [
     "GroupSparsity",
     "LoadedMetanet",
     "MetaNetwork",
+    "group_policy",
     "group_sparsity",
     "load_metanet",
     "metanet_parameters",
+    "policy_targets",
     "read_metanet",
     "save_metanet",
     "validate_config",

@@ -10,6 +10,7 @@ from metaprune.errors import InvalidTargetError
 from metaprune.graph import to_graph
 from metaprune.metanet.checkpoint import read_metanet
 from metaprune.metanet.network import DEFAULT_SPEEDUP, MetaNetwork
+from metaprune.metanet.policy import group_policy
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -75,33 +76,13 @@ class LoadedMetanet:
                           params_ratio: float | None = None) -> dict[str, float]:
         """Module name -> keep ratio, one per prunable channel group of the pruning engine.
 
-        The head answers per graph layer; the engine allocates per channel group (coupled
-        layers, e.g. a ResNet stage's convolutions feeding one residual sum), so each group
-        takes the mean ratio of its layers that own output channels and is named by its root
-        module. Groups the engine must not prune (model outputs, unsupported operators) are left
-        out, so the policy never asks for the impossible.
+        The head answers per graph layer (conditioned on the speed-up; a params ratio r is
+        taken as a speed-up of 1/r); `metaprune.metanet.policy.group_policy` turns that into
+        one ratio per channel group the engine may prune.
         """
-        from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
-
         inputs = _as_tuple(example_inputs)
-        by_layer = self.keep_ratios_by_layer(module, inputs, _target_speedup(speedup,
-                                                                             params_ratio))
-        fallback = sum(by_layer.values()) / max(len(by_layer), 1)
-        modes = {m: m.training for m in module.modules()}
-        try:
-            DG = build_dependency_graph(module, inputs)  # this sets eval mode: restored below
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        policy = {}
-        for group in collect_groups(DG, output_layers(DG)):
-            if group.blocked:
-                continue
-            owned = [by_layer[use.unit] for use in group.uses
-                     if use.side == "out" and use.unit in by_layer]
-            ratio = sum(owned) / len(owned) if owned else fallback
-            policy[group.root] = min(max(ratio, 1e-3), 1.0)
-        return policy
+        target = _target_speedup(speedup, params_ratio)
+        return group_policy(module, inputs, self.keep_ratios_by_layer(module, inputs, target))
 
 
 def load_metanet(path: str | Path) -> LoadedMetanet:
