@@ -7,6 +7,7 @@ import torch
 
 from metaprune.cli.main import main as cli_main
 from metaprune.data import load_dataset
+from metaprune.errors import DatasetUnavailableError
 from metaprune.finetune import evaluate
 from metaprune.formats import load_model
 from metaprune.training.corpus import build_corpus, build_model, start_ray
@@ -114,3 +115,15 @@ def test_ray_build_skips_finished_models_and_writes_the_manifest(tmp_path):
         assert abs(pruning["speedup"] / pruning["target"] - 1) <= 0.02
         model, _ = load_model(tmp_path / meta["weights"])
         assert sum(p.numel() for p in model.parameters()) == meta["params"]
+
+
+def test_a_missing_dataset_or_no_workers_fails_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    tasks = plan_corpus(["mlp"], ["fashion-mnist"], count=1, epochs=1)  # not in the test cache
+    with pytest.raises(DatasetUnavailableError, match="metaprune data fetch fashion-mnist"):
+        build_corpus(tasks, tmp_path)
+    assert not ray.is_initialized()
+    code = cli_main(["zoo", "build", "--datasets", "digits", "--count", "1", "--workers", "0",
+                     "--out", str(tmp_path)])
+    assert code == 2 and "workers must be at least 1" in capsys.readouterr().err

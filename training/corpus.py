@@ -22,7 +22,6 @@ Example::
 """
 
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from .corpus_store import (
     ModelArtifact,
     finished_metadata,
     is_finished,
-    meta_path,
+    read_meta,
     store_model,
     write_manifest,
 )
@@ -171,15 +170,10 @@ def build_model(task: CorpusTask, folder: str | os.PathLike) -> tuple[dict, bool
     """
     folder = Path(folder)
     if is_finished(folder, task.model_id):
-        return finished_metadata_of(folder, task.model_id), False
+        return read_meta(folder, task.model_id), False
     artifact = train_model(task)
     store_model(folder, artifact)
     return artifact.meta, True
-
-
-def finished_metadata_of(folder: Path, model_id: str) -> dict:
-    """The stored metadata of a finished model."""
-    return json.loads(meta_path(folder, model_id).read_text())
 
 
 def _train_remote(task: dict, cache: str | None) -> ModelArtifact:
@@ -216,6 +210,8 @@ def build_corpus(
         ``{"planned", "skipped", "trained", "failed": [(id, message)], "seconds"}``.
     """
     log = log or _print_line
+    if workers < 1:
+        raise InvalidTargetError(f"workers must be at least 1, got {workers}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -228,6 +224,8 @@ def build_corpus(
     summary = {"planned": len(tasks), "skipped": skipped, "trained": 0, "failed": []}
     if pending:
         started_here = not ray.is_initialized()
+        if started_here and not ray_address:
+            _check_datasets_cached({task.dataset for task in pending})
         if started_here:
             start_ray(workers, ray_address)
         try:
@@ -240,6 +238,16 @@ def build_corpus(
         f"failed {len(summary['failed'])}, {summary['seconds']} s; "
         f"{len(finished)} models in the manifest")
     return summary
+
+
+def _check_datasets_cached(datasets: set[str]) -> None:
+    """Load each dataset once here, so a missing cache fails before Ray, with its fetch hint.
+
+    Only for a local cluster: a remote one has its own cache folder.
+    """
+    for dataset in sorted(datasets):
+        _dataset(dataset, os.environ.get("METAPRUNE_CACHE"))
+    _dataset.cache_clear()  # the driver trains nothing; let the workers hold the arrays
 
 
 def _run_tasks(pending, folder: Path, finished: dict, summary: dict, log) -> None:

@@ -73,6 +73,11 @@ def store_model(folder: Path, artifact: ModelArtifact) -> Path:
     return target
 
 
+def read_meta(folder: Path, model_id: str) -> dict:
+    """The metadata of a finished model."""
+    return json.loads(meta_path(folder, model_id).read_text())
+
+
 def finished_metadata(folder: Path) -> dict[str, dict]:
     """Model id -> metadata of every finished model in `folder`."""
     found = {}
