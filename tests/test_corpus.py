@@ -105,6 +105,8 @@ def test_ray_build_skips_finished_models_and_writes_the_manifest(tmp_path):
     assert addresses == {"127.0.0.1"}
     assert summary["trained"] == 2 and summary["skipped"] == 1 and summary["failed"] == []
     assert sum(line.startswith("[") for line in lines) == 2  # one progress line per model
+    assert any(line.startswith("digits") and "mlp" in line and "3 (0 held out)" in line
+               for line in lines)  # the closing per-family summary counts skipped models too
     manifest = read_manifest(tmp_path)
     assert manifest["count"] == 3
     assert [m["model_id"] for m in manifest["models"]] == sorted(t.model_id for t in tasks)

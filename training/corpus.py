@@ -47,6 +47,7 @@ from .corpus_store import (
     is_finished,
     read_meta,
     store_model,
+    summarize,
     write_manifest,
 )
 
@@ -237,6 +238,8 @@ def build_corpus(
     log(f"corpus {folder}: trained {summary['trained']}, skipped {skipped}, "
         f"failed {len(summary['failed'])}, {summary['seconds']} s; "
         f"{len(finished)} models in the manifest")
+    for line in summarize(finished):
+        log(line)
     return summary
 
 

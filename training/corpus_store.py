@@ -103,3 +103,27 @@ def write_manifest(folder: Path, models: dict[str, dict]) -> Path:
 def read_manifest(folder: Path) -> dict:
     """The manifest as written by `write_manifest`."""
     return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def summarize(models: dict[str, dict]) -> list[str]:
+    """One line per (dataset, family): models, held out, accuracy min/mean/max, mean seconds.
+
+    Example::
+
+        for line in summarize(finished_metadata("/work/corpus")):
+            print(line)
+        # fashion-mnist  resnet        10 (2 held out)  accuracy 0.731 / 0.802 / 0.861  88.1 s
+    """
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for meta in models.values():
+        groups.setdefault((meta["dataset"], meta["family"]), []).append(meta)
+    lines = []
+    for (dataset, family), metas in sorted(groups.items()):
+        accuracies = [meta["accuracy"] for meta in metas]
+        held_out = sum(meta["held_out"] for meta in metas)
+        seconds = sum(meta["wall_seconds"] for meta in metas) / len(metas)
+        lines.append(
+            f"{dataset:14s} {family:12s} {len(metas):3d} ({held_out} held out)  accuracy "
+            f"{min(accuracies):.3f} / {sum(accuracies) / len(accuracies):.3f} / "
+            f"{max(accuracies):.3f}  {seconds:.1f} s")
+    return lines
