@@ -84,6 +84,43 @@ def test_every_architecture_keeps_shapes_structure_and_is_near_identity(metanet)
         assert 0 < error < 1e-2, (type(model).__name__, error)
 
 
+def _relative_changes(metanet, model, inputs):
+    graph = to_graph(model, inputs)
+    with torch.no_grad():
+        new_x, new_edge_attr, _ = metanet(graph.data)
+    before, after = graph.parameters(), graph.parameters(new_x, new_edge_attr)
+    return {name: float((after[name] - before[name]).norm() / before[name].norm())
+            for name in before if before[name].dim() > 1}
+
+
+def test_deltas_follow_each_layers_own_scale(metanet):
+    model, inputs = build("vgg_flatten")
+    reference = _relative_changes(metanet, model, inputs)
+    name = next(iter(reference))
+    with torch.no_grad():
+        model.get_parameter(name).mul_(1000.0)  # one layer 1000x larger than the others
+    scaled = _relative_changes(metanet, model, inputs)
+    assert 0.1 < scaled[name] / reference[name] < 10  # not 1000x smaller
+    assert all(0 < change < 1e-2 for change in scaled.values())
+
+
+def test_float64_models_keep_their_precision(metanet):
+    model, inputs = build("text_cnn")
+    model = model.double()
+    with torch.no_grad():  # digits float32 cannot hold
+        for parameter in model.parameters():
+            parameter.add_(torch.rand_like(parameter) * 1e-10)
+    graph = to_graph(model, inputs)
+    with torch.no_grad():
+        new_x, new_edge_attr, _ = metanet(graph.data)
+    assert new_x.dtype == new_edge_attr.dtype == torch.float64
+    untouched = ~graph.data.x_param_mask
+    assert torch.equal(new_x[:, :SLOTS][untouched], graph.data.x[:, :SLOTS][untouched])
+    # the (float32) deltas are added in float64: old digits are not rounded away
+    delta = new_edge_attr - graph.data.edge_attr
+    assert (delta - delta.float().double()).abs().max() < 1e-12
+
+
 def test_batched_graphs_give_each_graph_its_own_answer(metanet):
     graphs = [to_graph(*build("text_cnn")), to_graph(*build("vgg_flatten"))]
     batch = Batch.from_data_list([g.data for g in graphs])

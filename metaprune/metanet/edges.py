@@ -110,13 +110,13 @@ class EdgeSetDecoder(nn.Module):
 
     def forward(self, data, edge_attr: torch.Tensor, edge_scale: torch.Tensor,
                 e: torch.Tensor) -> torch.Tensor:
-        """Flat normalised deltas, laid out like `edge_attr`."""
+        """Flat deltas laid out like `edge_attr`, in weight units (times the layer's RMS)."""
         parts = []
         for group in edge_groups(data, edge_attr):
             if group.k == 0:
                 continue
-            values = group.attr / edge_scale[group.edges].unsqueeze(1)
+            scale = edge_scale[group.edges].unsqueeze(1)
             hidden = self.from_edge(e[group.edges]).unsqueeze(1) \
-                + self.from_entry(entry_features(values, group.k))
-            parts.append(self.out(hidden).reshape(-1))
+                + self.from_entry(entry_features(group.attr / scale, group.k))
+            parts.append((self.out(hidden).squeeze(-1) * scale).reshape(-1))
         return torch.cat(parts) if parts else edge_attr.new_zeros(0)

@@ -83,7 +83,7 @@ class MetaNetwork(nn.Module):
             # and keep ratios start at the uniform prior; training moves away from both
             # (zero biases: a shared offset would shift every weight of the model one way)
             for last in (self.node_decoder[-1], self.edge_decoder.out[-1]):
-                last.weight.mul_(0.1)
+                last.weight.mul_(0.5)
                 last.bias.zero_()
             self.sparsity_head[-1].weight.mul_(0.01)
             self.sparsity_head[-1].bias.zero_()
@@ -117,14 +117,16 @@ class MetaNetwork(nn.Module):
         for block in self.blocks:
             h, e = block(h, data.edge_index, e)
 
+        # deltas are computed in the metanet's dtype and added in the model's (no precision
+        # is lost on a float64 model's untouched entries)
         delta = self.residual_scale * self.node_decoder(h) * mask
-        old_slots = x[:, :NUM_SLOTS]
         positive = torch.arange(NUM_SLOTS, device=x.device) == POSITIVE_SLOT
-        new_slots = torch.where(positive, old_slots * delta.exp(),
-                                old_slots + delta * slot_scale[node_layer])
-        new_x = torch.cat([new_slots, x[:, NUM_SLOTS:]], dim=-1).to(data.x.dtype)
+        factor = torch.where(positive, delta.exp(), torch.ones_like(delta)).to(data.x.dtype)
+        shift = torch.where(positive, torch.zeros_like(delta), delta * slot_scale[node_layer])
+        new_slots = data.x[:, :NUM_SLOTS] * factor + shift.to(data.x.dtype)
+        new_x = torch.cat([new_slots, data.x[:, NUM_SLOTS:]], dim=-1)
         edge_delta = self.residual_scale * self.edge_decoder(data, edge_attr, edge_scale, e)
-        new_edge_attr = (edge_attr + edge_delta).to(data.edge_attr.dtype)
+        new_edge_attr = data.edge_attr + edge_delta.to(data.edge_attr.dtype)
         keep = self._keep_ratios(data, x, h, node_layer, num_layers, speedup)
         return new_x, new_edge_attr, keep
 
