@@ -1,6 +1,5 @@
 """`MetaNetwork`: a GNN that rewrites a network's weights and proposes per-layer keep ratios."""
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -31,8 +30,10 @@ class MetaNetwork(nn.Module):
     Nodes (channels) are embedded from their structural features and their per-layer
     normalised parameter slots; edges (weights) by `EdgeSetEncoder`, for any kernel length.
     `num_layers` `BidirectionalBlock` rounds pass messages along and against the edges. The
-    outputs are residual: ``new = old + residual_scale * delta * layer_rms`` on parameter-carrying
-    entries only (running variances: ``old * exp(residual_scale * delta)``), so an untrained
+    outputs are residual: ``new = old + residual_scale * delta * rms`` on parameter-carrying
+    entries only, ``rms`` being the RMS of the layer's weights (edges) or of the layer's values
+    of that slot (nodes), so layers of any magnitude are served alike; running variances become
+    ``old * exp(residual_scale * delta)``, so they stay positive. An untrained
     metanetwork is close to, but not exactly, the identity, and structural columns never change.
     The sparsity head pools node embeddings per layer and, given the speed-up target, predicts
     each layer's keep ratio around the uniform prior ``speedup ** -0.5``.
