@@ -45,9 +45,12 @@ def _zoo_model(family, shape, overrides, seed=0):
     return zoo.build(family, config).eval(), zoo.example_inputs(config)
 
 
-def _cases():
-    yield from (_zoo_model(*case) for case in ZOO_CASES)
-    yield from (build(name) for name in ARCHITECTURE_CASES)
+CASES = [(f"zoo-{family}-{i}", i) for i, (family, _, _) in enumerate(ZOO_CASES)] \
+    + [(name, name) for name in ARCHITECTURE_CASES]
+
+
+def _case(key):
+    return _zoo_model(*ZOO_CASES[key]) if isinstance(key, int) else build(key)
 
 
 @pytest.fixture(scope="module")
@@ -60,28 +63,32 @@ def _relative_error(a, b):
     return float((a - b).norm() / a.norm())
 
 
-def test_every_architecture_keeps_shapes_structure_and_is_near_identity(metanet):
+def test_every_zoo_family_is_covered():
     assert {family for family, _, _ in ZOO_CASES} == set(zoo.FAMILIES)
-    for model, inputs in _cases():
-        graph = to_graph(model, inputs)
-        data = graph.data
-        with torch.no_grad():
-            new_x, new_edge_attr, keep = metanet(data, speedup=2.0)
-        assert new_x.shape == data.x.shape and new_x.dtype == data.x.dtype
-        assert new_edge_attr.shape == data.edge_attr.shape
-        assert keep.shape == (len(graph.layers),)
-        assert bool(((keep > 0) & (keep <= 1)).all())
-        # structural columns and slots that hold no parameter never change
-        assert torch.equal(new_x[:, SLOTS:], data.x[:, SLOTS:])
-        slots_free = ~data.x_param_mask
-        assert torch.equal(new_x[:, :SLOTS][slots_free], data.x[:, :SLOTS][slots_free])
-        # the untrained rewrite is a small, real change
-        assert not torch.equal(new_edge_attr, data.edge_attr)
-        rewritten = graph.write_back(new_x, new_edge_attr)
-        with torch.no_grad():
-            before, after = model(*inputs), rewritten(*inputs)
-        error = _relative_error(before, after)
-        assert 0 < error < 1e-2, (type(model).__name__, error)
+
+
+@pytest.mark.parametrize("key", [key for _, key in CASES], ids=[name for name, _ in CASES])
+def test_keeps_shapes_and_structure_and_is_near_identity(metanet, key):
+    model, inputs = _case(key)
+    graph = to_graph(model, inputs)
+    data = graph.data
+    with torch.no_grad():
+        new_x, new_edge_attr, keep = metanet(data, speedup=2.0)
+    assert new_x.shape == data.x.shape and new_x.dtype == data.x.dtype
+    assert new_edge_attr.shape == data.edge_attr.shape
+    assert keep.shape == (len(graph.layers),)
+    assert bool(((keep > 0) & (keep <= 1)).all())
+    # structural columns and slots that hold no parameter never change
+    assert torch.equal(new_x[:, SLOTS:], data.x[:, SLOTS:])
+    slots_free = ~data.x_param_mask
+    assert torch.equal(new_x[:, :SLOTS][slots_free], data.x[:, :SLOTS][slots_free])
+    # the untrained rewrite is a small, real change
+    assert not torch.equal(new_edge_attr, data.edge_attr)
+    rewritten = graph.write_back(new_x, new_edge_attr)
+    with torch.no_grad():
+        before, after = model(*inputs), rewritten(*inputs)
+    error = _relative_error(before, after)
+    assert 0 < error < 1e-2, (type(model).__name__, error)
 
 
 def _relative_changes(metanet, model, inputs):
