@@ -173,9 +173,10 @@ def test_group_sparsity_is_differentiable_and_shrinks_with_the_groups():
     x = graph.data.x.clone().requires_grad_()
     edge_attr = graph.data.edge_attr.clone().requires_grad_()
     norms = regularizer.group_norms(x, edge_attr)
-    # ResNet-20: every hidden conv channel is its own group; the three residual streams
-    # (16, 32, 64 channels, each coupled through its identity edges) are groups too
-    assert regularizer.num_groups > 0 and bool((norms > 0).all())
+    # ResNet-20: each block's first conv channel is its own group (3 blocks per stage of 16,
+    # 32, 64), each channel of a stage's residual stream one more; input/output are left out
+    assert regularizer.num_groups == 3 * (16 + 32 + 64) + (16 + 32 + 64)
+    assert bool((norms > 0).all())
     loss = regularizer(x, edge_attr)
     loss.backward()
     assert edge_attr.grad.abs().sum() > 0
