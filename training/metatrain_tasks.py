@@ -1,0 +1,143 @@
+"""Corpus models as meta-training tasks: loaded once, graph and regulariser cached, and the
+meta-training loss of one step.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from metaprune.data import load_dataset
+from metaprune.errors import InvalidTargetError
+from metaprune.formats import load_model
+from metaprune.graph import to_graph
+from metaprune.metanet import GroupSparsity, metanet_parameters
+from metaprune.training.corpus_store import finished_metadata
+
+
+class _Task:
+    """One corpus model ready for meta-training steps."""
+
+    def __init__(self, model, example_inputs, graph, regularizer, reg_scale, batches):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.graph = graph
+        self.regularizer = regularizer
+        self.reg_scale = reg_scale  # the regulariser on the original weights
+        self._batches = batches  # an endless iterator over the training loader
+
+    def next_batch(self):
+        return next(self._batches)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset(name: str, cache: str | None):
+    # `cache` keys the entry so a changed $METAPRUNE_CACHE is honoured.
+    return load_dataset(name)
+
+
+class CorpusTasks:
+    """The models of a corpus folder, split into training and held-out ids, loaded lazily.
+
+    Args:
+        folder: the corpus folder (``ID.safetensors`` + ``ID.json`` + ``ID.meta.json``).
+        families, datasets: keep only these (empty or None: all).
+        max_models: keep at most this many training models (None: all).
+        batch_size: training batch size of every model's loader.
+
+    Example::
+
+        tasks = CorpusTasks("/work/corpus", datasets=["mnist1d"])
+        loss, task_loss, reg = meta_loss(metanet, tasks, tasks.train_ids[0], 2.0, lam=0.1)
+    """
+
+    def __init__(self, folder, *, families=None, datasets=None, max_models=None,
+                 batch_size: int = 64):
+        self.folder = Path(folder)
+        self.batch_size = batch_size
+        metadata = finished_metadata(self.folder)
+        kept = {
+            model_id: meta for model_id, meta in sorted(metadata.items())
+            if (not families or meta["family"] in families)
+            and (not datasets or meta["dataset"] in datasets)
+        }
+        if not kept:
+            raise InvalidTargetError(
+                f"no corpus model in {self.folder} (families {families or 'all'}, "
+                f"datasets {datasets or 'all'})")
+        self.meta = kept
+        self.train_ids = [key for key, meta in kept.items() if not meta.get("held_out")]
+        self.held_out_ids = [key for key, meta in kept.items() if meta.get("held_out")]
+        if max_models is not None:
+            self.train_ids = self.train_ids[:max_models]
+        self._tasks: dict[str, _Task] = {}
+
+    def model(self, model_id: str):
+        """A fresh (model, example_inputs) of a corpus model, in eval mode."""
+        model, example_inputs = load_model(self.folder / self.meta[model_id]["weights"])
+        return model.eval(), example_inputs
+
+    def loaders(self, model_id: str):
+        """(train_loader, test_loader) of the model's dataset, with its recorded subset."""
+        meta = self.meta[model_id]
+        data = _dataset(meta["dataset"], os.environ.get("METAPRUNE_CACHE"))
+        return data.loaders(self.batch_size, seed=int(meta.get("model_seed", 0)),
+                            train_subset=meta.get("train_subset"))
+
+    def task(self, model_id: str) -> _Task:
+        """The cached task of a model (graph, regulariser, batches), built on first use."""
+        if model_id not in self._tasks:
+            model, example_inputs = self.model(model_id)
+            # eval mode: batch norm uses (rewritten) running statistics, so a step's loss is
+            # the loss of the network that will be pruned, not of a batch-statistics variant
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            graph = to_graph(model, example_inputs)
+            regularizer = GroupSparsity(graph)
+            with torch.no_grad():
+                scale = float(regularizer(graph.data.x, graph.data.edge_attr))
+            batches = _endless(self.loaders(model_id)[0])
+            self._tasks[model_id] = _Task(model, example_inputs, graph, regularizer,
+                                          max(scale, 1e-12), batches)
+        return self._tasks[model_id]
+
+
+def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: float):
+    """``task_loss + lam * reg`` of one batch; returns (loss, task_loss, reg), differentiable.
+
+    ``reg`` is the group lasso of the rewritten weights divided by its value on the original
+    weights (1.0 means "as sparse as before"), so `lam` weighs it alike on every model.
+    """
+    task = tasks.task(model_id)
+    inputs, labels = task.next_batch()
+    new_x, new_edge_attr, _ = metanet(task.graph.data, speedup)
+    params = metanet_parameters_from(task.graph, new_x, new_edge_attr)
+    logits = torch.func.functional_call(task.model, params, (inputs,))
+    task_loss = F.cross_entropy(logits, labels)
+    reg = task.regularizer(new_x, new_edge_attr) / task.reg_scale
+    return task_loss + lam * reg, task_loss, reg
+
+
+def metanet_parameters_from(graph, new_x, new_edge_attr):
+    """`metanet_parameters` for features already computed (one metanetwork forward per step
+    serves both the task loss and the regulariser)."""
+    return metanet_parameters(_Precomputed(new_x, new_edge_attr), graph)
+
+
+class _Precomputed:
+    """Stands in for the metanetwork in `metanet_parameters`: returns given features."""
+
+    def __init__(self, new_x, new_edge_attr):
+        self._outputs = (new_x, new_edge_attr, None)
+
+    def __call__(self, data, speedup=None):
+        return self._outputs
