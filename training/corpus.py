@@ -189,8 +189,9 @@ def start_ray(workers: int, address: str | None) -> None:
     if address:
         ray.init(address=address, configure_logging=False)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 configure_logging=False)
+        # address="local": always a new private cluster, never one a `ray start` left running.
+        ray.init(address="local", num_cpus=workers, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 def build_corpus(
