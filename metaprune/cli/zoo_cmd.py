@@ -55,7 +55,9 @@ def _register_build(actions) -> None:
                        help="comma-separated dataset ids (default: %(default)s)")
     build.add_argument("--count", type=int, required=True,
                        help="models in all, spread round-robin over (family, dataset) pairs")
-    build.add_argument("--out", required=True, metavar="DIR", help="the corpus folder")
+    build.add_argument("--out", metavar="DIR",
+                       help="the corpus folder (default: $METAPRUNE_CACHE/corpus, i.e. "
+                       "~/.cache/metaprune/corpus)")
     build.add_argument("--epochs", type=int, default=6,
                        help="most training epochs; each recipe draws between half and this")
     build.add_argument("--train-subset", type=int, metavar="K",
@@ -118,6 +120,7 @@ def _show(args) -> int:
 
 def _build(args) -> int:
     # The one place a pipeline is imported: lazily, so `metaprune --help` stays light.
+    from metaprune.data import cache_dir
     from metaprune.training.corpus import build_corpus
     from metaprune.training.corpus_plan import plan_corpus
 
@@ -132,5 +135,7 @@ def _build(args) -> int:
         held_out_every=args.held_out_every,
         unseen_held_out=args.unseen_held_out,
     )
-    summary = build_corpus(tasks, args.out, workers=args.workers, ray_address=args.ray_address)
+    # The corpus is a cache, not a source file: it lives beside the datasets by default.
+    folder = args.out or cache_dir() / "corpus"
+    summary = build_corpus(tasks, folder, workers=args.workers, ray_address=args.ray_address)
     return 1 if summary["failed"] else 0
