@@ -7,8 +7,8 @@ weights, divided by its value on the original weights so ``lam`` means the same 
 of 2k and one of 200k parameters. AdamW on the metanetwork.
 
 Each Ray Train worker takes its own shard of the training models; gradients are averaged with
-an all-reduce (gloo) after every step, so every worker holds the same metanetwork. Worker 0
-writes ``OUT_DIR/metrics.jsonl`` and one checkpoint per epoch (``OUT_DIR/checkpoints/``);
+an all-reduce (gloo, loopback only) after every step, so every worker holds the same
+metanetwork. Worker 0 writes ``OUT_DIR/metrics.jsonl`` and one checkpoint per epoch (``OUT_DIR/checkpoints/``);
 a new run in the same folder resumes from the latest one. At the end every saved checkpoint is
 validated by a prune-and-fine-tune on held-out corpus models (`validate_checkpoint`) and the
 best is copied to the requested path.
@@ -31,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,15 +185,34 @@ def train_locally(config: MetaTrainConfig) -> Path | None:
     return run_training(config)
 
 
-def _ray_worker_loop(config_dict: dict) -> None:
+def _join_process_group(store_path: str, rank: int, world_size: int) -> None:
+    """A gloo process group over a file store and the loopback interface.
+
+    Not Ray's torch backend: its TCPStore listens on every interface, and nothing of a
+    meta-training run should be reachable from outside the machine. A `FileStore` listens
+    nowhere, and ``GLOO_SOCKET_IFNAME=lo`` keeps gloo's pair sockets on 127.0.0.1.
+    (A multi-machine cluster would need a shared folder and another interface.)
+    """
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+
+
+def _ray_worker_loop(loop_config: dict) -> None:
     """The Ray Train worker body: rank and world size from the train context."""
     import ray.train
+    import torch.distributed as dist
     from ray.train import Checkpoint
 
-    config = MetaTrainConfig(**config_dict)
+    config = MetaTrainConfig(**loop_config["config"])
     if config.cache:
         os.environ["METAPRUNE_CACHE"] = config.cache
     context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    if world_size > 1:
+        _join_process_group(loop_config["store"], rank, world_size)
 
     def report(metrics: dict, checkpoint_path: Path | None) -> None:
         if checkpoint_path is None:
@@ -203,8 +223,11 @@ def _ray_worker_loop(config_dict: dict) -> None:
                 shutil.copy2(source, Path(folder) / source.name)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
 
-    run_training(config, rank=context.get_world_rank(), world_size=context.get_world_size(),
-                 report=report)
+    try:
+        run_training(config, rank=rank, world_size=world_size, report=report)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
 
 
 def train_with_ray(config: MetaTrainConfig, *, workers: int = 2,
@@ -212,12 +235,14 @@ def train_with_ray(config: MetaTrainConfig, *, workers: int = 2,
     """Run `run_training` on `workers` Ray Train workers (one CPU, one torch thread each).
 
     Starts a private Ray bound to 127.0.0.1 unless `ray_address` (or a running Ray) is given.
+    The workers average gradients through a gloo process group of their own (see
+    `_join_process_group`), so Ray's `DataParallelTrainer` is used without its torch backend.
     Returns Ray Train's `Result`.
     """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from metaprune.training.corpus import start_ray
 
@@ -228,20 +253,22 @@ def train_with_ray(config: MetaTrainConfig, *, workers: int = 2,
     config = MetaTrainConfig(**{**config.to_dict(), "out_dir": str(out_dir),
                                 "corpus": str(Path(config.corpus).resolve()),
                                 "cache": config.cache or os.environ.get("METAPRUNE_CACHE")})
+    # a fresh rendezvous file per run: a FileStore must not find a previous run's keys
+    store = out_dir / f"process-group-{uuid.uuid4().hex}.store"
     started_here = not ray.is_initialized()
     if started_here:
         start_ray(workers, ray_address)
     try:
-        trainer = TorchTrainer(
+        trainer = DataParallelTrainer(
             _ray_worker_loop,
-            train_loop_config=config.to_dict(),
-            torch_config=TorchConfig(backend="gloo"),
+            train_loop_config={"config": config.to_dict(), "store": str(store)},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                          resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=str(out_dir / "ray_results"), name="metatrain"),
         )
         return trainer.fit()
     finally:
+        store.unlink(missing_ok=True)
         if started_here:
             ray.shutdown()
 
