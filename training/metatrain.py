@@ -1,7 +1,7 @@
 """Meta-training of the metanetwork on a corpus of trained models, data-parallel with Ray Train.
 
 One step: draw a corpus model and a batch of its dataset, rewrite the model's weights with the
-metanetwork (`metanet_parameters`), and minimise the task loss of the rewritten model
+metanetwork (`parameters_from_features`), and minimise the task loss of the rewritten model
 (`torch.func.functional_call`) plus ``lam`` times the DepGraph group-lasso of the rewritten
 weights, divided by its value on the original weights so ``lam`` means the same for a model
 of 2k and one of 200k parameters. AdamW on the metanetwork.

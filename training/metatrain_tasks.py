@@ -15,7 +15,7 @@ from metaprune.data import load_dataset
 from metaprune.errors import InvalidTargetError
 from metaprune.formats import load_model
 from metaprune.graph import to_graph
-from metaprune.metanet import GroupSparsity, metanet_parameters
+from metaprune.metanet import GroupSparsity, parameters_from_features
 from metaprune.training.corpus_store import finished_metadata
 
 
@@ -120,24 +120,8 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     task = tasks.task(model_id)
     inputs, labels = task.next_batch()
     new_x, new_edge_attr, _ = metanet(task.graph.data, speedup)
-    params = metanet_parameters_from(task.graph, new_x, new_edge_attr)
+    params = parameters_from_features(task.graph, new_x, new_edge_attr)
     logits = torch.func.functional_call(task.model, params, (inputs,))
     task_loss = F.cross_entropy(logits, labels)
     reg = task.regularizer(new_x, new_edge_attr) / task.reg_scale
     return task_loss + lam * reg, task_loss, reg
-
-
-def metanet_parameters_from(graph, new_x, new_edge_attr):
-    """`metanet_parameters` for features already computed (one metanetwork forward per step
-    serves both the task loss and the regulariser)."""
-    return metanet_parameters(_Precomputed(new_x, new_edge_attr), graph)
-
-
-class _Precomputed:
-    """Stands in for the metanetwork in `metanet_parameters`: returns given features."""
-
-    def __init__(self, new_x, new_edge_attr):
-        self._outputs = (new_x, new_edge_attr, None)
-
-    def __call__(self, data, speedup=None):
-        return self._outputs

@@ -22,7 +22,12 @@ Example::
 """
 
 from metaprune.metanet.checkpoint import read_metanet, save_metanet, validate_config
-from metaprune.metanet.network import DEFAULT_SPEEDUP, MetaNetwork, metanet_parameters
+from metaprune.metanet.network import (
+    DEFAULT_SPEEDUP,
+    MetaNetwork,
+    metanet_parameters,
+    parameters_from_features,
+)
 from metaprune.metanet.policy import group_policy, policy_targets
 from metaprune.metanet.regularizer import GroupSparsity, group_sparsity
 from metaprune.metanet.seam import LoadedMetanet, load_metanet
@@ -36,6 +41,7 @@ __all__ = [
     "group_sparsity",
     "load_metanet",
     "metanet_parameters",
+    "parameters_from_features",
     "policy_targets",
     "read_metanet",
     "save_metanet",

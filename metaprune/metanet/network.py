@@ -186,6 +186,15 @@ def metanet_parameters(metanet: MetaNetwork, graph, speedup=None) -> dict[str, t
         loss.backward()                       # gradients land in metanet.parameters()
     """
     new_x, new_edge_attr, _ = metanet(graph.data, speedup)
+    return parameters_from_features(graph, new_x, new_edge_attr)
+
+
+def parameters_from_features(graph, new_x: torch.Tensor, new_edge_attr: torch.Tensor):
+    """The model's parameters and buffers read from rewritten graph features.
+
+    `metanet_parameters` without the metanetwork forward: meta-training runs the metanetwork once
+    per step and feeds the same features to the task loss (through this) and to the regulariser.
+    """
     params = graph.parameters(new_x, new_edge_attr)
     # Running statistics are estimates, not trained weights (batch_norm refuses gradients
     # through them): their rewritten values are used, detached. A probe with ones in the
