@@ -10,7 +10,7 @@ from torch_geometric.data import Batch
 
 from architectures import build
 from metaprune import zoo
-from metaprune.errors import ModelFormatError
+from metaprune.errors import InvalidTargetError, ModelFormatError
 from metaprune.graph import PARAM_SLOTS, to_graph
 from metaprune.metanet import (
     GroupSparsity,
@@ -191,6 +191,35 @@ def test_group_sparsity_is_differentiable_and_shrinks_with_the_groups():
     assert stepped < loss
 
 
+def test_dropping_groups_acts_like_removing_their_channels():
+    model, inputs = _zoo_model("mlp", (1, 40), {"hidden": [12, 6]})
+    graph = to_graph(model, inputs)
+    regularizer = GroupSparsity(graph)
+    norms = regularizer.group_norms(graph.data.x, graph.data.edge_attr)
+    dropped = regularizer.weakest_groups(norms, 0.34)
+    # per hidden layer, floor(0.34 * width) groups: 4 of 12 and 2 of 6
+    assert int(dropped.sum()) == 4 + 2
+    x, edge_attr = regularizer.drop_groups(graph.data.x, graph.data.edge_attr, dropped)
+    masked = graph.write_back(x, edge_attr)
+    # the same channels zeroed by hand: the weakest rows of each hidden layer by group norm
+    by_hand = graph.write_back()
+    linears = [m for m in by_hand.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer, after, count in ((linears[0], linears[1], 4), (linears[1], linears[2], 2)):
+            outgoing = after.weight.square().sum(0)
+            group_norm = (layer.weight.square().sum(1) + layer.bias.square() + outgoing).sqrt()
+            weakest = torch.argsort(group_norm)[:count]
+            layer.weight[weakest] = 0
+            layer.bias[weakest] = 0
+            after.weight[:, weakest] = 0
+    assert torch.allclose(masked(*inputs), by_hand(*inputs), atol=1e-6)
+    assert not torch.allclose(masked(*inputs), model(*inputs), atol=1e-3)
+    # nothing dropped: the features are unchanged
+    same = regularizer.drop_groups(graph.data.x, graph.data.edge_attr,
+                                   torch.zeros_like(dropped))
+    assert torch.equal(same[0], graph.data.x) and torch.equal(same[1], graph.data.edge_attr)
+
+
 def test_save_load_gives_identical_outputs(tmp_path, metanet):
     path = save_metanet(metanet, tmp_path / "metanet.safetensors", training={"steps": 0})
     document = json.loads((tmp_path / "metanet.json").read_text())
@@ -299,9 +328,32 @@ def test_prune_runs_through_the_metanet_seam(tmp_path):
     config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 16])
     model = zoo.build("cnn1d", config)
     result = prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
-                   data="mnist1d", speedup=2.0, finetune_epochs=1)
+                   data="mnist1d", speedup=2.0, finetune_epochs=3)
     report = result.report
-    assert report["method"] == "metanet" and report["allocation"] == "metanet"
+    # an untrained sparsity head is not asked: the engine's global ranking allocates
+    assert report["method"] == "metanet" and report["allocation"] == "global"
     assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+    # the budget of 3 epochs is split: 1 after the rewrite, 2 after pruning
     assert report["finetune"]["epochs_after_metanet"] == 1
+    assert report["finetune"]["epochs_after_prune"] == 2
     assert "metanet" in report["seconds"]
+
+
+def test_a_trained_sparsity_head_allocates_and_the_split_is_configurable(tmp_path):
+    from metaprune.pruning import prune
+
+    torch.manual_seed(0)
+    path = save_metanet(MetaNetwork(hidden=8, num_layers=1), tmp_path / "head.safetensors",
+                        training={"sparsity_head_trained": True})
+    config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 16])
+    model = zoo.build("cnn1d", config)
+    result = prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
+                   data="mnist1d", speedup=2.0, finetune_epochs=1,
+                   finetune={"metanet_epochs": 1})
+    report = result.report
+    assert report["allocation"] == "metanet"
+    assert report["finetune"]["epochs_after_metanet"] == 1
+    assert report["finetune"]["epochs_after_prune"] == 0
+    with pytest.raises(InvalidTargetError, match="exceeds finetune_epochs"):
+        prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
+              data="mnist1d", speedup=2.0, finetune_epochs=1, finetune={"metanet_epochs": 2})

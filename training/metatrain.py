@@ -4,7 +4,9 @@ One step: draw a corpus model and a batch of its dataset, rewrite the model's we
 metanetwork (`parameters_from_features`), and minimise the task loss of the rewritten model
 (`torch.func.functional_call`) plus ``lam`` times the DepGraph group-lasso of the rewritten
 weights, divided by its value on the original weights so ``lam`` means the same for a model
-of 2k and one of 200k parameters. AdamW on the metanetwork.
+of 2k and one of 200k parameters, plus ``prune_weight`` times the task loss of the rewritten
+model with each layer's weakest channel groups zeroed (what pruning to the step's speed-up
+would remove; see `meta_loss`). AdamW on the metanetwork.
 
 Each Ray Train worker takes its own shard of the training models; gradients are averaged with
 an all-reduce (gloo, loopback only) after every step, so every worker holds the same
@@ -63,6 +65,7 @@ class MetaTrainConfig:
     lr: float = 1e-3  # AdamW learning rate of the metanetwork
     weight_decay: float = 1e-4  # AdamW weight decay
     lam: float = 0.1  # weight of the normalised group-sparsity term
+    prune_weight: float = 1.0  # weight of the loss with each layer's weakest groups zeroed
     speedups: tuple = (1.5, 2.0, 3.0)  # speed-up targets the metanetwork is conditioned on
     hidden: int = 32  # MetaNetwork width (new runs only; a resumed run keeps its own)
     num_layers: int = 3  # MetaNetwork message-passing rounds
@@ -154,7 +157,8 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
             started = time.perf_counter()
             model_id = rng.choice(shard)
             speedup = rng.choice(config.speedups)
-            loss, task_loss, reg = meta_loss(metanet, tasks, model_id, speedup, config.lam)
+            loss, task_loss, reg, pruned_loss = meta_loss(
+                metanet, tasks, model_id, speedup, config.lam, config.prune_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _average_gradients(metanet, world_size)
@@ -164,6 +168,7 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
                 _append_json(out_dir / METRICS_FILE, {
                     "step": step, "epoch": epoch + 1, "model": model_id, "speedup": speedup,
                     "loss": loss.item(), "task_loss": task_loss.item(), "reg": reg.item(),
+                    "pruned_loss": pruned_loss.item(),
                     "seconds": round(time.perf_counter() - started, 4),
                     "workers": world_size})
         checkpoint = None

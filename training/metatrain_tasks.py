@@ -111,11 +111,26 @@ class CorpusTasks:
         return self._tasks[model_id]
 
 
-def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: float):
-    """``task_loss + lam * reg`` of one batch; returns (loss, task_loss, reg), differentiable.
+def dropped_fraction(speedup: float) -> float:
+    """Share of each layer's channel groups a uniform prune to `speedup` removes.
 
-    ``reg`` is the group lasso of the rewritten weights divided by its value on the original
-    weights (1.0 means "as sparse as before"), so `lam` weighs it alike on every model.
+    MACs scale with kept-in x kept-out channels, so a uniform keep ratio is ``speedup ** -0.5``.
+    """
+    return 1.0 - float(speedup) ** -0.5
+
+
+def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: float,
+              prune_weight: float = 0.0):
+    """One batch's meta-training loss; returns (loss, task_loss, reg, pruned_loss).
+
+    ``loss = task_loss + lam * reg + prune_weight * pruned_loss``, differentiable:
+    - ``task_loss``: cross-entropy of the rewritten model;
+    - ``reg``: the group lasso of the rewritten weights divided by its value on the original
+      weights (1.0 means "as sparse as before"), so `lam` weighs it alike on every model;
+    - ``pruned_loss``: cross-entropy of the rewritten model with each layer's weakest groups
+      (by the rewritten weights' group norms, `dropped_fraction(speedup)` of them) zeroed, as
+      if pruned. It teaches the metanetwork to move what the network computes into the
+      channels that pruning keeps. Skipped (zero) when `prune_weight` is 0.
     """
     task = tasks.task(model_id)
     inputs, labels = task.next_batch()
@@ -123,5 +138,14 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     params = parameters_from_features(task.graph, new_x, new_edge_attr)
     logits = torch.func.functional_call(task.model, params, (inputs,))
     task_loss = F.cross_entropy(logits, labels)
-    reg = task.regularizer(new_x, new_edge_attr) / task.reg_scale
-    return task_loss + lam * reg, task_loss, reg
+    norms = task.regularizer.group_norms(new_x, new_edge_attr)
+    reg = norms.sum() / task.reg_scale
+    pruned_loss = torch.zeros((), dtype=task_loss.dtype)
+    if prune_weight:
+        dropped = task.regularizer.weakest_groups(norms, dropped_fraction(speedup))
+        pruned_x, pruned_edge_attr = task.regularizer.drop_groups(new_x, new_edge_attr, dropped)
+        pruned_params = parameters_from_features(task.graph, pruned_x, pruned_edge_attr)
+        pruned_logits = torch.func.functional_call(task.model, pruned_params, (inputs,))
+        pruned_loss = F.cross_entropy(pruned_logits, labels)
+    loss = task_loss + lam * reg + prune_weight * pruned_loss
+    return loss, task_loss, reg, pruned_loss

@@ -34,6 +34,9 @@ class FinetuneConfig:
     distill_alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs cross-entropy
     bn_recalibration: bool = True  # re-estimate BatchNorm statistics after the last epoch
     seed: int = 0  # seeds torch/NumPy/Python before training
+    # With a metanetwork, `prune` splits its fine-tune budget: this many epochs right after the
+    # weight rewrite (None: half, rounded down), the rest after pruning. `train` ignores it.
+    metanet_epochs: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -43,6 +46,11 @@ class FinetuneConfig:
                 raise InvalidTargetError(f"finetune {name} must be true or false")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise InvalidTargetError(f"finetune seed must be an integer, got {self.seed!r}")
+        if self.metanet_epochs is not None and (
+                not isinstance(self.metanet_epochs, int) or isinstance(self.metanet_epochs, bool)
+                or self.metanet_epochs < 0):
+            raise InvalidTargetError(
+                f"finetune metanet_epochs must be a whole number >= 0, got {self.metanet_epochs!r}")
         _check_number("lr", self.lr, low=0.0, low_open=True, optional=True)
         _check_number("weight_decay", self.weight_decay, low=0.0, optional=True)
         _check_number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)

@@ -52,6 +52,10 @@ class GroupSparsity:
                                           torch.full_like(component, self.num_groups))
         self._slot_mask = torch.zeros(len(PARAM_SLOTS), dtype=torch.bool)
         self._slot_mask[list(PRUNED_SLOTS)] = True
+        # the layer a group is ranked in: the first layer among its channels
+        in_group = self._group_of_node < self.num_groups
+        self._group_layer = scatter(data.layer.long()[in_group], self._group_of_node[in_group],
+                                    0, self.num_groups, "min")
 
     def group_norms(self, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         """L2 norm of every prunable group's parameters, [num_groups]."""
@@ -76,6 +80,41 @@ class GroupSparsity:
     def __call__(self, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:
         """The group lasso: the sum of `group_norms`."""
         return self.group_norms(x, edge_attr).sum()
+
+    def weakest_groups(self, norms: torch.Tensor, fraction: float) -> torch.Tensor:
+        """[num_groups] bool: in every layer, the `fraction` of its groups with the least norm.
+
+        What L2 pruning with a uniform per-layer ratio would remove (rounded down, so a layer
+        never loses all its groups while `fraction` < 1).
+        """
+        if not 0 <= fraction < 1:
+            raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+        layer = self._group_layer
+        by_norm = torch.argsort(norms.detach(), stable=True)
+        order = by_norm[torch.argsort(layer[by_norm], stable=True)]  # by layer, then by norm
+        counts = torch.bincount(layer, minlength=int(layer.max()) + 1 if layer.numel() else 0)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        rank = rank - first[layer]
+        return rank < torch.floor(counts[layer] * fraction)
+
+    def drop_groups(self, x: torch.Tensor, edge_attr: torch.Tensor, dropped: torch.Tensor):
+        """``(x, edge_attr)`` with the channels of `dropped` groups zeroed, differentiably.
+
+        Every weight into and out of a dropped channel and its bias and norm affine become
+        zero, so the channel outputs nothing: the network behaves as if it were pruned.
+        """
+        dropped_node = torch.cat([dropped, dropped.new_zeros(1)])[self._group_of_node]
+        keep_node = (~dropped_node).to(x.dtype)
+        source, target = self._data.edge_index
+        keep_edge = keep_node[source] * keep_node[target]
+        per_entry = torch.cat([keep_edge[group.edges].repeat_interleave(group.k)
+                               for group in edge_groups(self._data, edge_attr)])
+        slot_keep = torch.where(self._slot_mask, keep_node.unsqueeze(1),
+                                torch.ones_like(keep_node).unsqueeze(1))
+        slots = x[:, :len(PARAM_SLOTS)] * slot_keep
+        return torch.cat([slots, x[:, len(PARAM_SLOTS):]], dim=1), edge_attr * per_entry
 
 
 def group_sparsity(graph, x: torch.Tensor, edge_attr: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,15 @@ class LoadedMetanet:
     def training_metadata(self) -> dict:
         return dict(self.document.get("training", {}))
 
+    @property
+    def head_trained(self) -> bool:
+        """Whether the sparsity head was trained (``training.sparsity_head_trained``).
+
+        An untrained head only echoes the uniform prior, so the engine allocates globally
+        instead of asking it.
+        """
+        return bool(self.training_metadata.get("sparsity_head_trained", False))
+
     def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
         """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
         graph = to_graph(module, _as_tuple(example_inputs))

@@ -202,14 +202,17 @@ def prune(
             (`taylor` and `hessian` need `data`).
         metanet: None, `"default"`, a checkpoint path, or a loaded metanetwork.
         allocation: `"global"` (normalised importance ranked across layers, each layer keeps at
-            least 10 %), `"uniform"`, `"metanet"`, or a policy (dict or JSON path).
+            least 10 %), `"uniform"`, `"metanet"` (the sparsity head's keep ratios; `"global"`
+            when the checkpoint's head is untrained), or a policy (dict or JSON path).
         speedup: MACs before / MACs after to reach (within 2 %).
         params_ratio: params after / params before to reach (within 2 %); not with `speedup`.
         policy: module name -> keep ratio (dict or JSON path); applied as is without a target,
             rescaled to the target with one.
         data: a dataset id, a folder, or a `(train_loader, test_loader)` pair; enables
             accuracy figures, gradient criteria, BN recalibration and fine-tuning.
-        finetune_epochs: epochs of fine-tuning after pruning (needs `data`).
+        finetune_epochs: epochs of fine-tuning in all (needs `data`). Without a metanetwork
+            they all follow pruning; with one they are split: ``finetune["metanet_epochs"]``
+            (default half, rounded down) right after the rewrite, the rest after pruning.
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
             `bn_recalibration`).
 
@@ -246,19 +249,25 @@ def prune(
     with timer.phase("evaluate"):
         accuracy_before = training_bridge.evaluate(work, loaders[1]) if loaders else None
     policy_from_metanet = None
+    after_metanet = training_bridge.metanet_epochs(finetune_epochs, finetune) \
+        if metanet_object is not None else 0
+    after_prune = finetune_epochs - after_metanet
     finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0, "history": []}
+    allocation_used = settings.allocation
     if metanet_object is not None:
         with timer.phase("metanet"):
             work, policy_from_metanet = apply_metanet(
                 metanet_object, work, example_inputs, speedup=speedup, params_ratio=params_ratio)
             if settings.allocation != "metanet":
                 policy_from_metanet = None
-        if finetune_epochs:
+            elif policy_from_metanet is None:
+                allocation_used = "global"  # the metanetwork's sparsity head is not trained
+        if after_metanet:
             with timer.phase("finetune"):
                 finetune_record["history"] += training_bridge.finetune(
-                    work, loaders[0], epochs=finetune_epochs, config=finetune,
+                    work, loaders[0], epochs=after_metanet, config=finetune,
                     eval_loader=loaders[1], teacher=module)
-            finetune_record["epochs_after_metanet"] = finetune_epochs
+            finetune_record["epochs_after_metanet"] = after_metanet
     groups, orders, keys, cost = _plan(work, example_inputs, settings, chosen, loaders, timer)
     try:
         with timer.phase("allocate"):
@@ -277,15 +286,16 @@ def prune(
     skipped_reason = None
     if loaders is None:
         skipped_reason = "no data was given, so the pruned model was not fine-tuned"
-    elif finetune_epochs == 0:
-        skipped_reason = "finetune_epochs is 0"
+    elif after_prune == 0:
+        skipped_reason = "finetune_epochs is 0" if finetune_epochs == 0 else \
+            "the whole fine-tune budget was spent after the metanetwork"
     if loaders is not None:
         # With 0 epochs this only recalibrates BatchNorm statistics (if the config says so).
         with timer.phase("finetune"):
             finetune_record["history"] += training_bridge.finetune(
-                pruned, loaders[0], epochs=finetune_epochs, config=finetune,
-                eval_loader=loaders[1] if finetune_epochs else None, teacher=module)
-            finetune_record["epochs_after_prune"] = finetune_epochs
+                pruned, loaders[0], epochs=after_prune, config=finetune,
+                eval_loader=loaders[1] if after_prune else None, teacher=module)
+            finetune_record["epochs_after_prune"] = after_prune
     with timer.phase("evaluate"):
         accuracy_after = training_bridge.evaluate(pruned, loaders[1]) if loaders else None
     with timer.phase("measure"):
@@ -302,6 +312,6 @@ def prune(
         else finetune_record,
         finetune_skipped_reason=skipped_reason,
         method=method, criterion=settings.criterion,
-        allocation=settings.allocation, seconds=timer.seconds,
+        allocation=allocation_used, seconds=timer.seconds,
     )
     return PruneResult(pruned, report)

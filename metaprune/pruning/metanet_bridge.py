@@ -5,7 +5,9 @@ A loaded metanetwork is any object with two methods:
 - `transform(module, example_inputs) -> nn.Module`: a new module whose weights the metanetwork
   rewrote so that they are easy to prune (the input is left untouched);
 - `layer_keep_ratios(module, example_inputs, *, speedup=None, params_ratio=None)
-  -> dict[str, float]`: module name -> keep ratio, the per-layer sparsity head's answer.
+  -> dict[str, float]`: module name -> keep ratio, the per-layer sparsity head's answer;
+- optionally `head_trained` (bool): False means the head is untrained, so the engine allocates
+  with its global ranking instead.
 
 `metaprune.metanet.load_metanet(path)` returns such an object; the committed checkpoint lives in
 `metaprune/checkpoints/`. Until one is there, asking for the metanetwork is a clear error that
@@ -76,9 +78,12 @@ def load_metanet(metanet):
 
 
 def apply_metanet(metanet, module: nn.Module, example_inputs, *, speedup=None,
-                  params_ratio=None) -> tuple[nn.Module, dict[str, float]]:
-    """Rewrites the weights with the metanetwork and asks it for per-layer keep ratios."""
+                  params_ratio=None) -> tuple[nn.Module, dict[str, float] | None]:
+    """Rewrites the weights with the metanetwork and asks it for per-layer keep ratios
+    (None when its sparsity head is untrained)."""
     transformed = metanet.transform(module, example_inputs)
+    if not getattr(metanet, "head_trained", True):
+        return transformed, None
     ratios = metanet.layer_keep_ratios(transformed, example_inputs, speedup=speedup,
                                        params_ratio=params_ratio)
     return transformed, dict(ratios)

@@ -8,7 +8,7 @@ from importlib import import_module
 
 from torch import nn
 
-from metaprune.errors import MetaPruneError
+from metaprune.errors import InvalidTargetError, MetaPruneError
 
 DATA_BATCH_SIZE = 128
 
@@ -38,6 +38,16 @@ def evaluate(model: nn.Module, loader) -> float:
 def finetune_config(config: dict | None):
     """The validated `FinetuneConfig` (bad settings fail before any pruning work)."""
     return _component("metaprune.finetune", "FinetuneConfig").from_dict(config)
+
+
+def metanet_epochs(total: int, config: dict | None) -> int:
+    """Epochs of the `total` fine-tune budget spent right after the metanetwork's rewrite."""
+    chosen = finetune_config(config).metanet_epochs if config is not None else None
+    epochs = total // 2 if chosen is None else chosen
+    if epochs > total:
+        raise InvalidTargetError(f"finetune metanet_epochs ({epochs}) exceeds finetune_epochs "
+                             f"({total}), the whole budget")
+    return epochs
 
 
 def finetune(model: nn.Module, train_loader, *, epochs: int, config: dict | None,
