@@ -13,7 +13,7 @@ from importlib import import_module
 from metaprune.errors import MetaPruneError
 
 # Order is the order shown by `metaprune --help`.
-COMMANDS = ("data", "bench", "serve", "zoo", "inspect", "prune", "metanet")
+COMMANDS = ("data", "bench", "serve", "zoo", "inspect", "prune", "metanet", "tune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,7 +132,17 @@ def policy_allocation(groups: list[ChannelGroup], keys: list,
 
 
 def load_policy(policy) -> dict[str, float]:
-    """A policy from a dict or a JSON file path: module name -> keep ratio in (0, 1]."""
+    """A policy from a dict or a JSON file path: module name -> keep ratio in (0, 1].
+
+    Either the mapping itself, or a recipe document holding it under ``"policy"`` beside other
+    keys (as ``metaprune tune`` writes: speed-up, dataset, how it scored), which are ignored
+    here. A module's ratio is a number, so a mapping under ``"policy"`` is never a ratio.
+
+    Example::
+
+        load_policy({"conv1": 0.5, "conv2": 0.7})               # {'conv1': 0.5, 'conv2': 0.7}
+        load_policy({"policy": {"conv1": 0.5}, "speedup": 2.0})  # {'conv1': 0.5}
+    """
     if isinstance(policy, (str, Path)):
         path = Path(policy)
         if not path.is_file():
@@ -142,6 +152,8 @@ def load_policy(policy) -> dict[str, float]:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InvalidTargetError(f"policy file {str(path)!r} is not valid JSON: {error}") \
                 from error
+    if isinstance(policy, dict) and isinstance(policy.get("policy"), dict):
+        policy = policy["policy"]
     if not isinstance(policy, dict) or not policy:
         raise InvalidTargetError("a policy must be a non-empty mapping: module name -> keep ratio")
     checked = {}
