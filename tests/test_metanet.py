@@ -199,7 +199,7 @@ def test_dropping_groups_acts_like_removing_their_channels():
     dropped = regularizer.weakest_groups(norms, 0.34)
     # per hidden layer, floor(0.34 * width) groups: 4 of 12 and 2 of 6
     assert int(dropped.sum()) == 4 + 2
-    x, edge_attr = regularizer.drop_groups(graph.data.x, graph.data.edge_attr, dropped)
+    x, edge_attr = regularizer.drop_groups(graph.data.x, graph.data.edge_attr, ~dropped)
     masked = graph.write_back(x, edge_attr)
     # the same channels zeroed by hand: the weakest rows of each hidden layer by group norm
     by_hand = graph.write_back()
@@ -216,8 +216,21 @@ def test_dropping_groups_acts_like_removing_their_channels():
     assert not torch.allclose(masked(*inputs), model(*inputs), atol=1e-3)
     # nothing dropped: the features are unchanged
     same = regularizer.drop_groups(graph.data.x, graph.data.edge_attr,
-                                   torch.zeros_like(dropped))
+                                   torch.ones_like(dropped))
     assert torch.equal(same[0], graph.data.x) and torch.equal(same[1], graph.data.edge_attr)
+
+
+def test_keep_gates_are_hard_forward_and_soft_backward():
+    model, inputs = _zoo_model("mlp", (1, 40), {"hidden": [12, 6]})
+    graph = to_graph(model, inputs)
+    regularizer = GroupSparsity(graph)
+    norms = regularizer.group_norms(graph.data.x, graph.data.edge_attr).requires_grad_()
+    gates = regularizer.keep_gates(norms, 0.34)
+    hard = (~regularizer.weakest_groups(norms, 0.34)).float()
+    assert torch.allclose(gates.detach(), hard, atol=1e-6)
+    # the gradient of the kept count rewards raising the norms nearest the threshold
+    gates.sum().backward()
+    assert bool((norms.grad >= 0).all()) and norms.grad.sum() > 0
 
 
 def test_save_load_gives_identical_outputs(tmp_path, metanet):

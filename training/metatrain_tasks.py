@@ -130,7 +130,9 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     - ``pruned_loss``: cross-entropy of the rewritten model with each layer's weakest groups
       (by the rewritten weights' group norms, `dropped_fraction(speedup)` of them) zeroed, as
       if pruned. It teaches the metanetwork to move what the network computes into the
-      channels that pruning keeps. Skipped (zero) when `prune_weight` is 0.
+      channels that pruning keeps, and (through `GroupSparsity.keep_gates`' straight-through
+      gradient) to give the norms that make L2 keep the right channels. Skipped (zero) when
+      `prune_weight` is 0.
     """
     task = tasks.task(model_id)
     inputs, labels = task.next_batch()
@@ -142,8 +144,8 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     reg = norms.sum() / task.reg_scale
     pruned_loss = torch.zeros((), dtype=task_loss.dtype)
     if prune_weight:
-        dropped = task.regularizer.weakest_groups(norms, dropped_fraction(speedup))
-        pruned_x, pruned_edge_attr = task.regularizer.drop_groups(new_x, new_edge_attr, dropped)
+        keep = task.regularizer.keep_gates(norms, dropped_fraction(speedup))
+        pruned_x, pruned_edge_attr = task.regularizer.drop_groups(new_x, new_edge_attr, keep)
         pruned_params = parameters_from_features(task.graph, pruned_x, pruned_edge_attr)
         pruned_logits = torch.func.functional_call(task.model, pruned_params, (inputs,))
         pruned_loss = F.cross_entropy(pruned_logits, labels)

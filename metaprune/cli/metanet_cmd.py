@@ -6,6 +6,8 @@ The pipeline lives in `metaprune.training.metatrain`, imported only inside the h
 import json
 from pathlib import Path
 
+from metaprune.errors import InvalidTargetError
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("metanet", help="meta-train the metanetwork")
@@ -31,6 +33,11 @@ def register(subparsers) -> None:
                        help="steps per epoch on each worker (default 40)")
     train.add_argument("--lam", type=float, default=0.1,
                        help="weight of the normalised group-sparsity term (default 0.1)")
+    train.add_argument("--prune-weight", type=float, default=1.0,
+                       help="weight of the loss with each layer's weakest groups zeroed "
+                       "(default 1.0)")
+    train.add_argument("--residual-scale", type=float, default=1e-3,
+                       help="the metanetwork's delta multiplier, new runs only (default 1e-3)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     train.add_argument("--families", default="", help="comma-separated families (default all)")
     train.add_argument("--datasets", default="", help="comma-separated datasets (default all)")
@@ -41,6 +48,34 @@ def register(subparsers) -> None:
                        help="train in this process (one worker, no Ray)")
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train)
+    _register_evaluate(actions)
+
+
+def _register_evaluate(actions) -> None:
+    evaluate = actions.add_parser(
+        "evaluate",
+        help="on held-out corpus models: what the rewrite changes, and metanet+l2 vs classic",
+        description="Evidence on the corpus's held-out models: relative weight change, "
+        "accuracy right after a 2x l2 prune (no fine-tune) and the group-norm energy that "
+        "prune drops, for the original and the rewritten weights; then metanet + l2 against "
+        "classic criteria at each speed-up with the same total fine-tune epochs, mean ± "
+        "standard error over models (seeds averaged per model).",
+    )
+    evaluate.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    evaluate.add_argument("--metanet", default="default", metavar="CKPT",
+                          help="checkpoint (default: the committed one)")
+    evaluate.add_argument("--models", default="", metavar="IDS",
+                          help="comma-separated model ids (default: every held-out model)")
+    evaluate.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
+    evaluate.add_argument("--seeds", default="0,1", help="fine-tune seeds (default 0,1)")
+    evaluate.add_argument("--finetune-epochs", type=int, default=4,
+                          help="total fine-tune epochs of every method (default 4)")
+    evaluate.add_argument("--criteria", default="l2,bn_scale,l1",
+                          help="classic criteria to compare with (default l2,bn_scale,l1)")
+    evaluate.add_argument("--skip-comparison", action="store_true",
+                          help="only the evidence on the rewrite, no prune + fine-tune table")
+    evaluate.add_argument("--out", metavar="FILE", help="write every figure as JSON here")
+    evaluate.set_defaults(handler=_evaluate)
 
 
 def _names(text: str) -> list:
@@ -61,6 +96,7 @@ def _train(args) -> int:
     config = MetaTrainConfig(
         corpus=args.corpus, out_dir=str(run_dir), epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, lam=args.lam, seed=args.seed,
+        prune_weight=args.prune_weight, residual_scale=args.residual_scale,
         families=_names(args.families), datasets=_names(args.datasets))
     if args.no_ray:
         train_locally(config)
@@ -73,4 +109,51 @@ def _train(args) -> int:
         print(f"validated {Path(record['checkpoint']).name}: mean accuracy "
               f"{record['score']:.4f} {json.dumps(record['accuracies'])}")
     print(f"best {Path(selection['best']['checkpoint']).name} -> {selection['out']}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import statistics
+
+    from metaprune.pruning.metanet_bridge import default_checkpoint
+    from metaprune.training.metanet_eval import (
+        compare_methods,
+        mean_and_error,
+        summarize_runs,
+        transform_evidence,
+    )
+    from metaprune.training.metatrain_tasks import CorpusTasks
+
+    checkpoint = default_checkpoint() if args.metanet == "default" else Path(args.metanet)
+    if checkpoint is None or not Path(checkpoint).is_file():
+        raise InvalidTargetError(f"no metanetwork checkpoint at {args.metanet!r}")
+    ids = _names(args.models) or CorpusTasks(args.corpus).held_out_ids
+    evidence = transform_evidence(checkpoint, args.corpus, ids)
+    print("model                       change  acc  acc'  pruned  pruned'  dropped  dropped'")
+    for row in evidence:
+        print(f"{row['model']:27s} {row['relative_change']:.3f}  {row['accuracy']:.3f} "
+              f"{row['accuracy_rewritten']:.3f}  {row['pruned_accuracy']:.3f}   "
+              f"{row['pruned_accuracy_rewritten']:.3f}    {row['dropped_energy']:.3f}    "
+              f"{row['dropped_energy_rewritten']:.3f}")
+    for key in ("relative_change", "pruned_accuracy", "pruned_accuracy_rewritten",
+                "dropped_energy", "dropped_energy_rewritten"):
+        mean, error = mean_and_error([row[key] for row in evidence])
+        print(f"mean {key}: {mean:.4f} ± {error:.4f}")
+    figures = {"checkpoint": str(checkpoint), "evidence": evidence}
+    if not args.skip_comparison:
+        runs = compare_methods(
+            checkpoint, args.corpus, ids,
+            speedups=[float(value) for value in _names(args.speedups)],
+            seeds=[int(value) for value in _names(args.seeds)],
+            finetune_epochs=args.finetune_epochs, criteria=_names(args.criteria))
+        table = summarize_runs(runs)
+        print(f"accuracy after prune + {args.finetune_epochs} fine-tune epochs "
+              "(mean ± s.e. over models):")
+        for row in table:
+            print(f"  {row['speedup']:g}x  {row['method']:11s} {100 * row['mean']:.2f} ± "
+                  f"{100 * row['error']:.2f}  ({row['models']} models, {row['runs']} runs)")
+        figures.update(runs=runs, table=table,
+                       seconds=statistics.fsum(run["seconds"] for run in runs))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=1))
     return 0

@@ -99,14 +99,42 @@ class GroupSparsity:
         rank = rank - first[layer]
         return rank < torch.floor(counts[layer] * fraction)
 
-    def drop_groups(self, x: torch.Tensor, edge_attr: torch.Tensor, dropped: torch.Tensor):
-        """``(x, edge_attr)`` with the channels of `dropped` groups zeroed, differentiably.
+    def keep_gates(self, norms: torch.Tensor, fraction: float,
+                   temperature: float = 0.1) -> torch.Tensor:
+        """[num_groups] 0/1 keep gates of a uniform `fraction` L2 prune, with soft gradients.
 
-        Every weight into and out of a dropped channel and its bias and norm affine become
-        zero, so the channel outputs nothing: the network behaves as if it were pruned.
+        The forward value is ``~weakest_groups(norms, fraction)`` (to rounding); the gradient
+        is the one of ``sigmoid((norm - threshold) / (temperature * layer mean norm))``
+        (straight through), the threshold lying halfway between a layer's strongest dropped
+        and weakest kept group. So a loss on the gated network tells which groups should have
+        been kept: raising their norms above the threshold, or lowering others below it, is
+        rewarded.
         """
-        dropped_node = torch.cat([dropped, dropped.new_zeros(1)])[self._group_of_node]
-        keep_node = (~dropped_node).to(x.dtype)
+        dropped = self.weakest_groups(norms, fraction)
+        layer = self._group_layer
+        num_layers = int(layer.max()) + 1 if layer.numel() else 0
+        detached = norms.detach()
+        inf = torch.full_like(detached, float("inf"))
+        top_dropped = scatter(torch.where(dropped, detached, -inf), layer, 0, num_layers, "max")
+        low_kept = scatter(torch.where(dropped, inf, detached), layer, 0, num_layers, "min")
+        threshold = ((top_dropped + low_kept) / 2)[layer]
+        scale = scatter(detached, layer, 0, num_layers, "mean")[layer].clamp_min(1e-12)
+        soft = torch.sigmoid((norms - threshold) / (temperature * scale))
+        # layers that drop nothing have threshold -inf: their gates are 1 with no gradient
+        soft = torch.where(torch.isfinite(threshold), soft, torch.ones_like(soft))
+        hard = (~dropped).to(norms.dtype)
+        return hard + soft - soft.detach()
+
+    def drop_groups(self, x: torch.Tensor, edge_attr: torch.Tensor, keep: torch.Tensor):
+        """``(x, edge_attr)`` with every group's channels multiplied by its `keep` gate.
+
+        `keep` is [num_groups], bool or float (e.g. `keep_gates`). A gate of 0 zeroes every
+        weight into and out of the group's channels and their bias and norm affine, so the
+        channels output nothing: the network behaves as if they were pruned. Differentiable
+        in `x`, `edge_attr` and a float `keep`.
+        """
+        keep = keep.to(x.dtype)
+        keep_node = torch.cat([keep, keep.new_ones(1)])[self._group_of_node]
         source, target = self._data.edge_index
         keep_edge = keep_node[source] * keep_node[target]
         per_entry = torch.cat([keep_edge[group.edges].repeat_interleave(group.k)
