@@ -12,6 +12,7 @@ from architectures import build
 from metaprune import zoo
 from metaprune.errors import InvalidTargetError, ModelFormatError
 from metaprune.graph import PARAM_SLOTS, to_graph
+from metaprune.graph.features import SCALAR
 from metaprune.metanet import (
     GroupSparsity,
     LoadedMetanet,
@@ -89,6 +90,30 @@ def test_keeps_shapes_and_structure_and_is_near_identity(metanet, key):
         before, after = model(*inputs), rewritten(*inputs)
     error = _relative_error(before, after)
     assert 0 < error < 1e-2, (type(model).__name__, error)
+
+
+def test_channel_gates_scale_whole_channels_and_spare_the_outputs():
+    torch.manual_seed(0)
+    gated = MetaNetwork(hidden=8, num_layers=1, residual_scale=1e-6, gate_range=3.0).eval()
+    with torch.no_grad():
+        gated.gate_decoder[-1].bias.fill_(-0.5)  # as if trained to fade every channel
+    gain = float(torch.exp(3.0 * torch.tanh(torch.tensor(-0.5))))
+    model, inputs = _zoo_model("mlp", (1, 40), {"hidden": [12]})
+    graph = to_graph(model, inputs)
+    with torch.no_grad():
+        new_x, new_edge_attr, _ = gated(graph.data)
+        rewritten = graph.write_back(new_x, new_edge_attr)
+        head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        # ReLU is positively homogeneous: the hidden channels' gate scales the logits' input
+        expected = gain * (model(*inputs) - head.bias) + head.bias
+        assert torch.allclose(rewritten(*inputs), expected, rtol=1e-4, atol=1e-5)
+    # the model's output channels keep their bias
+    output = graph.data.x[:, SCALAR["is_output"]] > 0
+    assert torch.allclose(new_x[output, 0], graph.data.x[output, 0], atol=1e-6)
+    # an untrained gate is exactly 1: the default metanetwork rewrites as without gates
+    plain = MetaNetwork(hidden=8, num_layers=1, gate_range=3.0).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain.gate_decoder(torch.randn(3, 8)), torch.zeros(3, 1))
 
 
 def _relative_changes(metanet, model, inputs):
@@ -279,7 +304,7 @@ def test_bad_checkpoints_are_model_format_errors(tmp_path, metanet):
         variant("wrong_format", weights, {**config, "format": "other"}): "not a metanetwork",
         variant("future", weights, {**config, "version": 99}): "version",
         variant("extra_key", weights, {**config, "config": {**config["config"], "x": 1}}):
-            "exactly the keys",
+            "must have the keys",
         variant("huge_width", weights, {**config, "config": {**config["config"],
                                                              "hidden": 10**9}}): "hidden",
         variant("bad_aggr", weights, {**config, "config": {**config["config"],

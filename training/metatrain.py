@@ -70,6 +70,7 @@ class MetaTrainConfig:
     hidden: int = 32  # MetaNetwork width (new runs only; a resumed run keeps its own)
     num_layers: int = 3  # MetaNetwork message-passing rounds
     residual_scale: float = 1e-3  # MetaNetwork's delta multiplier (small: near-identity start)
+    gate_range: float = 3.0  # MetaNetwork's channel gates shrink by up to exp(-3) (0: none)
     seed: int = 0  # model/batch sampling and metanetwork initialisation
     max_models: int | None = None  # use at most this many training models (None: all)
     families: list = field(default_factory=list)  # only these families ([]: all)
@@ -99,7 +100,8 @@ def _start_state(config: MetaTrainConfig) -> tuple[MetaNetwork, torch.optim.Opti
     else:
         torch.manual_seed(config.seed)
         metanet = MetaNetwork(hidden=config.hidden, num_layers=config.num_layers,
-                              residual_scale=config.residual_scale)
+                              residual_scale=config.residual_scale,
+                              gate_range=config.gate_range)
         epoch = step = 0
     metanet.train()
     optimizer = torch.optim.AdamW(metanet.parameters(), lr=config.lr,

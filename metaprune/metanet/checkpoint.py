@@ -25,6 +25,7 @@ MAX_CHECKPOINT_BYTES = 64 * 2**20  # a metanetwork is small; anything bigger is 
 MAX_CONFIG_BYTES = 2**20
 AGGREGATIONS = ("sum", "mean", "max", "min", "std", "var")
 MAX_WIDTH, MAX_LAYERS = 1024, 16
+MAX_GATE_RANGE = 10.0  # exp(-10): a channel faded to nothing; beyond that is no longer a gate
 
 
 def config_path(path: str | Path) -> Path:
@@ -73,10 +74,16 @@ def _positive_int(config: dict, key: str, high: int, low: int = 1) -> int:
 def validate_config(config) -> dict:
     """`MetaNetwork` keyword arguments from a config read from a file, every value checked."""
     expected = {"hidden", "num_layers", "aggregations", "residual_scale", "head_hidden"}
-    if not isinstance(config, dict) or set(config) != expected:
+    optional = {"gate_range"}  # absent in checkpoints made before channel gates: no gate
+    if not isinstance(config, dict) or not expected <= set(config) <= expected | optional:
         keys = sorted(config) if isinstance(config, dict) else type(config).__name__
-        raise ModelFormatError(f"metanetwork config must have exactly the keys "
-                               f"{sorted(expected)}, got {keys}")
+        raise ModelFormatError(f"metanetwork config must have the keys {sorted(expected)} "
+                               f"(and optionally {sorted(optional)}), got {keys}")
+    gate_range = config.get("gate_range", 0.0)
+    if isinstance(gate_range, bool) or not isinstance(gate_range, (int, float)) \
+            or not math.isfinite(gate_range) or not 0 <= gate_range <= MAX_GATE_RANGE:
+        raise ModelFormatError(f"metanetwork config 'gate_range' must be a number in "
+                               f"[0, {MAX_GATE_RANGE}], got {gate_range!r}")
     aggregations = config["aggregations"]
     if (not isinstance(aggregations, list) or not aggregations
             or any(a not in AGGREGATIONS for a in aggregations)
@@ -94,6 +101,7 @@ def validate_config(config) -> dict:
         "aggregations": list(aggregations),
         "residual_scale": float(scale),
         "head_hidden": _positive_int(config, "head_hidden", MAX_WIDTH),
+        "gate_range": float(gate_range),
     }
 
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS
-from metaprune.graph.features import SLOT
+from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS, edge_groups
+from metaprune.graph.features import KIND_OFFSET, NODE_KINDS, SCALAR, SLOT
 from metaprune.metanet.edges import EdgeSetDecoder, EdgeSetEncoder, layer_weight_rms, mlp
 from metaprune.metanet.layers import BidirectionalBlock
 
@@ -17,6 +17,10 @@ NUM_STRUCTURAL = NUM_NODE_FEATURES - NUM_SLOTS
 POSITIVE_SLOT = SLOT["norm_running_var"]
 DEFAULT_SPEEDUP = 2.0  # what the sparsity head is conditioned on when no target is given
 MIN_PRIOR_KEEP, MAX_PRIOR_KEEP = 0.05, 0.99
+# Channels a gate may scale: outputs of layers whose weights feed them directly.
+GATED_KINDS = tuple(KIND_OFFSET + NODE_KINDS.index(kind)
+                    for kind in ("conv", "conv_transpose", "linear"))
+MAX_GATE_GROWTH = 0.5  # a gate shrinks a channel by up to exp(-gate_range), grows it by e^0.5
 
 
 def prior_keep_ratio(speedup: torch.Tensor) -> torch.Tensor:
@@ -35,6 +39,12 @@ class MetaNetwork(nn.Module):
     of that slot (nodes), so layers of any magnitude are served alike; running variances become
     ``old * exp(residual_scale * delta)``, so they stay positive. An untrained
     metanetwork is close to, but not exactly, the identity, and structural columns never change.
+    A channel gate scales whole output channels of conv and linear layers (not the model's
+    outputs) by ``g = exp(log_gate)``: the weights into the channel, its bias and norm affine
+    by g, its norm's running mean by g and running variance by g^2, so the channel's output is
+    g times what it was. ``log_gate`` lies in ``(-gate_range, 0.5)`` and starts at 0, so a
+    trained gate can fade the channels pruning will remove, which the additive rewrite could
+    only do weight by weight.
     The sparsity head pools node embeddings per layer and, given the speed-up target, predicts
     each layer's keep ratio around the uniform prior ``speedup ** -0.5``.
 
@@ -44,6 +54,7 @@ class MetaNetwork(nn.Module):
         aggregations: PyG aggregations combined at every node (fan-in varies from 1 to 1000s).
         residual_scale: multiplies every delta; small so the untrained network is near-identity.
         head_hidden: width of the per-layer sparsity head's MLP.
+        gate_range: the most a channel gate shrinks a channel, in log units (0: no gate).
 
     Example::
 
@@ -62,14 +73,16 @@ class MetaNetwork(nn.Module):
         aggregations: Sequence[str] = ("sum", "mean", "max"),
         residual_scale: float = 1e-3,
         head_hidden: int = 32,
+        gate_range: float = 0.0,
     ):
         super().__init__()
         self.config = {
             "hidden": int(hidden), "num_layers": int(num_layers),
             "aggregations": list(aggregations), "residual_scale": float(residual_scale),
-            "head_hidden": int(head_hidden),
+            "head_hidden": int(head_hidden), "gate_range": float(gate_range),
         }
         self.residual_scale = float(residual_scale)
+        self.gate_range = float(gate_range)
         # structural columns, normalised slots, slot mask, log RMS of the layer's weights
         self.node_encoder = mlp([NUM_STRUCTURAL + 2 * NUM_SLOTS + 1, hidden, hidden])
         self.edge_encoder = EdgeSetEncoder(hidden)
@@ -77,6 +90,7 @@ class MetaNetwork(nn.Module):
             BidirectionalBlock(hidden, aggregations) for _ in range(num_layers))
         self.node_decoder = mlp([hidden, hidden, NUM_SLOTS])
         self.edge_decoder = EdgeSetDecoder(hidden)
+        self.gate_decoder = mlp([hidden, hidden, 1])
         # per layer: mean and max node embedding, mean structure, log width, log speed-up
         self.sparsity_head = mlp([2 * hidden + NUM_STRUCTURAL + 2, head_hidden, 1])
         with torch.no_grad():
@@ -88,6 +102,9 @@ class MetaNetwork(nn.Module):
                 last.bias.zero_()
             self.sparsity_head[-1].weight.mul_(0.01)
             self.sparsity_head[-1].bias.zero_()
+            # gates start exactly at 1; the zero last layer still passes gradients to itself
+            self.gate_decoder[-1].weight.zero_()
+            self.gate_decoder[-1].bias.zero_()
 
     def forward(self, data, speedup=None):
         """Rewritten features and per-layer keep ratios of a graph or a PyG `Batch` of graphs.
@@ -125,11 +142,32 @@ class MetaNetwork(nn.Module):
         factor = torch.where(positive, delta.exp(), torch.ones_like(delta)).to(data.x.dtype)
         shift = torch.where(positive, torch.zeros_like(delta), delta * slot_scale[node_layer])
         new_slots = data.x[:, :NUM_SLOTS] * factor + shift.to(data.x.dtype)
-        new_x = torch.cat([new_slots, data.x[:, NUM_SLOTS:]], dim=-1)
         edge_delta = self.residual_scale * self.edge_decoder(data, edge_attr, edge_scale, e)
         new_edge_attr = data.edge_attr + edge_delta.to(data.edge_attr.dtype)
+        if self.gate_range > 0:
+            new_slots, new_edge_attr = self._apply_gates(data, h, new_slots, new_edge_attr)
+        new_x = torch.cat([new_slots, data.x[:, NUM_SLOTS:]], dim=-1)
         keep = self._keep_ratios(data, x, h, node_layer, num_layers, speedup)
         return new_x, new_edge_attr, keep
+
+    def _apply_gates(self, data, h, slots, edge_attr):
+        """Scales gated channels: weights in, bias, norm affine by g, running var by g^2."""
+        x = data.x
+        kind = x[:, list(GATED_KINDS)].sum(1) > 0
+        gated = kind & (x[:, SCALAR["is_output"]] <= 0)
+        raw = self.gate_decoder(h).squeeze(1)
+        # shrink far, grow little: growing a channel is never needed to make pruning easy
+        log_gate = torch.where(raw < 0, self.gate_range * torch.tanh(raw),
+                               MAX_GATE_GROWTH * torch.tanh(raw))
+        log_gate = torch.where(gated, log_gate, torch.zeros_like(log_gate)).to(slots.dtype)
+        power = torch.ones(NUM_SLOTS, dtype=slots.dtype, device=slots.device)
+        power[POSITIVE_SLOT] = 2  # a variance scales with the square
+        power[SLOT["scale"]] = 0  # a per-channel scale multiplies after the norm: left alone
+        slots = slots * torch.exp(log_gate.unsqueeze(1) * power)
+        target = data.edge_index[1]
+        per_entry = torch.cat([log_gate[target[group.edges]].repeat_interleave(group.k)
+                               for group in edge_groups(data, edge_attr)])
+        return slots, edge_attr * per_entry.exp()
 
     @staticmethod
     def _slot_scale(x, param_mask, node_layer, num_layers, rms):
