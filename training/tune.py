@@ -6,7 +6,7 @@ accepts, named by each group's root module), prunes the model with l2 to the spe
 few epochs and reports its test accuracy after every epoch. With ``objectives=("acc", "flops")``
 the trial's speed-up target is searched too, and accuracy and MACs are both objectives; the
 Pareto front (:mod:`.tune_pareto`) is computed from all trials. ASHA stops weak trials early on
-the per-epoch accuracy; Optuna (TPE, or NSGA-II with two objectives) proposes the policies.
+the per-epoch accuracy; Optuna's TPE (multi-objective with two objectives) proposes policies.
 
 Everything is written to one folder: ``recipe.json`` (the most accurate policy meeting the
 target, which ``metaprune prune --policy recipe.json --speedup S ...`` applies again),
@@ -295,10 +295,12 @@ def _search_algorithm(settings: TuneSettings):
         from ray.tune.search.optuna import OptunaSearch
 
         if settings.multi_objective:
-            import optuna
-
+            # Optuna's TPE, multi-objective with two metrics. Not NSGA-II: its first generation
+            # (50 by default) is drawn at random, so a search of a few dozen trials would be
+            # random search; and Tune pickles the searcher, which NSGAIISampler (holding a
+            # lock) refuses.
             return OptunaSearch(metric=["accuracy", "macs"], mode=["max", "min"],
-                                sampler=optuna.samplers.NSGAIISampler(seed=settings.seed))
+                                seed=settings.seed)
         return OptunaSearch(seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -498,7 +500,10 @@ def _fit(settings: TuneSettings, model_path: Path, space: dict, out_dir: Path, l
             param_space=space,
             tune_config=tune.TuneConfig(num_samples=settings.samples,
                                         search_alg=_search_algorithm(settings),
-                                        scheduler=_scheduler(settings), **metric_settings),
+                                        scheduler=_scheduler(settings),
+                                        # one worker process per CPU for the whole search:
+                                        # no per-trial start-up (importing torch takes seconds)
+                                        reuse_actors=True, **metric_settings),
             run_config=tune.RunConfig(
                 storage_path=str(out_dir / "ray"), verbose=0,
                 callbacks=[_TrialLines(settings.samples, settings.finetune_epochs, log)],

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
                         help="asha: stop weak trials early on their per-epoch accuracy "
                              "(default: every trial runs every epoch)")
     parser.add_argument("--search", choices=("random", "optuna"), default="random",
-                        help="how policies are proposed (default random; optuna: TPE, or "
-                             "NSGA-II with two objectives)")
+                        help="how policies are proposed (default random; optuna: TPE, "
+                             "multi-objective with acc,flops)")
     parser.add_argument("--objectives", default="acc",
                         help="acc, or acc,flops to search the speed-up too and trade accuracy "
                              "against MACs (default acc)")
