@@ -20,10 +20,12 @@ from metaprune.seeding import seed_everything
 from metaprune.training.tune import (
     DATA_SEED,
     TuneSettings,
+    _search_algorithm,
     best_trial,
     prunable_groups,
     recipe_document,
     run_trial,
+    search_space,
 )
 from metaprune.training.tune_pareto import pareto_front, plot_trials
 
@@ -97,6 +99,22 @@ def test_settings_refuse_what_cannot_run():
                            ({"search": "grid"}, "random, optuna"), ({"samples": 0}, "samples")]:
         with pytest.raises(InvalidTargetError, match=message):
             TuneSettings(**{"model": "m.pt2", "dataset": "mnist1d", "speedup": 2.0, **wrong})
+
+
+def test_optuna_is_told_an_infeasible_trial_failed_and_a_complete_one_completed():
+    import optuna
+
+    settings = TuneSettings(model="m.pt2", dataset="mnist1d", speedup=2.0, search="optuna",
+                            objectives=("acc", "flops"))
+    searcher = _search_algorithm(settings)
+    searcher.set_search_properties(None, None, search_space(["conv1", "conv2"], settings))
+    assert set(searcher.suggest("a")["keep"]) == {"conv1", "conv2"}
+    searcher.suggest("b")
+    searcher.on_trial_complete("a", {"accuracy": math.nan, "macs": math.nan,
+                                     "infeasible": "cannot be met"})
+    searcher.on_trial_complete("b", {"accuracy": 0.9, "macs": 1000})
+    states = [trial.state for trial in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
 
 
 def test_recipe_round_trips_through_load_policy_and_prune(cnn_file, tmp_path):

@@ -59,6 +59,7 @@ from .tune_pareto import pareto_front, plot_trials
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402 - the environment above must be set first
 from ray import tune  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha",)
@@ -253,7 +254,8 @@ def _trainable(config: dict, *, model_files: dict[str, bytes], model_name: str,
     except InvalidTargetError as error:
         # Narrow layers can make a target unreachable within 2 % for some policies. That is a
         # finding about the policy, not a crash: one report, NaN objectives (Optuna records
-        # the trial as failed; the front and the best skip it), no traceback on the console.
+        # the trial as failed, see _OptunaSkippingInfeasible; the front and the best skip it),
+        # no traceback on the console.
         tune.report({"accuracy": math.nan, "macs": math.nan, "epoch": 0,
                      "target_speedup": target, "infeasible": str(error)})
 
@@ -290,18 +292,30 @@ class _TrialLines(tune.Callback):
                  f"(see {TRIALS_JSON})")
 
 
+class _OptunaSkippingInfeasible(OptunaSearch):
+    """OptunaSearch that tells Optuna an infeasible trial failed.
+
+    Told as is, its NaN objectives are refused by Optuna (a warning on the console) and the
+    trial would stay "running" in the study.
+    """
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        if result and result.get("infeasible"):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result, error)
+
+
 def _search_algorithm(settings: TuneSettings):
     if settings.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
         if settings.multi_objective:
             # Optuna's TPE, multi-objective with two metrics. Not NSGA-II: its first generation
             # (50 by default) is drawn at random, so a search of a few dozen trials would be
             # random search; and Tune pickles the searcher, which NSGAIISampler (holding a
             # lock) refuses.
-            return OptunaSearch(metric=["accuracy", "macs"], mode=["max", "min"],
-                                seed=settings.seed)
-        return OptunaSearch(seed=settings.seed)
+            return _OptunaSkippingInfeasible(metric=["accuracy", "macs"], mode=["max", "min"],
+                                             seed=settings.seed)
+        return _OptunaSkippingInfeasible(seed=settings.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=settings.seed)
