@@ -56,7 +56,8 @@ def plot_trials(trials: Sequence[dict], front: Sequence[int], png_path: str | os
     """Scatter of accuracy against MACs of every trial, the Pareto front drawn as a staircase.
 
     Args:
-        trials: records with ``accuracy`` and ``macs`` (others are skipped).
+        trials: records with ``accuracy`` and ``macs`` (others are skipped); one whose
+            ``status`` is present and not ``"complete"`` is drawn hollow.
         front: indices into `trials`, as `pareto_front` returns them.
         png_path: where the PNG goes (folders are created).
         title: the figure's title.
@@ -75,13 +76,19 @@ def plot_trials(trials: Sequence[dict], front: Sequence[int], png_path: str | os
 
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    points = [(t["macs"], t["accuracy"]) for t in trials
-              if _is_number(t.get("accuracy")) and _is_number(t.get("macs"))]
+    plotted = [t for t in trials if _is_number(t.get("accuracy")) and _is_number(t.get("macs"))]
+    # A trial a scheduler stopped early scored fewer fine-tune epochs: drawn hollow.
+    finished = [t for t in plotted if t.get("status", "complete") == "complete"]
+    stopped = [t for t in plotted if t.get("status", "complete") != "complete"]
     figure, axes = plt.subplots(figsize=(6.5, 4.5))
     try:
-        if points:
-            axes.scatter([m for m, _ in points], [a for _, a in points], s=18, color="#9aa7b4",
-                         label=f"trials ({len(points)})")
+        if finished:
+            axes.scatter([t["macs"] for t in finished], [t["accuracy"] for t in finished], s=18,
+                         color="#9aa7b4", label=f"trials ({len(finished)})")
+        if stopped:
+            axes.scatter([t["macs"] for t in stopped], [t["accuracy"] for t in stopped], s=18,
+                         facecolors="none", edgecolors="#9aa7b4",
+                         label=f"stopped early ({len(stopped)})")
         if front:
             macs = [trials[i]["macs"] for i in front]
             accuracy = [trials[i]["accuracy"] for i in front]
