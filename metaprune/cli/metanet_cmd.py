@@ -49,6 +49,7 @@ def register(subparsers) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(handler=_train)
     _register_evaluate(actions)
+    _register_policy_head(actions)
 
 
 def _register_evaluate(actions) -> None:
@@ -156,4 +157,132 @@ def _evaluate(args) -> int:
                        seconds=statistics.fsum(run["seconds"] for run in runs))
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+def _register_policy_head(actions) -> None:
+    """labels, train-head, compare-policies: the sparsity head trained on tuned policies."""
+    labels = actions.add_parser(
+        "labels", help="tuned policies of corpus training models: the sparsity head's labels",
+        description="Run the Ray Tune policy search on corpus training models at each speed-up "
+        "and write the best policy of each as MODEL@Sx.json in --out (with the search's wall "
+        "time); finished labels are skipped when re-run.")
+    labels.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    labels.add_argument("--out", required=True, metavar="DIR", help="the label folder")
+    labels.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
+    labels.add_argument("--samples", type=int, default=8, help="trials per search (default 8)")
+    labels.add_argument("--finetune-epochs", type=int, default=1,
+                        help="fine-tune epochs per trial (default 1)")
+    labels.add_argument("--models", type=int, metavar="K",
+                        help="label at most K training models, interleaved across families "
+                        "(default all)")
+    labels.add_argument("--families", default="", help="comma-separated families (default all)")
+    labels.add_argument("--datasets", default="", help="comma-separated datasets (default all)")
+    labels.add_argument("--workers", type=int, default=2,
+                        help="CPUs of the local Ray, one trial per CPU (default 2)")
+    labels.set_defaults(handler=_labels)
+
+    head = actions.add_parser(
+        "train-head", help="train only the sparsity head of a checkpoint on policy labels",
+        description="Freeze the metanetwork except its sparsity head and train the head to "
+        "predict the labels' per-layer allocation (scale-invariant: the engine rescales it to "
+        "the target) on the metanet-rewritten models, conditioned on the speed-up; save a "
+        "checkpoint marked sparsity_head_trained, which method='metanet' then allocates with.")
+    head.add_argument("--metanet", required=True, metavar="CKPT", help="checkpoint to start from")
+    head.add_argument("--labels", required=True, metavar="DIR", help="the label folder")
+    head.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    head.add_argument("--out", required=True, metavar="CKPT",
+                      help="the new checkpoint (.safetensors, + .json beside it)")
+    head.add_argument("--epochs", type=int, default=300, help="passes over the labels "
+                      "(default 300)")
+    head.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    head.add_argument("--top-k", type=int, default=1,
+                      help="target: mean allocation of each search's k best trials (default 1)")
+    head.add_argument("--validate-on", type=int, default=0, metavar="K",
+                      help="keep K labelled models out of training to measure generalisation")
+    head.set_defaults(handler=_train_head)
+
+    compare = actions.add_parser(
+        "compare-policies",
+        help="on held-out models: uniform, global, tuned and predicted allocation, with compute",
+        description="At each speed-up and seed, prune every held-out model with l2 and the "
+        "same fine-tune epochs under uniform, global, tuned (a Ray Tune search on that model) "
+        "and predicted (the sparsity head, on the original weights; and method=metanet) "
+        "allocation; print accuracy mean ± s.e. over models and the prune-time seconds of "
+        "each allocation decision.")
+    compare.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    compare.add_argument("--metanet", required=True, metavar="CKPT",
+                         help="checkpoint with a trained sparsity head")
+    compare.add_argument("--models", default="", metavar="IDS",
+                         help="comma-separated model ids (default: every held-out model)")
+    compare.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
+    compare.add_argument("--seeds", default="0,1", help="fine-tune seeds (default 0,1)")
+    compare.add_argument("--finetune-epochs", type=int, default=2,
+                         help="every method's fine-tune epochs (default 2)")
+    compare.add_argument("--samples", type=int, default=8,
+                         help="trials of each tuned search (default 8)")
+    compare.add_argument("--search-finetune-epochs", type=int, default=1,
+                         help="fine-tune epochs per search trial (default 1)")
+    compare.add_argument("--workers", type=int, default=1,
+                         help="CPUs of the searches' local Ray (default 1)")
+    compare.add_argument("--out", default="compare-out", metavar="DIR",
+                         help="runs.jsonl (resumed when re-run), searches/, table.json")
+    compare.set_defaults(handler=_compare_policies)
+
+
+def _labels(args) -> int:
+    from metaprune.training.policy_labels import LabelSettings, build_labels
+
+    summary = build_labels(LabelSettings(
+        corpus=args.corpus, out_dir=args.out,
+        speedups=tuple(float(value) for value in _names(args.speedups)), samples=args.samples,
+        finetune_epochs=args.finetune_epochs, max_models=args.models,
+        families=tuple(_names(args.families)), datasets=tuple(_names(args.datasets)),
+        workers=args.workers))
+    print(f"{summary['written']} labels written, {summary['skipped']} already there, "
+          f"{summary['without_policy']} without a policy meeting the target; "
+          f"{summary['seconds']} s now, {summary['search_seconds']} s of searches in all")
+    return 0
+
+
+def _train_head(args) -> int:
+    from metaprune.training.head_train import HeadTrainSettings, train_head
+
+    summary = train_head(HeadTrainSettings(
+        metanet=args.metanet, labels=args.labels, corpus=args.corpus, out=args.out,
+        epochs=args.epochs, lr=args.lr, top_k=args.top_k, validate_on=args.validate_on))
+    print(f"{summary['examples']} labels on {summary['train_models']} models: shape loss "
+          f"{summary['shape_loss_before']:.4f} -> {summary['shape_loss_after']:.4f} (uniform "
+          f"allocation {summary['uniform_loss']:.4f}), {summary['seconds']} s")
+    if summary["validation_models"]:
+        print(f"validation ({len(summary['validation_models'])} models): "
+              f"{summary['validation_loss_before']:.4f} -> "
+              f"{summary['validation_loss_after']:.4f} (uniform "
+              f"{summary['validation_uniform_loss']:.4f})")
+    print(f"wrote {summary['out']}")
+    return 0
+
+
+def _compare_policies(args) -> int:
+    from metaprune.metanet import load_metanet
+    from metaprune.training.policy_eval import (
+        PolicyComparison,
+        compare_policies,
+        format_table,
+        policy_table,
+    )
+
+    settings = PolicyComparison(
+        corpus=args.corpus, metanet=args.metanet, model_ids=_names(args.models),
+        speedups=tuple(float(value) for value in _names(args.speedups)),
+        seeds=tuple(int(value) for value in _names(args.seeds)),
+        finetune_epochs=args.finetune_epochs, samples=args.samples,
+        search_finetune_epochs=args.search_finetune_epochs, workers=args.workers,
+        out_dir=args.out)
+    table = policy_table(compare_policies(settings))
+    one_off = load_metanet(args.metanet).training_metadata.get("head_training")
+    for line in format_table(table, one_off):
+        print(line)
+    (Path(args.out) / "table.json").write_text(
+        json.dumps({"table": table, "head_training": one_off}, indent=1) + "\n")
     return 0
