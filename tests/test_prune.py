@@ -214,10 +214,14 @@ def test_gradient_criteria_without_data_raise(criterion):
         prune(model, example_inputs, criterion=criterion, speedup=2.0)
 
 
-def test_metanet_without_a_checkpoint_or_without_data_is_refused_naming_fallbacks():
+def test_metanet_without_a_checkpoint_or_without_data_is_refused_naming_fallbacks(
+        monkeypatch, tmp_path):
+    from metaprune.pruning import metanet_bridge
+
     model, example_inputs = tiny_model("mlp")
     with pytest.raises(MetaPruneError, match="needs data.*l2"):
         prune(model, example_inputs, method="metanet", speedup=2.0)
+    monkeypatch.setattr(metanet_bridge, "CHECKPOINT_DIR", tmp_path)  # a build without one
     with pytest.raises(MetaPruneError, match="no metanetwork checkpoint.*l1, l2"):
         prune(model, example_inputs, method="metanet", speedup=2.0, data=mnist1d_loaders())
 

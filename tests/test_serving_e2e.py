@@ -146,6 +146,14 @@ def test_onnx_output(server, tmp_path):
 def test_metanet_method_needs_a_checkpoint_and_data(client, tmp_path):
     model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
     assert status_of(lambda: client.submit(model_id, method="metanet", speedup=2.0)) == "FAILED_PRECONDITION"
-    if not client.info().metanetworks:  # no checkpoint committed yet: refused up front
+    if not client.info().metanetworks:  # no checkpoint committed: refused up front
         code = status_of(lambda: client.submit(model_id, method="metanet", speedup=2.0, dataset="mnist1d"))
         assert code == "FAILED_PRECONDITION"
+        return
+    # the committed metanetwork: rewrite, fine-tune, prune, fine-tune, in a worker
+    job = client.submit(model_id, method="metanet", speedup=2.0, dataset="mnist1d", finetune_epochs=2)
+    job = client.wait(job.job_id, timeout=300)
+    assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+    report = json.loads(job.report_json)
+    assert report["method"] == "metanet" and abs(report["speedup"] / 2.0 - 1) <= 0.02
+    assert report["finetune"]["epochs_after_metanet"] == 1

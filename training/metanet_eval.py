@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from metaprune.errors import MetaPruneError
 from metaprune.graph import to_graph
 from metaprune.metanet import GroupSparsity, load_metanet
 from metaprune.pruning import prune
@@ -108,7 +109,8 @@ def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
 
     Methods: ``metanet+l2`` (rewrite, ``finetune_epochs // 2`` epochs, L2 global prune, the
     rest) and each of `criteria` alone (prune, `finetune_epochs` epochs); every method gets
-    the same total epochs and the same fine-tune seed. Returns one dict per run with
+    the same total epochs and the same fine-tune seed. A method that cannot prune a model
+    (e.g. ``bn_scale`` without norm layers) is logged and left out. Returns one dict per run with
     ``speedup``, ``method``, ``model``, ``seed``, ``accuracy``, ``achieved_speedup``,
     ``seconds``.
     """
@@ -126,10 +128,13 @@ def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
                     methods.insert(0, ("metanet+l2", {"method": "metanet", "metanet": loaded,
                                                       "allocation": "global"}))
                 for label, arguments in methods:
-                    result = prune(model, example_inputs, speedup=speedup, data=loaders,
-                                   finetune_epochs=finetune_epochs, finetune=settings,
-                                   **arguments)
-                    report = result.report
+                    try:
+                        report = prune(model, example_inputs, speedup=speedup, data=loaders,
+                                       finetune_epochs=finetune_epochs, finetune=settings,
+                                       **arguments).report
+                    except MetaPruneError as error:  # e.g. bn_scale on a model without norms
+                        log(f"{model_id} {speedup:g}x seed {seed} {label}: skipped ({error})")
+                        continue
                     run = {"speedup": speedup, "method": label, "model": model_id,
                            "seed": int(seed), "accuracy": report["accuracy_after"],
                            "achieved_speedup": report["speedup"],

@@ -1,0 +1,57 @@
+"""The committed metanetwork: small, safe to load, trained, and what `method="metanet"` uses."""
+
+import pytest
+import torch
+
+from metaprune import zoo
+from metaprune.errors import MetaPruneError
+from metaprune.metanet import load_metanet
+from metaprune.pruning import prune
+from metaprune.pruning.metanet_bridge import default_checkpoint
+
+MAX_CHECKPOINT_BYTES = 5 * 2**20  # the issue's budget for a committed checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    path = default_checkpoint()
+    assert path is not None, "no metanetwork committed under metaprune/checkpoints/"
+    return path
+
+
+def test_the_committed_checkpoint_is_small_and_trained_on_the_corpus(checkpoint):
+    assert checkpoint.stat().st_size <= MAX_CHECKPOINT_BYTES
+    assert checkpoint.with_suffix(".json").stat().st_size < 64 * 2**10
+    loaded = load_metanet(checkpoint)
+    training = loaded.training_metadata
+    assert training["step"] > 0 and training["workers"] >= 1
+    config = training["config"]
+    assert config["gate_range"] > 0 and config["prune_weight"] > 0
+
+
+def test_the_rewrite_changes_a_model_but_keeps_it_working(checkpoint):
+    config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 24])
+    torch.manual_seed(0)
+    model = zoo.build("cnn1d", config).eval()
+    inputs = zoo.example_inputs(config, batch=4)
+    rewritten = load_metanet(checkpoint).transform(model, inputs)
+    changed = [not torch.equal(a, b) for a, b in zip(model.parameters(), rewritten.parameters())]
+    assert any(changed)
+    with torch.no_grad():
+        assert torch.isfinite(rewritten(*inputs)).all()
+        assert rewritten(*inputs).shape == model(*inputs).shape
+
+
+def test_method_metanet_uses_the_committed_checkpoint_and_splits_the_budget():
+    config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 24])
+    torch.manual_seed(0)
+    model = zoo.build("cnn1d", config)
+    inputs = zoo.example_inputs(config)
+    with pytest.raises(MetaPruneError, match="needs data"):
+        prune(model, inputs, method="metanet", speedup=2.0)
+    report = prune(model, inputs, method="metanet", speedup=2.0, data="mnist1d",
+                   finetune_epochs=2).report
+    assert report["method"] == "metanet" and report["criterion"] == "l2"
+    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+    assert report["finetune"]["epochs_after_metanet"] == 1
+    assert report["finetune"]["epochs_after_prune"] == 1
