@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Sequence
@@ -104,7 +105,7 @@ def transform_evidence(checkpoint, corpus, model_ids: Sequence[str], *,
 def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
                     speedups: Sequence[float] = (2.0, 3.0), seeds: Sequence[int] = (0, 1),
                     finetune_epochs: int = 4, criteria: Sequence[str] = ("l2", "bn_scale", "l1"),
-                    log=print) -> list[dict]:
+                    log=None) -> list[dict]:
     """Accuracy after prune + fine-tune, per (speed-up, method, model, seed).
 
     Methods: ``metanet+l2`` (rewrite, ``finetune_epochs // 2`` epochs, L2 global prune, the
@@ -114,6 +115,7 @@ def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
     ``speedup``, ``method``, ``model``, ``seed``, ``accuracy``, ``achieved_speedup``,
     ``seconds``.
     """
+    log = log or functools.partial(print, flush=True)  # a line per run, as it finishes
     tasks = CorpusTasks(corpus)
     loaded = load_metanet(checkpoint) if checkpoint is not None else None
     runs = []
