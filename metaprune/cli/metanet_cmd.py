@@ -52,6 +52,17 @@ def register(subparsers) -> None:
     _register_policy_head(actions)
 
 
+def _add_held_out_arguments(parser, *, finetune_epochs: int) -> None:
+    """The arguments of a comparison on held-out corpus models (evaluate, compare-policies)."""
+    parser.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    parser.add_argument("--models", default="", metavar="IDS",
+                        help="comma-separated model ids (default: every held-out model)")
+    parser.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
+    parser.add_argument("--seeds", default="0,1", help="fine-tune seeds (default 0,1)")
+    parser.add_argument("--finetune-epochs", type=int, default=finetune_epochs,
+                        help=f"total fine-tune epochs of every method (default {finetune_epochs})")
+
+
 def _register_evaluate(actions) -> None:
     evaluate = actions.add_parser(
         "evaluate",
@@ -62,15 +73,9 @@ def _register_evaluate(actions) -> None:
         "classic criteria at each speed-up with the same total fine-tune epochs, mean ± "
         "standard error over models (seeds averaged per model).",
     )
-    evaluate.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
     evaluate.add_argument("--metanet", default="default", metavar="CKPT",
                           help="checkpoint (default: the committed one)")
-    evaluate.add_argument("--models", default="", metavar="IDS",
-                          help="comma-separated model ids (default: every held-out model)")
-    evaluate.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
-    evaluate.add_argument("--seeds", default="0,1", help="fine-tune seeds (default 0,1)")
-    evaluate.add_argument("--finetune-epochs", type=int, default=4,
-                          help="total fine-tune epochs of every method (default 4)")
+    _add_held_out_arguments(evaluate, finetune_epochs=4)
     evaluate.add_argument("--criteria", default="l2,bn_scale,l1",
                           help="classic criteria to compare with (default l2,bn_scale,l1)")
     evaluate.add_argument("--skip-comparison", action="store_true",
@@ -210,15 +215,9 @@ def _register_policy_head(actions) -> None:
         "and predicted (the sparsity head, on the original weights; and method=metanet) "
         "allocation; print accuracy mean ± s.e. over models and the prune-time seconds of "
         "each allocation decision.")
-    compare.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
     compare.add_argument("--metanet", required=True, metavar="CKPT",
                          help="checkpoint with a trained sparsity head")
-    compare.add_argument("--models", default="", metavar="IDS",
-                         help="comma-separated model ids (default: every held-out model)")
-    compare.add_argument("--speedups", default="2,3", help="MACs speed-ups (default 2,3)")
-    compare.add_argument("--seeds", default="0,1", help="fine-tune seeds (default 0,1)")
-    compare.add_argument("--finetune-epochs", type=int, default=2,
-                         help="every method's fine-tune epochs (default 2)")
+    _add_held_out_arguments(compare, finetune_epochs=2)
     compare.add_argument("--samples", type=int, default=8,
                          help="trials of each tuned search (default 8)")
     compare.add_argument("--search-finetune-epochs", type=int, default=1,
