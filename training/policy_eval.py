@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from metaprune.metanet import load_metanet
 from metaprune.pruning import prune
 
@@ -76,6 +78,7 @@ class PolicyComparison:
     search_finetune_epochs: int = 1  # fine-tune epochs per search trial
     workers: int = 1  # CPUs of the search's local Ray
     out_dir: str = "compare-out"  # runs.jsonl, searches/, table.json
+    torch_threads: int = 1  # this process's torch threads (the search's Ray worker takes a core)
 
 
 def _decide_predicted(loaded, model, example_inputs, speedup: float) -> tuple[dict, float]:
@@ -128,6 +131,8 @@ def compare_policies(settings: PolicyComparison, *,
     import ray
 
     log = log or print
+    # several busy threads on shared cores stall each other far more than one thread runs slow
+    torch.set_num_threads(settings.torch_threads)
     tasks = CorpusTasks(settings.corpus)
     loaded = load_metanet(settings.metanet)
     if not loaded.head_trained:

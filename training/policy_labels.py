@@ -76,7 +76,12 @@ class LabelSettings:
 
 
 def label_name(model_id: str, speedup: float) -> str:
-    """File name of one label: ``label_name("mnist1d-mlp-000-s0", 2.0)`` -> ``'mnist1d-mlp-000-s0@2x.json'``."""
+    """File name of one label.
+
+    Example::
+
+        label_name("mnist1d-mlp-000-s0", 2.0)   # 'mnist1d-mlp-000-s0@2x.json'
+    """
     return f"{model_id}@{speedup:g}x.json"
 
 
