@@ -120,8 +120,10 @@ def test_the_trained_head_allocates_metanet_pruning_to_the_exact_target(corpus, 
 
 
 def test_policy_table_averages_seeds_per_model_and_states_the_compute_ratio():
-    runs = [{"model": m, "speedup": 2.0, "seed": s, "method": method, "accuracy": acc + s / 100,
-             "decision_seconds": seconds}
+    gap = {("a", "tuned"): 0.0, ("b", "tuned"): 0.0, ("a", "predicted"): 0.05,
+           ("b", "predicted"): 0.03}
+    runs = [{"model": m, "speedup": 2.0, "seed": s, "method": method,
+             "accuracy": acc + s / 100 - gap[m, method], "decision_seconds": seconds}
             for m, acc in (("a", 0.90), ("b", 0.80))
             for s in (0, 1)
             for method, seconds in (("tuned", 50.0), ("predicted", 0.5))]
@@ -130,4 +132,8 @@ def test_policy_table_averages_seeds_per_model_and_states_the_compute_ratio():
     tuned = table[0]
     assert tuned["mean"] == pytest.approx(0.855) and tuned["error"] == pytest.approx(0.05)
     assert tuned["models"] == 2 and tuned["runs"] == 4
+    # predicted is 0.05 below tuned on model a and 0.03 below on b: paired, the spread cancels
+    assert table[1]["versus"] == pytest.approx(-0.04) and table[1]["versus_error"] == \
+        pytest.approx(0.01)
+    assert tuned["versus"] == 0
     assert compute_ratio(table, 2.0) == pytest.approx(100.0)
