@@ -8,7 +8,12 @@ import torch
 from metaprune import zoo
 from metaprune.graph import to_graph
 from metaprune.metanet import GroupSparsity
-from metaprune.training.metanet_eval import dropped_energy, mean_and_error, summarize_runs
+from metaprune.training.metanet_eval import (
+    dropped_energy,
+    mean_and_error,
+    paired_difference,
+    summarize_runs,
+)
 from metaprune.training.metatrain_tasks import dropped_fraction
 
 
@@ -33,6 +38,22 @@ def test_summary_averages_seeds_per_model_then_takes_the_error_over_models():
     assert rows[0]["error"] == pytest.approx(0.1)  # models at 0.85 and 0.65
     assert (rows[0]["models"], rows[0]["runs"]) == (2, 4)
     assert (rows[1]["models"], rows[1]["error"]) == (1, 0.0)
+
+
+def test_paired_difference_compares_the_same_model_and_seed():
+    runs = [
+        {"speedup": 2.0, "method": method, "model": model, "seed": seed, "accuracy": value}
+        for method, model, seed, value in [
+            ("l2", "a", 0, 0.80), ("new", "a", 0, 0.82), ("l2", "a", 1, 0.70),
+            ("new", "a", 1, 0.74), ("l2", "b", 0, 0.50), ("new", "b", 0, 0.49),
+            ("new", "c", 0, 0.99),  # no baseline run: not paired
+        ]
+    ]
+    mean, error, models = paired_difference(runs, 2.0, "new", "l2")
+    assert models == 2
+    assert mean == pytest.approx((0.03 - 0.01) / 2)  # model a: +0.02 and +0.04; b: -0.01
+    assert error == pytest.approx(0.02)
+    assert paired_difference(runs, 3.0, "new", "l2") == (0.0, 0.0, 0)
 
 
 def test_fading_the_weakest_channels_lowers_the_dropped_energy():

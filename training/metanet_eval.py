@@ -164,3 +164,22 @@ def summarize_runs(runs: Sequence[dict]) -> list[dict]:
                      "models": len(per_model),
                      "runs": sum(len(v) for v in per_model.values())})
     return rows
+
+
+def paired_difference(runs: Sequence[dict], speedup: float, method: str,
+                      baseline: str) -> tuple[float, float, int]:
+    """Mean ± standard error over models of `method` minus `baseline` accuracy at `speedup`.
+
+    Runs are paired by (model, seed), which removes the spread between models; seeds of one
+    model are averaged first. Returns ``(mean, error, models)``, ``(0, 0, 0)`` with no pair.
+    """
+    accuracy = {(run["method"], run["model"], run["seed"]): run["accuracy"]
+                for run in runs if run["speedup"] == speedup}
+    per_model = {}
+    for (name, model, seed), value in accuracy.items():
+        if name == method and (baseline, model, seed) in accuracy:
+            per_model.setdefault(model, []).append(value - accuracy[(baseline, model, seed)])
+    if not per_model:
+        return 0.0, 0.0, 0
+    mean, error = mean_and_error([statistics.fmean(values) for values in per_model.values()])
+    return mean, error, len(per_model)

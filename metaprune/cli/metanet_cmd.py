@@ -80,6 +80,8 @@ def _register_evaluate(actions) -> None:
                           help="classic criteria to compare with (default l2,bn_scale,l1)")
     evaluate.add_argument("--skip-comparison", action="store_true",
                           help="only the evidence on the rewrite, no prune + fine-tune table")
+    evaluate.add_argument("--skip-evidence", action="store_true",
+                          help="only the prune + fine-tune table, no evidence on the rewrite")
     evaluate.add_argument("--out", metavar="FILE", help="write every figure as JSON here")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -124,7 +126,7 @@ def _evaluate(args) -> int:
     from metaprune.pruning.metanet_bridge import default_checkpoint
     from metaprune.training.metanet_eval import (
         compare_methods,
-        mean_and_error,
+        paired_difference,
         summarize_runs,
         transform_evidence,
     )
@@ -134,17 +136,9 @@ def _evaluate(args) -> int:
     if checkpoint is None or not Path(checkpoint).is_file():
         raise InvalidTargetError(f"no metanetwork checkpoint at {args.metanet!r}")
     ids = _names(args.models) or CorpusTasks(args.corpus).held_out_ids
-    evidence = transform_evidence(checkpoint, args.corpus, ids)
-    print("model                       change  acc  acc'  pruned  pruned'  dropped  dropped'")
-    for row in evidence:
-        print(f"{row['model']:27s} {row['relative_change']:.3f}  {row['accuracy']:.3f} "
-              f"{row['accuracy_rewritten']:.3f}  {row['pruned_accuracy']:.3f}   "
-              f"{row['pruned_accuracy_rewritten']:.3f}    {row['dropped_energy']:.3f}    "
-              f"{row['dropped_energy_rewritten']:.3f}")
-    for key in ("relative_change", "pruned_accuracy", "pruned_accuracy_rewritten",
-                "dropped_energy", "dropped_energy_rewritten"):
-        mean, error = mean_and_error([row[key] for row in evidence])
-        print(f"mean {key}: {mean:.4f} ± {error:.4f}")
+    evidence = [] if args.skip_evidence else transform_evidence(checkpoint, args.corpus, ids)
+    if evidence:
+        _print_evidence(evidence)
     figures = {"checkpoint": str(checkpoint), "evidence": evidence}
     if not args.skip_comparison:
         runs = compare_methods(
@@ -158,6 +152,11 @@ def _evaluate(args) -> int:
         for row in table:
             print(f"  {row['speedup']:g}x  {row['method']:11s} {100 * row['mean']:.2f} ± "
                   f"{100 * row['error']:.2f}  ({row['models']} models, {row['runs']} runs)")
+        for speedup in sorted({run["speedup"] for run in runs}):
+            mean, error, count = paired_difference(runs, speedup, "metanet+l2", "l2")
+            if count:
+                print(f"  {speedup:g}x  metanet+l2 - l2, paired per model and seed: "
+                      f"{100 * mean:+.2f} ± {100 * error:.2f} points ({count} models)")
         figures.update(runs=runs, table=table,
                        seconds=statistics.fsum(run["seconds"] for run in runs))
     if args.out:
@@ -285,3 +284,18 @@ def _compare_policies(args) -> int:
     (Path(args.out) / "table.json").write_text(
         json.dumps({"table": table, "head_training": one_off}, indent=1) + "\n")
     return 0
+
+
+def _print_evidence(evidence: list) -> None:
+    from metaprune.training.metanet_eval import mean_and_error
+
+    print("model                       change  acc  acc'  pruned  pruned'  dropped  dropped'")
+    for row in evidence:
+        print(f"{row['model']:27s} {row['relative_change']:.3f}  {row['accuracy']:.3f} "
+              f"{row['accuracy_rewritten']:.3f}  {row['pruned_accuracy']:.3f}   "
+              f"{row['pruned_accuracy_rewritten']:.3f}    {row['dropped_energy']:.3f}    "
+              f"{row['dropped_energy_rewritten']:.3f}")
+    for key in ("relative_change", "pruned_accuracy", "pruned_accuracy_rewritten",
+                "dropped_energy", "dropped_energy_rewritten"):
+        mean, error = mean_and_error([row[key] for row in evidence])
+        print(f"mean {key}: {mean:.4f} ± {error:.4f}")
