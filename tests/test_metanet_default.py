@@ -27,6 +27,7 @@ def test_the_committed_checkpoint_is_small_and_trained_on_the_corpus(checkpoint)
     assert training["step"] > 0 and training["workers"] >= 1
     config = training["config"]
     assert config["gate_range"] > 0 and config["prune_weight"] > 0
+    assert loaded.head_trained and training["head_training"]["examples"] > 0
 
 
 def test_the_rewrite_changes_a_model_but_keeps_it_working(checkpoint):
@@ -52,6 +53,7 @@ def test_method_metanet_uses_the_committed_checkpoint_and_splits_the_budget():
     report = prune(model, inputs, method="metanet", speedup=2.0, data="mnist1d",
                    finetune_epochs=2).report
     assert report["method"] == "metanet" and report["criterion"] == "l2"
+    assert report["allocation"] == "metanet"  # the trained head's keep ratios, rescaled
     assert abs(report["speedup"] / 2.0 - 1) <= 0.02
     assert report["finetune"]["epochs_after_metanet"] == 1
     assert report["finetune"]["epochs_after_prune"] == 1
