@@ -71,8 +71,9 @@ def test_loss_is_differentiable_and_the_regulariser_is_normalised(corpus):
 def test_a_few_steps_lower_the_regulariser(corpus, tmp_path):
     # A strong regulariser weight, a large lr and a larger residual scale: the group lasso must
     # fall within a few steps (with the default near-identity scale it moves ~1e-3 per step).
+    # The pruned-network loss pulls elsewhere, so it is off here.
     config = _config(corpus, tmp_path, steps_per_epoch=12, lam=5.0, lr=1e-2,
-                     residual_scale=0.05)
+                     residual_scale=0.05, prune_weight=0.0)
     train_locally(config)
     records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
