@@ -51,8 +51,7 @@ from .corpus_store import (
     write_manifest,
 )
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-import ray  # noqa: E402 - the environment above must be set first
+import ray  # loopback-only: metaprune.training set Ray's switch when it loaded
 
 # Fine-tuning after the initial pruning: one epoch, as in the paper's corpus preparation.
 INITIAL_PRUNE_FINETUNE_EPOCHS = 1

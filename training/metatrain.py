@@ -246,7 +246,6 @@ def train_with_ray(config: MetaTrainConfig, *, workers: int = 2,
     `_join_process_group`), so Ray's `DataParallelTrainer` is used without its torch backend.
     Returns Ray Train's `Result`.
     """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer

@@ -56,10 +56,9 @@ from metaprune.pruning.training_bridge import DATA_BATCH_SIZE
 from .corpus import start_ray
 from .tune_pareto import pareto_front, plot_trials
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-import ray  # noqa: E402 - the environment above must be set first
-from ray import tune  # noqa: E402
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+import ray  # loopback-only: metaprune.training set Ray's switch when it loaded
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 SEARCHES = ("random", "optuna")
 SCHEDULERS = ("asha",)
