@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dataset", help="dataset id (mnist1d, digits, fashion-mnist, cifar10) or "
                                           "folder; enables accuracy figures and fine-tuning")
     parser.add_argument("--finetune-epochs", type=int, default=0,
-                        help="fine-tuning epochs after pruning (needs --dataset)")
+                        help="fine-tuning epochs in all (needs --dataset); with --method "
+                        "metanet half follow the rewrite, the rest follow pruning")
     parser.add_argument("--report", help="report JSON path (default: OUTPUT with .report.json)")
     parser.add_argument("--server", help="HOST:PORT of a MetaPrune server: prune there instead")
     parser.add_argument("--token", help="bearer token for --server")
