@@ -121,7 +121,6 @@ def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
     runs = []
     for model_id in model_ids:
         model, example_inputs = tasks.model(model_id)
-        loaders = tasks.loaders(model_id)
         for speedup in speedups:
             for seed in seeds:
                 settings = {"seed": int(seed)}
@@ -130,6 +129,9 @@ def compare_methods(checkpoint, corpus, model_ids: Sequence[str], *,
                     methods.insert(0, ("metanet+l2", {"method": "metanet", "metanet": loaded,
                                                       "allocation": "global"}))
                 for label, arguments in methods:
+                    # fresh loaders per run: a shared loader's shuffle state would give each
+                    # method a different batch order, depending on the order methods run in
+                    loaders = tasks.loaders(model_id)
                     try:
                         report = prune(model, example_inputs, speedup=speedup, data=loaders,
                                        finetune_epochs=finetune_epochs, finetune=settings,
