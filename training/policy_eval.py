@@ -153,7 +153,6 @@ def compare_policies(settings: PolicyComparison, *,
     try:
         for model_id in model_ids:
             model, example_inputs = tasks.model(model_id)
-            loaders = tasks.loaders(model_id)
             for speedup in map(float, settings.speedups):
                 if all((model_id, speedup, int(seed), method) in done
                        for seed in settings.seeds for method in METHODS):
@@ -173,6 +172,9 @@ def compare_policies(settings: PolicyComparison, *,
                             continue
                         policy, decision = decisions.get(method, (None, None))
                         started = time.perf_counter()
+                        # fresh loaders: a shared train loader's shuffle generator would give
+                        # each method a batch order that depends on what ran before it
+                        loaders = tasks.loaders(model_id)
                         report = prune(model, example_inputs, speedup=speedup, data=loaders,
                                        finetune_epochs=settings.finetune_epochs,
                                        finetune={"seed": seed},
