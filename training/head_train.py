@@ -126,9 +126,7 @@ def head_keep(metanet, features: torch.Tensor, speedup: float) -> torch.Tensor:
     """Per-layer keep ratios of the head at `speedup`: `MetaNetwork`'s own head computation
     (prior logit + head output) on cached features, differentiable in the head only."""
     target = torch.full((features.shape[0],), float(speedup), dtype=features.dtype)
-    conditioned = torch.cat([features[:, :-1], target.log().unsqueeze(1)], dim=1)
-    prior = torch.logit(prior_keep_ratio(target))
-    return torch.sigmoid(prior + metanet.sparsity_head(conditioned).squeeze(1))
+    return metanet.head_keep_ratios(features[:, :-1], target)
 
 
 def normalised_log_keep(keep: torch.Tensor) -> torch.Tensor:

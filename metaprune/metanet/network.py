@@ -187,6 +187,14 @@ class MetaNetwork(nn.Module):
             scatter(torch.ones_like(x[:, :1]), node_layer, 0, num_layers, "sum").log() / 8,
         ], dim=-1)
         target = self._speedup_per_layer(data, node_layer, num_layers, speedup, x)
+        return self.head_keep_ratios(pooled, target)
+
+    def head_keep_ratios(self, pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The sparsity head alone: keep ratios from per-layer pooled features and speed-ups.
+
+        `pooled` is [layers, head inputs - 1] (what `forward` pools per layer); `target` the
+        speed-up of each layer. The head adds a learned logit to the uniform prior's.
+        """
         features = torch.cat([pooled, target.log().unsqueeze(1)], dim=-1)
         prior = torch.logit(prior_keep_ratio(target))
         return torch.sigmoid(prior + self.sparsity_head(features).squeeze(1))
