@@ -210,7 +210,7 @@ def build_corpus(
     Returns:
         ``{"planned", "skipped", "trained", "failed": [(id, message)], "seconds"}``.
     """
-    log = log or _print_line
+    log = log or print_line
     if workers < 1:
         raise InvalidTargetError(f"workers must be at least 1, got {workers}")
     folder = Path(folder)
@@ -279,5 +279,6 @@ def _run_tasks(pending, folder: Path, finished: dict, summary: dict, log) -> Non
             f"{' held-out' if meta['held_out'] else ''}")
 
 
-def _print_line(line: str) -> None:
+def print_line(line: str) -> None:
+    """A progress line, flushed at once (pipelines log through this by default)."""
     print(line, file=sys.stdout, flush=True)

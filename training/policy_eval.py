@@ -49,7 +49,7 @@ import torch
 from metaprune.metanet import load_metanet
 from metaprune.pruning import prune
 
-from .metanet_eval import mean_and_error, summarize_runs
+from .metanet_eval import mean_and_error, paired_difference, summarize_runs
 from .metatrain_tasks import CorpusTasks
 from .policy_labels import label_name
 
@@ -205,13 +205,9 @@ def compare_policies(settings: PolicyComparison, *,
 def policy_table(runs: Sequence[dict], reference: str = "tuned") -> list[dict]:
     """Per (speed-up, method): accuracy mean ± s.e. over models (seeds averaged per model, as
     `summarize_runs`), the mean prune-time decision seconds per (model, speed-up), and
-    ``versus`` ± ``versus_error``: accuracy minus `reference`'s on the same model, mean ± s.e.
-    over the models both have (None without any). The paired difference is what tells methods
+    ``versus`` ± ``versus_error``: accuracy minus `reference`'s on the same model and seed,
+    mean ± s.e. over the models both have (`paired_difference`; None without any). The paired difference is what tells methods
     apart: the spread between models (an MLP at 66 %, a CNN at 97 %) cancels in it."""
-    per_model = {}
-    for run in runs:
-        key = (run["speedup"], run["method"])
-        per_model.setdefault(key, {}).setdefault(run["model"], []).append(run["accuracy"])
     rows = summarize_runs(runs)
     for row in rows:
         decisions = {}
@@ -220,12 +216,8 @@ def policy_table(runs: Sequence[dict], reference: str = "tuned") -> list[dict]:
                 decisions.setdefault(run["model"], []).append(run["decision_seconds"])
         row["decision_seconds"], row["decision_error"] = mean_and_error(
             [statistics.fmean(values) for values in decisions.values()])
-        mine = per_model[(row["speedup"], row["method"])]
-        theirs = per_model.get((row["speedup"], reference), {})
-        differences = [statistics.fmean(mine[m]) - statistics.fmean(theirs[m])
-                       for m in mine if m in theirs]
-        row["versus"], row["versus_error"] = mean_and_error(differences) if differences \
-            else (None, None)
+        mean, error, paired = paired_difference(runs, row["speedup"], row["method"], reference)
+        row["versus"], row["versus_error"] = (mean, error) if paired else (None, None)
     order = {method: index for index, method in enumerate(METHODS)}
     return sorted(rows, key=lambda r: (r["speedup"], order.get(r["method"], len(order))))
 

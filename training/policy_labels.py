@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 
 from metaprune.errors import InvalidTargetError
 
+from .corpus import print_line
 from .corpus_store import write_atomically
 from .metatrain_tasks import CorpusTasks
 
@@ -137,7 +137,7 @@ def build_labels(settings: LabelSettings, *, log: Callable[[str], None] | None =
     from metaprune.training.tune import TuneSettings, run_search
     import ray
 
-    log = log or _print_line
+    log = log or print_line
     started = time.perf_counter()
     tasks = CorpusTasks(settings.corpus, families=list(settings.families),
                         datasets=list(settings.datasets))
@@ -213,6 +213,3 @@ def read_labels(folder, *, model_ids: Sequence[str] | None = None) -> list[dict]
                                  "`metaprune metanet labels`)")
     return labels
 
-
-def _print_line(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)

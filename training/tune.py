@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -53,7 +52,7 @@ from metaprune.pruning import prune
 from metaprune.pruning.targets import TOLERANCE
 from metaprune.pruning.training_bridge import DATA_BATCH_SIZE
 
-from .corpus import start_ray
+from .corpus import print_line, start_ray
 from .tune_pareto import pareto_front, plot_trials
 
 import ray  # loopback-only: metaprune.training set Ray's switch when it loaded
@@ -445,7 +444,7 @@ def run_search(settings: TuneSettings, *, log: Callable[[str], None] | None = No
         ``target_speedup``, ``policy``, ``accuracy``, ``accuracy_per_epoch``, ``epochs``,
         ``macs``, ``params``, ``speedup``, ``meets_target``, ``seconds``, ``error``.
     """
-    log = log or _print_line
+    log = log or print_line
     started = time.perf_counter()
     model_path = Path(settings.model)
     if not model_path.is_file():
@@ -557,7 +556,3 @@ def format_summary(summary: dict) -> list[str]:
                      f"{trial['accuracy']:.4f}  trial {trial['trial']}")
     lines.append("wrote " + ", ".join(summary["files"].values()))
     return lines
-
-
-def _print_line(line: str) -> None:
-    print(line, file=sys.stdout, flush=True)
