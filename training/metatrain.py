@@ -124,6 +124,15 @@ def _average_gradients(metanet: MetaNetwork, world_size: int) -> None:
         parameter.grad /= world_size
 
 
+def training_scope(tasks: CorpusTasks, config: MetaTrainConfig) -> dict:
+    """What a checkpoint trained on `tasks` serves: the families and datasets of its training
+    models; universal when the run was not restricted to some families."""
+    metas = [tasks.meta[model_id] for model_id in tasks.train_ids]
+    return {"families": sorted({meta["family"] for meta in metas}),
+            "datasets": sorted({meta["dataset"] for meta in metas}),
+            "universal": not config.families}
+
+
 def _append_json(path: Path, record: dict) -> None:
     with path.open("a") as stream:
         stream.write(json.dumps(record) + "\n")
@@ -178,7 +187,8 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
             checkpoint = out_dir / CHECKPOINT_FOLDER / f"epoch-{epoch + 1:03d}.safetensors"
             save_metanet(metanet, checkpoint, training={
                 "epoch": epoch + 1, "step": step, "corpus": str(config.corpus),
-                "workers": world_size, "config": config.to_dict()})
+                "workers": world_size, "config": config.to_dict(),
+                "models": sorted(tasks.train_ids)}, scope=training_scope(tasks, config))
             torch.save(optimizer.state_dict(), _optimizer_path(checkpoint))
             last = checkpoint
         if report is not None:

@@ -57,21 +57,21 @@ def _numbers(text: str, kind=float) -> list:
 
 
 def checkpoint_identity(metanet: str) -> tuple[str, str]:
-    """(name, short sha256) of the checkpoint file(s) the metanet row uses."""
+    """(name, short sha256 of the weights) of the checkpoint(s) the metanet row may use.
+
+    Only the weights are hashed: documentation edits in a checkpoint's JSON (its scope, its
+    training record) do not change what it computes, so they do not invalidate finished runs.
+    """
+    from metaprune.metanet.scope import checkpoint_info, discover_checkpoints
     from metaprune.pruning.metanet_bridge import CHECKPOINT_DIR
 
     if metanet == "default":
-        files = sorted(CHECKPOINT_DIR.glob("*.safetensors"))
-        name = "default (" + ", ".join(path.stem for path in files) + ")"
+        found = discover_checkpoints(CHECKPOINT_DIR)
+        name = "default (" + ", ".join(info.name for info in found) + ")"
     else:
-        files = [Path(metanet)]
-        name = Path(metanet).name
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.read_bytes())
-        json_path = path.with_suffix(".json")
-        if json_path.is_file():
-            digest.update(json_path.read_bytes())
+        found = [checkpoint_info(metanet)]
+        name = found[0].name
+    digest = hashlib.sha256("".join(info.sha256 for info in found).encode())
     return name, digest.hexdigest()[:12]
 
 
