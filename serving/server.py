@@ -35,7 +35,7 @@ from metaprune.errors import MetaPruneError
 
 from . import fate
 from . import limits as vocabulary
-from . import pruning_pb2, pruning_pb2_grpc
+from . import pruning_pb2, pruning_pb2_grpc, reflection_v1
 from .auth import Authenticator
 from .limits import Limits
 from .local_backend import LocalBackend
@@ -176,8 +176,9 @@ class PruningServer:
         pruning_pb2_grpc.add_PruningServiceServicer_to_server(self.servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._server)
+        reflection_v1.enable_server_reflection(services, self._server)
         address = f"{config.host}:{config.port}"
         if config.tls_cert is not None:
             credentials = grpc.ssl_server_credentials(

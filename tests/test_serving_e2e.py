@@ -63,6 +63,8 @@ def test_watch_events_and_listing(client, tmp_path):
     assert pb.JobState.Name(final.state) == "SUCCEEDED", final.message
     states = [pb.JobState.Name(e.state) for e in events if e.kind == "state"]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    # issue 12: phase events said JOB_STATE_UNSPECIFIED; every event carries the job's state
+    assert {pb.JobState.Name(e.state) for e in events if e.kind != "state"} == {"RUNNING"}
     assert {"loading", "pruning", "saving"} <= {e.phase for e in events if e.kind == "phase"}
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert job.job_id in [j.job_id for j in client.list_jobs(state="SUCCEEDED")]
