@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from metaprune.errors import ModelFormatError
 from metaprune.metanet.network import MetaNetwork
+from metaprune.vocabulary.checkpoints import portable_record
 
 FORMAT = "metaprune-metanet"
 VERSION = 1
@@ -54,7 +55,9 @@ def save_metanet(metanet: MetaNetwork, path: str | Path, training: dict | None =
              for name, value in metanet.state_dict().items()}
     document = {
         "format": FORMAT, "version": VERSION, "config": metanet.config,
-        "training": dict(training or {}), "num_parameters": metanet.num_parameters,
+        # no machine paths: the record ships with the package
+        "training": portable_record(dict(training or {})),
+        "num_parameters": metanet.num_parameters,
     }
     text = json.dumps(document, indent=2, sort_keys=True)  # fails early on unserialisable data
     path.parent.mkdir(parents=True, exist_ok=True)

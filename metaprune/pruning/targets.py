@@ -1,13 +1,11 @@
 """Targets (speed-up or params ratio) and the bisection that meets them analytically."""
 
-import math
 from dataclasses import dataclass
 
 from metaprune.errors import InvalidTargetError
 from metaprune.pruning.allocation import MIN_KEEP_FRACTION, Allocation
 from metaprune.pruning.cost import CostModel
-
-TOLERANCE = 0.02  # |achieved / target - 1| allowed by DESIGN §5
+from metaprune.vocabulary import TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -16,26 +14,6 @@ class Target:
 
     kind: str
     value: float
-
-    @classmethod
-    def from_arguments(cls, speedup: float | None, params_ratio: float | None) -> "Target | None":
-        if speedup is not None and params_ratio is not None:
-            raise InvalidTargetError("give at most one of speedup and params_ratio, not both")
-        if speedup is not None:
-            value = _number("speedup", speedup)
-            if value < 1.0:
-                raise InvalidTargetError(
-                    f"speedup must be at least 1 (MACs before / MACs after), got {value:g}"
-                )
-            return cls("speedup", value)
-        if params_ratio is not None:
-            value = _number("params_ratio", params_ratio)
-            if not 0.0 < value <= 1.0:
-                raise InvalidTargetError(
-                    f"params_ratio must be in (0, 1] (params after / params before), got {value:g}"
-                )
-            return cls("params_ratio", value)
-        return None
 
     def achieved(self, macs_before, macs_after, params_before, params_after) -> float:
         if self.kind == "speedup":
@@ -51,16 +29,6 @@ class Target:
         if self.kind == "speedup":
             return cost.macs_before / self.value
         return cost.params_before * self.value
-
-
-def _number(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as error:
-        raise InvalidTargetError(f"{name} must be a number, got {value!r}") from error
-    if not math.isfinite(number):
-        raise InvalidTargetError(f"{name} must be finite, got {value!r}")
-    return number
 
 
 def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: float,
