@@ -101,7 +101,8 @@ def test_options_this_build_does_not_implement_are_refused_by_name(options, mess
 
 
 def test_report_records_version_seed_and_metanet_hash():
-    from metaprune.pruning.metanet_bridge import default_checkpoint, describe_metanet
+    from metaprune.metanet.scope import select_metanet
+    from metaprune.pruning.metanet_bridge import default_checkpoint
 
     model, example_inputs = tiny_model("mlp")
     report = prune(model, example_inputs, speedup=2.0, finetune={"seed": 3}, latency=False).report
@@ -110,8 +111,8 @@ def test_report_records_version_seed_and_metanet_hash():
     assert (report["macs_before"], report["macs_after"]) == (report["flops_before"],
                                                              report["flops_after"])
     path = default_checkpoint()
-    entry = describe_metanet("default", object())
-    assert entry["hash"] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    _, entry = select_metanet("default", model)  # what the engine reports with a metanetwork
+    assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert entry["name"] == path.stem and entry["reason"]
 
 

@@ -292,5 +292,6 @@ def train_head(settings: HeadTrainSettings, *, log: Callable[[str], None] | None
     summary["seconds"] = round(time.perf_counter() - started, 1)
     training = dict(loaded.training_metadata)
     training.update(sparsity_head_trained=True, head_training=summary)
-    save_metanet(metanet, settings.out, training=training)
+    save_metanet(metanet, settings.out, training=training,
+                 scope=loaded.document.get("scope"))  # the head does not change what it serves
     return summary

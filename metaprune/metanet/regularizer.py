@@ -81,6 +81,26 @@ class GroupSparsity:
         """The group lasso: the sum of `group_norms`."""
         return self.group_norms(x, edge_attr).sum()
 
+    def sparse_learning_penalty(self, norms: torch.Tensor, alpha: float = 16.0) -> torch.Tensor:
+        """Torch-pruning's sparse-learning penalty on group norms, differentiable in `norms`.
+
+        Within each layer the importance is the group norm over the layer's largest (the max
+        normaliser) and every group is weighed ``alpha ** ((1 - imp) / (1 - imp_min))``: the
+        weakest group of a layer by ``alpha``, the strongest by 1. The penalty is
+        ``sum(weight * norm ** 2) / 2``, whose gradient ``weight * w`` on every weight of a
+        group is what `GroupNormPruner.regularize` adds (DepGraph's sparse learning), so weak
+        groups are pushed to zero much harder than strong ones.
+        """
+        layer = self._group_layer
+        num_layers = int(layer.max()) + 1 if layer.numel() else 0
+        detached = norms.detach()
+        top = scatter(detached, layer, 0, num_layers, "max")[layer].clamp_min(1e-12)
+        importance = detached / top
+        low = scatter(importance, layer, 0, num_layers, "min")[layer]
+        spread = (1 - low).clamp_min(1e-12)
+        weight = alpha ** ((1 - importance) / spread)
+        return (weight * norms.square()).sum() / 2
+
     def weakest_groups(self, norms: torch.Tensor, fraction: float) -> torch.Tensor:
         """[num_groups] bool: in every layer, the `fraction` of its groups with the least norm.
 

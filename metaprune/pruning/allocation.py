@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from metaprune.errors import InvalidTargetError
-from metaprune.pruning.groups import ChannelGroup, minimum_kept
+from metaprune.pruning.groups import ChannelGroup, minimum_kept, snap_removal
 from metaprune.vocabulary import parse_policy
 
 # the allocation families built here (the vocabulary also names "latency", DESIGN §6)
@@ -42,10 +42,6 @@ def removal_order(group: ChannelGroup, scores: torch.Tensor) -> tuple[torch.Tens
         keys.append(scores[round_idx].max().repeat(len(round_idx)))
     keys = torch.cummax(torch.cat(keys), 0).values
     return torch.cat(order), keys
-
-
-def _round_down(count: float, step: int, limit: int) -> int:
-    return min(limit, int(math.floor(count / step + 1e-9)) * step)
 
 
 class Allocation:
@@ -101,7 +97,7 @@ def global_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
 
     def counts_at(theta, group, group_keys, max_removed):
         removed = int(torch.searchsorted(ranks[index_of[id(group)]], int(theta)))
-        return _round_down(removed, group.step, max_removed)
+        return snap_removal(removed, group.size, group.step, max_removed)
 
     return Allocation(groups, keys, counts_at, 0.0, float(len(ranking)))
 
@@ -110,7 +106,7 @@ def uniform_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
     """Removes the same fraction theta of every group's channels."""
 
     def counts_at(theta, group, group_keys, max_removed):
-        return _round_down(round(theta * group.size, 6), group.step, max_removed)
+        return snap_removal(round(theta * group.size, 6), group.size, group.step, max_removed)
 
     return Allocation(groups, keys, counts_at, 0.0, 1.0)
 
@@ -123,7 +119,8 @@ def policy_allocation(groups: list[ChannelGroup], keys: list,
 
     def counts_at(theta, group, group_keys, max_removed):
         keep = ratio_of[id(group)] ** theta
-        return _round_down(round((1.0 - keep) * group.size, 6), group.step, max_removed)
+        return snap_removal(round((1.0 - keep) * group.size, 6), group.size, group.step,
+                            max_removed)
 
     # theta at which even the mildest pruned layer has fallen to its floor
     mildest = max([r for r in keep_ratio_of_group if r < 1.0] or [0.5])

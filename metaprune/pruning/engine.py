@@ -40,7 +40,8 @@ from metaprune.pruning.allocation import (
 )
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
-from metaprune.pruning.metanet_bridge import apply_metanet, describe_metanet, load_metanet
+from metaprune.metanet.scope import select_metanet
+from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
@@ -157,7 +158,10 @@ class _Run:
                                      "not have")
         self.criterion = build_criterion(request.resolved_criterion)
         with self.timer.phase("load"):
-            self.metanet = load_metanet(request.resolved_metanet)
+            # the checkpoint whose scope fits this model and data, and the report's entry
+            chosen, self.metanet_entry = select_metanet(request.resolved_metanet, self.module,
+                                                        request.data)
+            self.metanet = load_metanet(chosen)
             self.loaders, self.figures["input_adaptation"] = training_bridge.resolve_data(
                 request.data, self.example_inputs)
         finetune_epochs = request.finetune_epochs
@@ -349,7 +353,7 @@ class _Run:
             finetune_skipped_reason=skipped,
             method=request.method, criterion=request.resolved_criterion,
             allocation=self.allocation_used,
-            metanet=describe_metanet(request.resolved_metanet, self.metanet),
+            metanet=self.metanet_entry,
             seed=training_bridge.seed_of(request.finetune),
             seconds=self.timer.seconds,
         )

@@ -21,14 +21,12 @@ from torch import nn
 from metaprune.errors import MetaPruneError
 from metaprune.vocabulary.checkpoints import (
     CHECKPOINT_DIR,
-    checkpoint_hash,
     fallback_hint,
     resolve_checkpoint,
 )
 from metaprune.vocabulary.checkpoints import default_checkpoint as find_default_checkpoint
 
-__all__ = ["CHECKPOINT_DIR", "apply_metanet", "default_checkpoint", "describe_metanet",
-           "load_metanet"]
+__all__ = ["CHECKPOINT_DIR", "apply_metanet", "default_checkpoint", "load_metanet"]
 
 
 def default_checkpoint() -> Path | None:
@@ -60,19 +58,6 @@ def load_metanet(metanet):
             f"missing); {fallback_hint()}"
         ) from error
     return load_checkpoint(path)
-
-
-def describe_metanet(asked, loaded) -> dict | None:
-    """The report's `metanet` entry: which checkpoint, its content hash, and why it was used."""
-    if loaded is None:
-        return None
-    if not isinstance(asked, (str, Path)):
-        return {"name": type(loaded).__name__, "hash": None,
-                "reason": "a loaded metanetwork object was passed"}
-    path = _checkpoint_path(asked)
-    reason = "the committed default checkpoint" if asked == "default" else "asked for by name" \
-        if isinstance(asked, str) and asked == path.stem else "asked for by path"
-    return {"name": path.stem, "hash": checkpoint_hash(path), "reason": reason}
 
 
 def apply_metanet(metanet, module: nn.Module, example_inputs, *, speedup=None,

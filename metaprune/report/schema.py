@@ -47,8 +47,9 @@ REPORT_FIELDS = (
     ReportField("criterion", "the importance criterion used", True),
     ReportField("allocation", "the allocation used (global, uniform, metanet, policy, ...)",
                 True),
-    ReportField("metanet", "the metanetwork used: {name, hash, reason}, or null"),
-    ReportField("seed", "the seed of data order and fine-tuning"),
+    ReportField("metanet", "the metanetwork checkpoint used: name, sha256, scope and why it "
+                           "was chosen; null without one (or for a loaded object)"),
+    ReportField("seed", "the fine-tuning seed (FinetuneConfig.seed); data loaders use seed 0"),
     ReportField("seconds", "phase -> wall seconds", True),
 )
 

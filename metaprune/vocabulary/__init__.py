@@ -7,7 +7,7 @@ tune` all read, so a name, a bound or a file format is accepted the same way eve
 - `bounds`: range checks (`speedup` > 1, `params_ratio` in (0, 1), keep ratios in (0, 1],
   `latency_batch`, `round_to`, `exclude`), each an `InvalidTargetError` naming the bound;
 - `policy`: policies in every form (mapping, `tune` recipe, JSON text, JSON file) and `Recipe`;
-- `checkpoints`: where metanetwork checkpoints are, their names and content hash;
+- `checkpoints`: where metanetwork checkpoints are and their names;
 - `request`: `PruneRequest`, every keyword of `metaprune.prune`, checked on construction.
 
 Example::
@@ -31,7 +31,6 @@ from metaprune.vocabulary.bounds import (
 from metaprune.vocabulary.checkpoints import (
     CHECKPOINT_DIR,
     available_metanetworks,
-    checkpoint_hash,
     default_checkpoint,
     resolve_checkpoint,
 )
@@ -64,6 +63,6 @@ __all__ = [
     "MAX_ROUND_TO", "METHODS", "OPTIMIZERS", "OUTPUT_FORMATS", "PruneRequest", "RECIPE_FORMAT",
     "ROUND_TO_AUTO", "Recipe", "SCHEDULES", "TARGETS", "TOLERANCE", "available_metanetworks",
     "check_choice", "check_keep_ratio", "check_latency_batch", "check_params_ratio",
-    "check_policy", "check_round_to", "check_speedup", "checkpoint_hash", "default_checkpoint",
+    "check_policy", "check_round_to", "check_speedup", "default_checkpoint",
     "parse_policy", "policy_from_json", "resolve_checkpoint",
 ]

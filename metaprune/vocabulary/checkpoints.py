@@ -1,21 +1,20 @@
-"""Where metanetwork checkpoints are found, what they are called, and their content hash.
+"""Where metanetwork checkpoints are found and what they are called.
 
 Torch-free, so the gRPC server (which never imports torch) names the same checkpoints the
 library loads. A checkpoint is ``NAME.safetensors`` with ``NAME.json`` beside it; the
 committed ones live in the package's ``checkpoints/`` folder, and ``"default"`` is the first
-``metanet*.safetensors`` there.
+``metanet*.safetensors`` there (`metaprune.metanet.scope.select_metanet` then picks, for a
+model, the checkpoint whose scope fits it, and its hash for the report).
 
 Example::
 
     available_metanetworks()        # {'default': PosixPath('.../metanet.safetensors'),
                                     #  'metanet': PosixPath('.../metanet.safetensors')}
     resolve_checkpoint("default")   # PosixPath('.../checkpoints/metanet.safetensors')
-    checkpoint_hash(resolve_checkpoint("default"))   # 'sha256:3f1c...'
 """
 
-import hashlib
 from os import PathLike
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from metaprune.errors import MetaPruneError
 from metaprune.vocabulary.names import DATA_FREE_CRITERIA
@@ -67,31 +66,3 @@ def resolve_checkpoint(name_or_path: str | PathLike, folder: str | PathLike | No
         raise MetaPruneError(f"metanetwork checkpoint {str(path)!r} does not exist; "
                              + fallback_hint())
     return path
-
-
-def portable_record(value):
-    """`value` (JSON-like) with every absolute path replaced by its last component.
-
-    A checkpoint's training record travels with the package: the trainer's folders
-    (``/home/me/runs/w2``) mean nothing elsewhere and say who trained it where.
-
-    Example::
-
-        portable_record({"corpus": "/work/corpus", "steps": 400})   # {'corpus': 'corpus', ...}
-    """
-    if isinstance(value, dict):
-        return {key: portable_record(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [portable_record(item) for item in value]
-    if isinstance(value, str) and (value.startswith(("/", "~")) or value[1:3] == ":\\"):
-        return PurePath(value.replace("\\", "/")).name
-    return value
-
-
-def checkpoint_hash(path: str | PathLike) -> str:
-    """``sha256:HEX`` of the checkpoint's weights file: which metanetwork a report used."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
