@@ -54,6 +54,16 @@ class Limits:
     upload_time_seconds: float = 600.0
     # fine-tuning epochs one job may ask for
     max_finetune_epochs: int = 1000
+    # bytes one tenant may store (uploads + results); an upload past it is refused
+    tenant_quota_bytes: int = 10 * GiB
+    # uploads are deleted (file and row) this long after they were made, unless a queued or
+    # running job still uses them
+    upload_expiry_seconds: float = 7 * 24 * 3600.0
+    # finished jobs (row, events and result files) are deleted this long after they finished
+    result_expiry_seconds: float = 7 * 24 * 3600.0
+    # open streams (WatchJob, DownloadResult, uploads) of one tenant, and of all tenants
+    max_streams_per_tenant: int = 128
+    max_streams: int = 2048
 
     def as_dict(self) -> dict:
         return asdict(self)
