@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from metaprune.errors import MetaPruneError
+from metaprune.vocabulary import PruneRequest
 
 from . import pruning_pb2 as pb
 from . import pruning_pb2_grpc
@@ -195,11 +196,13 @@ class PruningClient:
                params_ratio: float | None = None, policy: dict | None = None,
                dataset: str | None = None, data_id: str | None = None, finetune_epochs: int = 0,
                finetune: dict | None = None, output_format: str | None = None,
-               metanet: str | None = None) -> pb.Job:
+               metanet: str | None = None, extra: dict | None = None) -> pb.Job:
         """Queue a pruning job; arguments mean what they mean for `metaprune.prune`.
 
-        A full queue is retried after the server's `retry-after`, a server that is away with
-        backoff; the request carries a fresh idempotency key, so a retry never queues it twice.
+        Nothing is checked here (the server checks everything); `extra` sets further
+        SubmitJobRequest fields by name. A full queue is retried after the server's
+        `retry-after`, a server that is away with backoff; the request carries a fresh
+        idempotency key, so a retry never queues it twice.
         """
         request = pb.SubmitJobRequest(
             model_id=model_id, method=method, criterion=criterion or "", allocation=allocation or "",
@@ -217,6 +220,11 @@ class PruningClient:
             request.data_id = data_id
         if finetune:
             request.finetune.CopyFrom(pb.FinetuneOptions(**finetune))
+        for name, value in (extra or {}).items():
+            if isinstance(value, (list, tuple)):
+                getattr(request, name).extend(value)
+            else:
+                setattr(request, name, value)
         return self._retrying(lambda: self.stub.SubmitJob(request, metadata=self._metadata,
                                                           timeout=self.timeout))
 
@@ -342,40 +350,50 @@ def _print_event(event: pb.JobEvent) -> None:
     print(f"[job] {text}", file=sys.stderr, flush=True)
 
 
-def _submit_options(options: dict, client: PruningClient) -> dict:
-    """`prune`-style options (as the CLI gathers them) -> PruningClient.submit arguments."""
-    options = {key: value for key, value in options.items() if value is not None}
-    submit: dict = {}
-    for key in ("method", "criterion", "allocation", "speedup", "params_ratio", "finetune_epochs",
-                "finetune", "metanet", "output_format"):
-        if key in options:
-            submit[key] = options.pop(key)
-    policy = options.pop("policy", None)
-    if isinstance(policy, (str, Path)):
-        policy = json.loads(Path(policy).read_text())
-    if policy:
-        submit["policy"] = policy
-    data = options.pop("data", None) or options.pop("dataset", None)
+# PruneRequest fields that SubmitJobRequest carries under the same name (a newer proto may
+# carry more; `_submit_arguments` sets every one the message has and refuses the rest).
+_SUBMIT_FIELDS = ("method", "criterion", "allocation", "speedup", "params_ratio",
+                  "finetune_epochs", "finetune", "metanet")
+
+
+def _submit_arguments(request: PruneRequest, client: PruningClient) -> dict:
+    """`PruningClient.submit` arguments for a checked request (an .npz data file is uploaded)."""
+    options = request.to_options()
+    options.pop("allocation", None)
+    if request.allocation not in ("global", "policy"):
+        options["allocation"] = request.allocation
+    submit = {key: options.pop(key) for key in _SUBMIT_FIELDS if key in options}
+    if "policy" in options:
+        submit["policy"] = options.pop("policy")  # already a checked mapping, even from a recipe
+    data = options.pop("data", None)
     if isinstance(data, (str, Path)) and str(data).endswith(".npz") and Path(data).is_file():
         submit["data_id"] = client.upload_data(data).id
     elif isinstance(data, (str, Path)):
         submit["dataset"] = str(data)
     elif data is not None:
         raise RemoteError("INVALID_ARGUMENT", "remote pruning takes a dataset id or an .npz file as data")
-    if options:
-        raise RemoteError("INVALID_ARGUMENT", f"options the service does not take: {', '.join(sorted(options))}")
+    carried = pb.SubmitJobRequest.DESCRIPTOR.fields_by_name
+    extra = {key: value for key, value in options.items() if key in carried}
+    refused = sorted(set(options) - set(extra))
+    if refused:
+        raise RemoteError("INVALID_ARGUMENT", f"options this service's protocol does not carry yet: "
+                                              f"{', '.join(refused)}")
+    submit["extra"] = extra
     return submit
 
 
 def prune_remote(server: str, input_path: str | Path, out_path: str | Path, *, token: str | None = None,
-                 tls_ca: str | Path | None = None, options: dict | None = None,
+                 tls_ca: str | Path | None = None, request: PruneRequest | None = None,
+                 options: dict | None = None, output_format: str | None = None,
                  report_path: str | Path | None = None, progress: bool = True) -> dict:
     """Prune a model file on a MetaPrune server; writes `out_path` and returns the report.
 
-    `options` holds `metaprune.prune` keywords (method, criterion, allocation, speedup,
-    params_ratio, policy (dict or JSON path), data/dataset (id or .npz path), finetune_epochs,
-    finetune, metanet) and optionally output_format; the output format otherwise follows
-    `out_path`'s suffix. Raises :class:`RemoteError` with the server's status code.
+    The job is a :class:`~metaprune.vocabulary.PruneRequest` (as `metaprune prune` builds it),
+    or `options`: `metaprune.prune` keywords (a policy may be a dict, a `tune` recipe or a JSON
+    path of either; data/dataset an id or an .npz path) plus, for compatibility,
+    output_format. Either is checked here, before anything is uploaded. The output format
+    otherwise follows `out_path`'s suffix. Raises :class:`RemoteError` with the server's status
+    code.
 
     Example::
 
@@ -383,11 +401,19 @@ def prune_remote(server: str, input_path: str | Path, out_path: str | Path, *, t
                               options={"method": "l2", "speedup": 2.0})
     """
     out_path = Path(out_path)
+    if request is None:
+        options = dict(options or {})
+        output_format = options.pop("output_format", output_format)
+        if "dataset" in options:
+            options["data"] = options.pop("dataset")
+        request = PruneRequest.from_options(options)
     with PruningClient(server, token=token, tls_ca=tls_ca) as client:
-        submit = _submit_options(dict(options or {}), client)
-        if "output_format" not in submit and out_path.suffix in _FORMATS:
-            submit["output_format"] = out_path.suffix[1:]
+        submit = _submit_arguments(request, client)
         model = client.upload_model(input_path)
+        if output_format is None and out_path.suffix in _FORMATS:
+            output_format = out_path.suffix[1:]
+        if output_format is not None:
+            submit["output_format"] = output_format
         job = client.submit(model.id, **submit)
         job = client.wait(job.job_id, on_event=_print_event if progress else None)
         if job.state != pb.SUCCEEDED:
