@@ -15,20 +15,18 @@ A task is a plain dict (it crosses process boundaries)::
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
 import resource
-import signal
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-Emit = Callable[[dict], None]
+from .fate import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+Emit = Callable[[dict], None]
 
 
 class TaskFailure(Exception):
@@ -40,15 +38,17 @@ class TaskFailure(Exception):
         self.message = message
 
 
-def apply_process_limits(memory_bytes: int, threads: int) -> None:
-    """Confine the current (worker) process: memory, core dumps, threads, parent death."""
+def apply_process_limits(memory_bytes: int, threads: int, *, parent_pid: int | None = None) -> None:
+    """Confine the current (worker) process: memory, core dumps, threads, parent death.
+
+    `parent_pid`: the parent this process must have (the fork server); if it already died, the
+    process exits at once instead of running on as an orphan.
+    """
+    # die with our parent (the fork server, which dies with the server): no orphan job
+    die_with_parent(parent_pid)
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:  # die with our parent (the fork server), so a killed server leaves no orphan job
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
     import torch
@@ -230,7 +230,9 @@ def run_task(task: dict, emit: Emit) -> dict:
 def process_main(task: dict, connection, memory_bytes: int, threads: int) -> None:
     """Entry point of a local worker process: results and events go back on `connection`."""
     try:
-        apply_process_limits(memory_bytes, threads)
+        forkserver = os.environ.get("METAPRUNE_FORKSERVER_PID", "")
+        apply_process_limits(memory_bytes, threads,
+                             parent_pid=int(forkserver) if forkserver.isdigit() else None)
         result = run_task(task, lambda event: connection.send(("event", event)))
         connection.send(("result", result))
     except TaskFailure as failure:

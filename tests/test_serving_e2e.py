@@ -63,6 +63,8 @@ def test_watch_events_and_listing(client, tmp_path):
     assert pb.JobState.Name(final.state) == "SUCCEEDED", final.message
     states = [pb.JobState.Name(e.state) for e in events if e.kind == "state"]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    # issue 12: phase events said JOB_STATE_UNSPECIFIED; every event carries the job's state
+    assert {pb.JobState.Name(e.state) for e in events if e.kind != "state"} == {"RUNNING"}
     assert {"loading", "pruning", "saving"} <= {e.phase for e in events if e.kind == "phase"}
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert job.job_id in [j.job_id for j in client.list_jobs(state="SUCCEEDED")]
@@ -128,10 +130,11 @@ def test_cli_prune_through_the_server(server, tmp_path, capsys):
     assert code == 0 and (tmp_path / "p.pt2").exists()
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
-    # a refused request is a clear message and exit code 2, not a traceback
+    # a refused request is a clear message and exit code 2, not a traceback; the request is
+    # checked by the same vocabulary as in-process, before anything is uploaded
     code = main(["prune", str(model), "--out", str(tmp_path / "q.pt2"), "--speedup", "2",
                  "--criterion", "taylor", "--server", server.address])
-    assert code == 2 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert code == 2 and "needs data" in capsys.readouterr().err
 
 
 def test_onnx_output(server, tmp_path):
