@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 QUICK_MODELS_PER_FAMILY = 2
-QUICK_CRITERIA = "l1,l2,bn_scale,lamp,taylor"
+QUICK_CRITERIA = "l1,l2,bn_scale,taylor"
 
 
 def add_arguments(parser) -> None:
@@ -211,12 +211,17 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
     from metaprune.errors import MetaPruneError
     from metaprune.finetune import evaluate
     from metaprune.formats import load_model
+    from metaprune.metanet.scope import select_metanet
     from metaprune.pruning.metanet_bridge import load_metanet
 
     model_id = meta["model_id"]
     model, example_inputs = load_model(folder / meta["weights"])
     model.eval()
-    loaded = load_metanet(metanet)  # loaded once: each prune then reuses it
+    # the checkpoint prune(method="metanet") picks for this model (its family, its dataset),
+    # loaded once: each prune then reuses it
+    chosen, entry = select_metanet(metanet, model, meta["dataset"])
+    loaded = load_metanet(chosen)
+    checkpoint_name = entry["name"] if entry else Path(str(metanet)).stem
     base = {"model": model_id, "family": meta["family"], "dataset": meta["dataset"]}
     steps_per_epoch = len(_loaders(meta, 0)[0])
     guard_key = f"guard|{model_id}|{sha}"
@@ -224,6 +229,7 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
         test = _loaders(meta, 0)[1]
         rewritten = loaded.transform(model, example_inputs)
         log.add({**base, "key": guard_key, "kind": "guard", "checkpoint": sha,
+                 "checkpoint_name": checkpoint_name,
                  "dense": float(evaluate(model, test)),
                  "rewritten": float(evaluate(rewritten, test))})
     for speedup in settings["speedups"]:
@@ -267,6 +273,7 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
                     record = {**base, "key": key, "kind": "run", "speedup": speedup,
                               "budget": budget, "method": method, "seed": seed,
                               "checkpoint": checkpoint, "accuracy": accuracy,
+                              "checkpoint_name": checkpoint_name if checkpoint else None,
                               "achieved_speedup": achieved,
                               "optimizer_steps": budget * steps_per_epoch,
                               "seconds": round(time.perf_counter() - started, 2)}

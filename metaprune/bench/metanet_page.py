@@ -86,12 +86,14 @@ def _goal_lines(runs, settings) -> list[str]:
 def _guard_lines(guards) -> list[str]:
     if not guards:
         return ["No guard measured."]
-    lines = ["| model | family | dense | after rewrite | change (pts) |", "|---|---|---|---|---|"]
+    lines = ["| model | family | checkpoint | dense | after rewrite | change (pts) |",
+             "|---|---|---|---|---|---|"]
     worst = 0.0
     for guard in sorted(guards, key=lambda g: g["model"]):
         change = guard["rewritten"] - guard["dense"]
         worst = min(worst, change)
-        lines.append(f"| {guard['model']} | {guard['family']} | {100 * guard['dense']:.2f} | "
+        lines.append(f"| {guard['model']} | {guard['family']} | "
+                     f"{guard.get('checkpoint_name') or '—'} | {100 * guard['dense']:.2f} | "
                      f"{100 * guard['rewritten']:.2f} | {100 * change:+.2f} |")
     met = -100 * worst <= GUARD_POINTS
     lines += ["", f"Worst change {100 * worst:+.2f} pts → **{'MET' if met else 'NOT MET'}** "
