@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
                              "$METAPRUNE_CACHE/corpus/held-out)")
     parser.add_argument("--metanet", default="default",
                         help="checkpoint for the metanet row ('default': what prune() picks)")
+    parser.add_argument("--also", metavar="CKPT",
+                        help="a second checkpoint (e.g. the previous one) as row metanet@NAME")
     parser.add_argument("--speedups", default="2,3,4")
     parser.add_argument("--budgets", default="0,1,4", help="fine-tune epochs (equal steps)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -132,6 +134,8 @@ def run(args) -> int:
             args.criteria = QUICK_CRITERIA
         log = RunLog(Path(args.runs))
         name, sha = checkpoint_identity(args.metanet)
+        also = (f"metanet@{Path(args.also).stem}", checkpoint_identity(args.also)[1],
+                args.also) if args.also else None
         folder = Path(args.held_out) if args.held_out else _default_held_out()
         models = held_out_models(folder, _numbers(args.families, str), args.models_per_family)
         settings = {
@@ -142,13 +146,18 @@ def run(args) -> int:
         started = time.perf_counter()
         if not args.report_only:
             for meta in models:
-                _bench_model(folder, meta, args.metanet, sha, settings, log)
+                _bench_model(folder, meta, args.metanet, sha, settings, log, also)
         wanted = {meta["model_id"] for meta in models}
         records = [r for r in log.records.values() if r["model"] in wanted
-                   and r.get("checkpoint") in (None, sha)
+                   and r.get("checkpoint") in (None, sha, also and also[1])
                    and (r["kind"] == "guard" or (r["speedup"] in settings["speedups"]
                         and r["budget"] in settings["budgets"] and r["seed"] in settings["seeds"]
                         and _method_wanted(r["method"], settings)))]
+        if also is not None:  # the compared checkpoint's guard, in a table of its own
+            for record in records:
+                if record["kind"] == "guard" and record["checkpoint"] == also[1]:
+                    record["kind"] = "guard-also"
+                    record["checkpoint_name"] = also[0]
         page = write_page(Path(args.out), records, models=models, checkpoint=(name, sha),
                           settings=settings, command=_command(args), folder=folder,
                           seconds=time.perf_counter() - started)
@@ -199,7 +208,7 @@ def _dataset(name: str):
 
 
 def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dict,
-                 log: RunLog) -> None:
+                 log: RunLog, also: tuple[str, str, str] | None = None) -> None:
     """Every missing run of one held-out model, logged as it finishes."""
     from metaprune.bench.metanet_rows import (
         ClassicPrunes,
@@ -237,6 +246,8 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
         for budget in settings["budgets"]:
             for seed in settings["seeds"]:
                 rows = [("metanet", sha), ("null-metanet", None), ("sparse-learning", None)]
+                if also is not None:
+                    rows.append(also[:2])
                 rows += [(f"{c}/{a}", None) for c in settings["criteria"]
                          for a in settings["allocations"]]
                 for method, checkpoint in rows:
@@ -246,10 +257,11 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
                     loaders = _loaders(meta, seed)  # fresh for every run
                     started = time.perf_counter()
                     try:
-                        if method == "metanet":
+                        if method == "metanet" or method.startswith("metanet@"):
                             accuracy, achieved = metanet_accuracy(
-                                model, example_inputs, loaded, loaders, speedup=speedup,
-                                budget=budget, seed=seed)
+                                model, example_inputs,
+                                loaded if method == "metanet" else load_metanet(also[2]),
+                                loaders, speedup=speedup, budget=budget, seed=seed)
                         elif method == "null-metanet":
                             accuracy, achieved = metanet_accuracy(
                                 model, example_inputs, NullMetanet(), loaders, speedup=speedup,

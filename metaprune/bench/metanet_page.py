@@ -121,11 +121,13 @@ def _tables(runs, settings) -> list[str]:
                   "| difference | family | " + " | ".join(f"budget {b}"
                                                            for b in settings["budgets"]) + " |",
                   "|---|---|" + "---|" * len(settings["budgets"])]
+        compared = [m for m in methods_of(runs) if m.startswith("metanet@")]
         for family in [None, *_families(runs)]:
             for label, method, baseline in (
                     ("metanet − best classic", "metanet", None),
                     ("metanet − null metanet", "metanet", "null-metanet"),
                     ("metanet − l2/global (its fallback)", "metanet", "l2/global"),
+                    *((f"metanet − {other}", "metanet", other) for other in compared),
                     ("sparse-learning − best classic", "sparse-learning", None)):
                 cells = []
                 for budget in settings["budgets"]:
@@ -229,6 +231,9 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         "",
         *_guard_lines(guards),
         "",
+        *(["The compared checkpoint's rewrite alone:", "",
+           *_guard_lines([r for r in records if r["kind"] == "guard-also"]), ""]
+          if any(r["kind"] == "guard-also" for r in records) else []),
         "## Tables",
         "",
         *_tables(runs, settings),
