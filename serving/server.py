@@ -108,7 +108,8 @@ class PruningServer:
         if config.ray_address:
             from .ray_backend import RayBackend  # Ray is imported only when asked for
 
-            backend = RayBackend(config.ray_address, limits.worker_memory_bytes, config.worker_threads)
+            backend = RayBackend(config.ray_address, limits.worker_memory_bytes, config.worker_threads,
+                                 hosts=config.workers)
         else:
             backend = self.validator
         self.scheduler = Scheduler(self.store, backend, workers=config.workers,

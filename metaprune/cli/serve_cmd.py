@@ -81,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, worker_threads=args.worker_threads, ray_address=args.ray_address,
         tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
     )
-    server = PruningServer(config)
-    port = server.start()
+    from metaprune.errors import MetaPruneError
+
+    try:  # e.g. a Ray cluster that is not there or refuses our token: one line, no traceback
+        server = PruningServer(config)
+        port = server.start()
+    except MetaPruneError as error:
+        print(f"metaprune serve: error: {error}", file=sys.stderr)
+        return 2
     print(f"metaprune serve: listening on {args.host}:{port} (state {config.state_dir}, "
           f"{'tokens' if server.auth.required else 'open'}, {server.scheduler.backend.name} backend)",
           flush=True)
