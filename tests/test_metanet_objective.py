@@ -50,3 +50,20 @@ def test_validation_split_is_disjoint_fixed_and_from_the_training_set():
     assert not test_rows & {tuple(row.flatten().tolist()) for row in score_x}  # never test
     assert len(score_x) == int(len(data.x_train) * 0.2)
     assert torch.cat([y for _, y in fit]).tolist() != torch.cat([y for _, y in fit_again]).tolist()
+
+
+def test_global_mask_ranks_normalised_norms_across_layers_and_keeps_a_floor():
+    regularizer = GroupSparsity(_graph())  # layers of 6 and 5 groups
+    layer = regularizer._group_layer
+    norms = torch.ones(regularizer.num_groups)
+    norms[layer == layer[0]] = torch.tensor([0.1, 0.2, 1.0, 1.0, 1.0, 1.0])
+    dropped = regularizer.weakest_groups(norms, 0.5, allocation="global")
+    assert int(dropped.sum()) == 5  # half of 11, rounded down
+    first = layer == layer[0]
+    assert bool(dropped[first][:2].all())  # the two weak groups go first
+    # the floor: every layer keeps at least 10 % of its groups (here one group each)
+    assert int((~dropped[first]).sum()) >= 1 and int((~dropped[~first]).sum()) >= 1
+    uniform = regularizer.weakest_groups(norms, 0.5)
+    assert int(uniform[first].sum()) == 3 and int(uniform[~first].sum()) == 2
+    gates = regularizer.keep_gates(norms.requires_grad_(), 0.5, allocation="global")
+    assert torch.allclose(gates.detach(), (~dropped).float(), atol=1e-6)

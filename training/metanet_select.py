@@ -38,6 +38,7 @@ VALIDATION_FRACTION = 0.2  # of each dataset's training set, held back to score 
 SPLIT_SEED = 20261203  # the data split is fixed: every checkpoint is scored on the same images
 SPEEDUPS = (2.0, 3.0, 4.0)
 BUDGETS = (0, 1)
+GUARD = 0.01  # the rewrite alone may cost at most this much dense accuracy on any model
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,24 +95,45 @@ def _cells(metanet, folder: Path, speedups, budgets, seed: int) -> dict[str, flo
     return cells
 
 
+def dense_changes(metanet, folder: Path) -> dict[str, float]:
+    """Model -> dense accuracy after the rewrite alone minus before, on the score split."""
+    from metaprune.finetune import evaluate
+
+    changes = {}
+    for meta in _models(folder):
+        model, example_inputs = load_model(folder / meta["weights"])
+        model.eval()
+        score = validation_loaders(meta["dataset"], 0)[1]
+        rewritten = metanet.transform(model, example_inputs)
+        changes[meta["model_id"]] = float(evaluate(rewritten, score) - evaluate(model, score))
+    return changes
+
+
 def validation_score(checkpoint, folder, *, speedups=SPEEDUPS, budgets=BUDGETS, seed: int = 0,
                      null_cells: dict[str, float] | None = None) -> dict:
     """Score of one checkpoint on the validation split, beside the null metanetwork's.
 
-    Returns ``{"checkpoint", "score", "null", "gain", "cells", "null_cells"}``: mean accuracy
-    over the cells both reached, the null's mean on the same cells, their difference.
-    `null_cells` (from an earlier call) saves recomputing the null, which no checkpoint changes.
+    Returns ``{"checkpoint", "score", "null", "gain", "guard", "passes_guard", "cells",
+    "null_cells"}``: mean accuracy over the cells both reached, the null's mean on the same
+    cells, their difference, and the worst dense-accuracy change of the rewrite alone (the
+    guard: a checkpoint that costs more than `GUARD` on any validation model is not
+    eligible). `null_cells` (from an earlier call) saves recomputing the null, which no
+    checkpoint changes.
     """
     from metaprune.pruning.metanet_bridge import load_metanet
 
     folder = Path(folder)
     torch.set_num_threads(1)
-    cells = _cells(load_metanet(str(checkpoint)), folder, speedups, budgets, seed)
+    loaded = load_metanet(str(checkpoint))
+    changes = dense_changes(loaded, folder)
+    cells = _cells(loaded, folder, speedups, budgets, seed)
     null_cells = null_cells or _cells(NullMetanet(), folder, speedups, budgets, seed)
     shared = sorted(cells.keys() & null_cells.keys())
     if not shared:
         raise InvalidTargetError(f"no validation cell could be pruned in {folder}")
     score = statistics.fmean(cells[key] for key in shared)
     null = statistics.fmean(null_cells[key] for key in shared)
+    guard = min(changes.values())
     return {"checkpoint": str(checkpoint), "score": score, "null": null, "gain": score - null,
+            "guard": guard, "passes_guard": guard >= -GUARD, "dense_changes": changes,
             "cells": cells, "null_cells": null_cells}

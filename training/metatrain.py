@@ -68,6 +68,7 @@ class MetaTrainConfig:
     prune_weight: float = 1.0  # weight of the loss with each layer's weakest groups zeroed
     sparse_weight: float = 0.0  # weight of torch-pruning's sparse-learning penalty (normalised)
     distill_weight: float = 0.0  # weight of the KL to the original model (dense guard)
+    prune_allocation: str = "uniform"  # which groups the pruned loss drops: uniform or global
     speedups: tuple = (1.5, 2.0, 3.0)  # speed-up targets the metanetwork is conditioned on
     hidden: int = 32  # MetaNetwork width (new runs only; a resumed run keeps its own)
     num_layers: int = 3  # MetaNetwork message-passing rounds
@@ -175,7 +176,8 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
             speedup = rng.choice(config.speedups)
             loss, task_loss, reg, pruned_loss = meta_loss(
                 metanet, tasks, model_id, speedup, config.lam, config.prune_weight,
-                sparse_weight=config.sparse_weight, distill_weight=config.distill_weight)
+                sparse_weight=config.sparse_weight, distill_weight=config.distill_weight,
+                prune_allocation=config.prune_allocation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _average_gradients(metanet, world_size)
@@ -352,7 +354,10 @@ def select_best(config: MetaTrainConfig, out: str | os.PathLike, *,
                 record = validate_checkpoint(checkpoint, config, model_ids=model_ids)
             _append_json(results_path, record)
         results.append(record)
-    best = max(results, key=lambda record: (record["score"], record["checkpoint"]))
+    # a checkpoint whose rewrite alone breaks a validation model is never chosen over one
+    # that does not (the guard; records of the older protocol have no guard and all pass)
+    eligible = [r for r in results if r.get("passes_guard", True)] or results
+    best = max(eligible, key=lambda record: (record["score"], record["checkpoint"]))
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InvalidTargetError(f"--out must end in .safetensors, got {str(out)!r}")

@@ -125,7 +125,7 @@ def dropped_fraction(speedup: float) -> float:
 
 def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: float,
               prune_weight: float = 0.0, *, sparse_weight: float = 0.0,
-              distill_weight: float = 0.0):
+              distill_weight: float = 0.0, prune_allocation: str = "uniform"):
     """One batch's meta-training loss; returns (loss, task_loss, reg, pruned_loss).
 
     ``loss = task_loss + lam * reg + prune_weight * pruned_loss + sparse_weight * sparse
@@ -138,7 +138,8 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
       if pruned. It teaches the metanetwork to move what the network computes into the
       channels that pruning keeps, and (through `GroupSparsity.keep_gates`' straight-through
       gradient) to give the norms that make L2 keep the right channels. Skipped (zero) when
-      `prune_weight` is 0.
+      `prune_weight` is 0. `prune_allocation` ``"global"`` drops the groups the engine's
+      global allocation would (what `prune(method="metanet")` uses without a trained head).
     - ``sparse``: torch-pruning's sparse-learning penalty on the rewritten group norms
       (`GroupSparsity.sparse_learning_penalty`), divided by its value on the original weights;
     - ``distill``: KL divergence of the rewritten model's predictions from the original
@@ -155,7 +156,8 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     reg = norms.sum() / task.reg_scale
     pruned_loss = torch.zeros((), dtype=task_loss.dtype)
     if prune_weight:
-        keep = task.regularizer.keep_gates(norms, dropped_fraction(speedup))
+        keep = task.regularizer.keep_gates(norms, dropped_fraction(speedup),
+                                           allocation=prune_allocation)
         pruned_x, pruned_edge_attr = task.regularizer.drop_groups(new_x, new_edge_attr, keep)
         pruned_params = parameters_from_features(task.graph, pruned_x, pruned_edge_attr)
         pruned_logits = torch.func.functional_call(task.model, pruned_params, (inputs,))

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     train.add_argument("--distill-weight", type=float, default=0.0,
                        help="weight of the KL to the original model's predictions, the dense "
                        "guard (default 0)")
+    train.add_argument("--prune-allocation", choices=("uniform", "global"), default="uniform",
+                       help="groups the pruned-network loss drops: each layer's weakest share "
+                       "(uniform) or the engine's global ranking (default uniform)")
     train.add_argument("--gate-range", type=float, default=3.0,
                        help="channel gates shrink by up to exp(-R), new runs only (default 3)")
     train.add_argument("--residual-scale", type=float, default=1e-3,
@@ -119,6 +122,7 @@ def _train(args) -> int:
         prune_weight=args.prune_weight, residual_scale=args.residual_scale,
         sparse_weight=args.sparse_weight, distill_weight=args.distill_weight,
         gate_range=args.gate_range, validation=args.validation,
+        prune_allocation=args.prune_allocation,
         families=_names(args.families), datasets=_names(args.datasets))
     if args.no_ray:
         train_locally(config)
@@ -128,7 +132,8 @@ def _train(args) -> int:
                            datasets=config.datasets).held_out_ids[:args.validate_on]
     selection = select_best(config, out, model_ids=held_out)
     for record in selection["validated"]:
-        detail = f"(null metanetwork {record['null']:.4f})" if "null" in record \
+        detail = (f"(null metanetwork {record['null']:.4f}; rewrite alone "
+                  f"{100 * record['guard']:+.2f} pts at worst)") if "null" in record \
             else json.dumps(record["accuracies"])
         print(f"validated {Path(record['checkpoint']).name}: mean accuracy "
               f"{record['score']:.4f} {detail}")
