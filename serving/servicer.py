@@ -41,6 +41,7 @@ from .auth import Authenticator
 from .job_request import FORMAT_NAMES, RequestError, available_metanetworks, build_task
 from .files import sha256_of
 from .limits import Limits
+from .model_facts import check_options
 from .scheduler import Scheduler
 from .store import FINISHED, JobStore, Upload, new_id
 from .worker import TaskFailure
@@ -344,6 +345,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             raise RequestError("INVALID_ARGUMENT", f"request_id is over {_MAX_REQUEST_KEY} characters")
         task = build_task(request, tenant=tenant, store=self.store,
                           metanetworks=available_metanetworks(), limits=self.limits)
+        check_options(task["options"], self.store.get_upload(request.model_id, tenant, "model").info)
         with self._submit_lock:  # count and insert together, so the queue limit holds
             earlier = self.store.job_for_key(tenant, key)
             if earlier is not None:  # the same submit again (its reply was lost): same job

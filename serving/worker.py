@@ -138,6 +138,38 @@ def validate_model(task: dict, emit: Emit) -> dict:
         "input_shape": list(first_input.shape) if first_input is not None else [],
         "output_shape": list(output.shape),
         "num_inputs": len(example_inputs),
+        **pruning_facts(module, example_inputs),
+    }
+
+
+# module names recorded for checks at submit; a model with more leaves them to the worker
+MAX_RECORDED_NAMES = 5000
+
+
+def pruning_facts(module, example_inputs) -> dict:
+    """What a submit is checked against without loading the model again (the server process
+    never does): the module names, the ones with prunable output channels, and how far pruning
+    can go at most (every prunable group down to one channel). Empty when the analysis fails:
+    the job then reports the problem itself."""
+    import torch
+    from metaprune.pruning.cost import CostModel
+    from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+
+    names = [name for name, _ in module.named_modules() if name]
+    try:
+        graph = build_dependency_graph(module, example_inputs)
+        groups = collect_groups(graph, output_layers(graph))
+        cost = CostModel(module, example_inputs, graph, groups)
+        cost.set_orders([torch.arange(group.size) for group in groups])
+        macs, params = cost.evaluate([group.size - 1 if group.blocked is None else 0 for group in groups])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    prunable = sorted({use.unit for group in groups for use in group.uses if use.side == "out"})
+    return {
+        "module_names": names if len(names) <= MAX_RECORDED_NAMES else None,
+        "prunable_modules": prunable if len(prunable) <= MAX_RECORDED_NAMES else None,
+        "max_speedup": float(cost.macs_before / macs) if macs > 0 else None,
+        "min_params_ratio": float(params / cost.params_before) if cost.params_before else None,
     }
 
 

@@ -160,3 +160,18 @@ def test_metanet_method_needs_a_checkpoint_and_data(client, tmp_path):
     report = json.loads(job.report_json)
     assert report["method"] == "metanet" and abs(report["speedup"] / 2.0 - 1) <= 0.02
     assert report["finetune"]["epochs_after_metanet"] == 1
+
+def test_request_checked_against_the_model_at_submit(client, tmp_path):
+    # issue 12: `speedup: 1000` and a policy naming an unknown module were accepted at submit
+    # and failed later in the worker; the upload's validation now records what they need
+    from metaprune.serving.client import RemoteError
+
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    for options, words in ((dict(speedup=1000.0), "speedup 1000 is out of reach"),
+                           (dict(params_ratio=0.001), "params_ratio 0.001 is out of reach"),
+                           (dict(policy={"features.9.conv": 0.5}), "policy names module 'features.9.conv'")):
+        with pytest.raises(RemoteError) as refused:
+            client.submit(model_id, **options)
+        assert refused.value.code == "INVALID_ARGUMENT" and words in str(refused.value)
+    accepted = client.submit(model_id, policy={"features.0.unit.conv": 0.5})
+    assert pb.JobState.Name(client.wait(accepted.job_id, timeout=120).state) == "SUCCEEDED"
