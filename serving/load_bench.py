@@ -9,6 +9,10 @@ server with a small queue, SIGKILLed and restarted ``--kills`` times while they 
 every job the server holds is checked to have ended SUCCEEDED exactly once::
 
     nice -n 10 python -m metaprune.serving.load_bench --soak 200 --clients 16 --kills 2
+
+``--ray ADDRESS`` compares the back-ends instead (issue 12): the same tiny job 8 times in a row
+on a local-back-end server and on one using the Ray cluster at ADDRESS (after one warm-up job
+each); prints each median and their ratio.
 """
 
 from __future__ import annotations
@@ -149,6 +153,30 @@ def run_soak(root: Path, *, jobs: int = 200, clients: int = 16, kills: int = 2, 
     }
 
 
+def run_backends(root: Path, ray_address: str, *, jobs: int = 8) -> dict:
+    """Median wall time of `jobs` tiny jobs in a row (submit to SUCCEEDED), local vs Ray."""
+    from . import pruning_pb2 as pb
+
+    model = write_model(root / "model.safetensors")
+    figures: dict = {"jobs": jobs}
+    for name, args in (("local", ()), ("ray", ("--ray-address", ray_address))):
+        with ServerProcess(root / f"state-{name}", args=("--workers", "1", *args), startup_timeout=180) as server, \
+                PruningClient(server.address, timeout=120) as client:
+            model_id = client.upload_model(model).id
+            client.wait(client.submit(model_id, speedup=2.0).job_id)  # the first job warms up
+            times = []
+            for _ in range(jobs):
+                began = time.perf_counter()
+                job = client.wait(client.submit(model_id, speedup=2.0).job_id)
+                times.append(time.perf_counter() - began)
+                if job.state != pb.SUCCEEDED:
+                    raise RuntimeError(f"a {name} job failed: {job.message}")
+        figures[f"{name}_median_s"] = statistics.median(times)
+        figures[f"{name}_times_s"] = " ".join(f"{seconds:.2f}" for seconds in times)
+    figures["ray_over_local"] = figures["ray_median_s"] / figures["local_median_s"]
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -159,9 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=2, help="soak: SIGKILL+restart events")
     parser.add_argument("--queue", type=int, default=8, help="soak: the server's --max-queued-jobs")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the server and its workers")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="compare 8 tiny jobs on the local back-end and on this Ray cluster instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="metaprune-load-") as folder:
-        if args.soak:
+        if args.ray:
+            figures = run_backends(Path(folder), args.ray)
+        elif args.soak:
             figures = run_soak(Path(folder), jobs=args.soak, clients=args.clients, kills=args.kills,
                                workers=args.workers, queue=args.queue, nice=args.nice)
         else:

@@ -24,11 +24,13 @@ class ServerProcess:
     """A `metaprune serve --port 0` child process."""
 
     def __init__(self, state_dir: Path, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0,
-                 nice: int = 0):
+                 nice: int = 0, env: dict[str, str] | None = None):
         # the server's --state-dir (kept across restarts)
         self.state_dir = Path(state_dir)
         # niceness of the server and its workers (benchmarks on a shared machine)
         self.nice = nice
+        # environment variables added to the server's (e.g. RAY_AUTH_TOKEN_PATH)
+        self.env = dict(env or {})
         # extra `metaprune serve` options (limits, --tokens, --workers ...)
         self.args = tuple(args)
         # seconds to wait for the port to be bound
@@ -56,6 +58,7 @@ class ServerProcess:
                    "--state-dir", str(self.state_dir), "--port-file", str(port_file), *self.args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.env},
                                             preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
         deadline = time.monotonic() + self.startup_timeout
         while not port_file.exists():

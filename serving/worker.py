@@ -138,6 +138,38 @@ def validate_model(task: dict, emit: Emit) -> dict:
         "input_shape": list(first_input.shape) if first_input is not None else [],
         "output_shape": list(output.shape),
         "num_inputs": len(example_inputs),
+        **pruning_facts(module, example_inputs),
+    }
+
+
+# module names recorded for checks at submit; a model with more leaves them to the worker
+MAX_RECORDED_NAMES = 5000
+
+
+def pruning_facts(module, example_inputs) -> dict:
+    """What a submit is checked against without loading the model again (the server process
+    never does): the module names, the ones with prunable output channels, and how far pruning
+    can go at most (every prunable group down to one channel). Empty when the analysis fails:
+    the job then reports the problem itself."""
+    import torch
+    from metaprune.pruning.cost import CostModel
+    from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+
+    names = [name for name, _ in module.named_modules() if name]
+    try:
+        graph = build_dependency_graph(module, example_inputs)
+        groups = collect_groups(graph, output_layers(graph))
+        cost = CostModel(module, example_inputs, graph, groups)
+        cost.set_orders([torch.arange(group.size) for group in groups])
+        macs, params = cost.evaluate([group.size - 1 if group.blocked is None else 0 for group in groups])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    prunable = sorted({use.unit for group in groups for use in group.uses if use.side == "out"})
+    return {
+        "module_names": names if len(names) <= MAX_RECORDED_NAMES else None,
+        "prunable_modules": prunable if len(prunable) <= MAX_RECORDED_NAMES else None,
+        "max_speedup": float(cost.macs_before / macs) if macs > 0 else None,
+        "min_params_ratio": float(params / cost.params_before) if cost.params_before else None,
     }
 
 
@@ -183,6 +215,29 @@ class _LogForwarder(logging.Handler):
             pass
 
 
+def describe_metanets(task: dict, emit: Emit) -> dict:
+    """The checkpoints of task["folder"] with their scopes and hashes (GetServerInfo shows
+    them; reading a scope imports the library, which the server process never does)."""
+    from metaprune.metanet.scope import discover_checkpoints
+
+    folder = Path(task["folder"])
+    return {"checkpoints": [checkpoint.describe() for checkpoint in discover_checkpoints(folder)]
+            if folder.is_dir() else []}
+
+
+def _choose_in_folder(options: dict, module, data, folder: str | None) -> dict | None:
+    """With `metaprune serve --metanet-dir`, "default" means the checkpoint of that folder whose
+    scope fits the model; returns the report's metanet entry (with the reason) or None."""
+    from metaprune.metanet.scope import select_metanet
+    from metaprune.vocabulary import PruneRequest
+
+    if folder is None or PruneRequest.from_options({**options, "data": data}).resolved_metanet != "default":
+        return None
+    chosen, entry = select_metanet("default", module, data, folder=folder)
+    options["metanet"] = str(chosen)
+    return entry
+
+
 def run_prune(task: dict, emit: Emit) -> dict:
     """Load, prune, save; returns the report. Files land in task["out_dir"]."""
     from metaprune.formats import load_model, save_model
@@ -198,18 +253,23 @@ def run_prune(task: dict, emit: Emit) -> dict:
         emit({"kind": "phase", "phase": "loading"})
         module, example_inputs = load_model(task["model_path"], max_params=task["max_parameters"])
         emit({"kind": "phase", "phase": "pruning"})
-        result = prune(module, example_inputs, data=task.get("data"), **task["options"])
+        options = dict(task["options"])
+        chosen = _choose_in_folder(options, module, task.get("data"), task.get("metanet_dir"))
+        result = prune(module, example_inputs, data=task.get("data"), **options)
         emit({"kind": "phase", "phase": "saving"})
         model_path = out_dir / f"model.{task['output_format']}"
         save_model(result.model, example_inputs, str(model_path))
     finally:
         library_log.removeHandler(handler)
     report = dict(result.report)
+    if chosen is not None:  # the folder's choice and its reason, not "given by path"
+        report["metanet"] = chosen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
-TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}
+TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune,
+         "describe_metanets": describe_metanets}
 
 
 def run_task(task: dict, emit: Emit) -> dict:

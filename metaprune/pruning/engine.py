@@ -40,7 +40,6 @@ from metaprune.pruning.allocation import (
 )
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
-from metaprune.metanet.scope import select_metanet
 from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
 from metaprune.pruning.removal import (
     block_breaking_groups,
@@ -158,10 +157,16 @@ class _Run:
                                      "not have")
         self.criterion = build_criterion(request.resolved_criterion)
         with self.timer.phase("load"):
-            # the checkpoint whose scope fits this model and data, and the report's entry
-            chosen, self.metanet_entry = select_metanet(request.resolved_metanet, self.module,
-                                                        request.data)
-            self.metanet = load_metanet(chosen)
+            self.metanet, self.metanet_entry = None, None
+            if request.resolved_metanet is not None:
+                # imported here: the metanetwork package pulls in torch-geometric (~3 s), which
+                # a classic-criterion prune never needs
+                from metaprune.metanet.scope import select_metanet
+
+                # the checkpoint whose scope fits this model and data, and the report's entry
+                chosen, self.metanet_entry = select_metanet(request.resolved_metanet,
+                                                            self.module, request.data)
+                self.metanet = load_metanet(chosen)
             self.loaders, self.figures["input_adaptation"] = training_bridge.resolve_data(
                 request.data, self.example_inputs)
         finetune_epochs = request.finetune_epochs

@@ -53,7 +53,8 @@ def check_speedup(value, name: str = "speedup") -> float:
     """MACs (or, for `latency_speedup`, latency) before / after: a number above 1."""
     result = number(name, value)
     if result <= 1.0:
-        raise InvalidTargetError(f"{name} must be a number above 1 (before / after), got {result:g}")
+        raise InvalidTargetError(
+            f"{name} must be a number above 1 (before / after), got {result:g}")
     return result
 
 
@@ -112,7 +113,8 @@ def check_module_names(name: str, values) -> tuple[str, ...]:
     names = []
     for value in values:
         if not isinstance(value, str) or not value or len(value) > MAX_NAME_CHARS:
-            raise InvalidTargetError(f"{name} holds {str(value)[:80]!r}, which is not a module name")
+            raise InvalidTargetError(
+                f"{name} holds {str(value)[:80]!r}, which is not a module name")
         if value not in names:
             names.append(value)
         if len(names) > MAX_EXCLUDED:
