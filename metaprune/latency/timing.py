@@ -48,6 +48,12 @@ class LatencyComparison:
     seconds: float
     samples_ms: list[list[float]] = field(repr=False, default_factory=list)
 
+    def pooled(self, other: "LatencyComparison") -> "LatencyComparison":
+        """This measurement and another of the same models, as one with all their rounds."""
+        samples = [a + b for a, b in zip(self.samples_ms, other.samples_ms)]
+        return _summarise(samples, self.batch, self.threads, self.rounds + other.rounds,
+                          self.seconds + other.seconds)
+
     def spread(self, index: int) -> dict:
         """The report's spread of model `index` against model 0: quartiles and rounds."""
         return {
@@ -81,7 +87,7 @@ def compare_latency(
     threads: int = DEFAULT_THREADS,
     budget_s: float = 4.0,
     min_rounds: int = 3,
-    max_rounds: int = 200,
+    max_rounds: int = 60,
     progress: Callable[[str], None] | None = None,
 ) -> LatencyComparison:
     """Times `models` interleaved on the CPU and returns medians, spreads and paired speed-ups.
@@ -135,12 +141,17 @@ def compare_latency(
     finally:
         for module, mode in zip(models, modes):
             module.train(mode)
+    return _summarise(samples, int(batch), int(threads), rounds, time.perf_counter() - started)
+
+
+def _summarise(samples: list[list[float]], batch: int, threads: int, rounds: int,
+               seconds: float) -> LatencyComparison:
     ratios = [[a / b for a, b in zip(samples[0], s)] for s in samples]
     return LatencyComparison(
         median_ms=[statistics.median(s) for s in samples],
         quartiles_ms=[_quartiles(s) for s in samples],
         speedups=[statistics.median(r) for r in ratios],
         speedup_quartiles=[_quartiles(r) for r in ratios],
-        batch=int(batch), threads=int(threads), cpu=cpu_model(), rounds=rounds,
-        seconds=time.perf_counter() - started, samples_ms=samples,
+        batch=batch, threads=threads, cpu=cpu_model(), rounds=rounds, seconds=seconds,
+        samples_ms=samples,
     )

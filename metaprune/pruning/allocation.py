@@ -16,7 +16,7 @@ import torch
 from metaprune.errors import InvalidTargetError
 from metaprune.pruning.groups import ChannelGroup, minimum_kept, snap_removal
 
-ALLOCATIONS = ("global", "uniform", "metanet")
+ALLOCATIONS = ("global", "uniform", "metanet", "latency")
 MIN_KEEP_FRACTION = 0.1  # each layer keeps at least this share of its channels
 
 

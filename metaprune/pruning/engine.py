@@ -19,7 +19,7 @@ from torch import nn
 
 from metaprune.criteria import build_criterion
 from metaprune.errors import InvalidTargetError, UnsupportedModelError
-from metaprune.measure import count_macs, count_params, measure_latency_ms
+from metaprune.measure import count_macs, count_params
 from metaprune.pruning import training_bridge
 from metaprune.pruning.allocation import (
     global_allocation,
@@ -29,6 +29,9 @@ from metaprune.pruning.allocation import (
     uniform_allocation,
 )
 from metaprune.pruning.cost import CostModel
+from metaprune.pruning.latency_cost import latency_allocation
+from metaprune.pruning.latency_target import LatencySettings, LatencySteps
+from metaprune.pruning.rounding import check_round_to
 from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
 from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
 from metaprune.pruning.options import PruneOptions, resolve_options
@@ -127,7 +130,8 @@ def _plan(work: nn.Module, example_inputs, settings: PruneOptions, criterion, lo
     return groups, orders, keys, cost
 
 
-def _allocation(work: nn.Module, settings: PruneOptions, groups, keys, policy_ratios_from_metanet):
+def _allocation(work: nn.Module, settings: PruneOptions, groups, keys, policy_ratios_from_metanet,
+                latency_model=None):
     """The allocation family the target is bisected over (built after groups are final)."""
     names = {name for name, _ in work.named_modules()}
     policy = policy_ratios_from_metanet or settings.policy
@@ -135,13 +139,25 @@ def _allocation(work: nn.Module, settings: PruneOptions, groups, keys, policy_ra
         return policy_allocation(groups, keys, policy_to_groups(policy, groups, names))
     if settings.allocation == "uniform":
         return uniform_allocation(groups, keys)
+    if settings.allocation == "latency":
+        return latency_allocation(groups, keys, latency_model())
     return global_allocation(groups, keys)
 
 
-def _prune_to_target(work, example_inputs, settings, groups, orders, cost, allocation, timer):
+def _prune_to_target(work, example_inputs, settings, groups, orders, cost, allocation, timer,
+                     latency_steps=None, dense=None):
     """Physically pruned model whose real MACs/params meet the target (or the policy as is)."""
     reference_shapes = [tuple(t.shape) for t in forward_outputs(work, example_inputs)]
     target = settings.target
+    if target is not None and target.kind == "latency_speedup":
+        def remove(counts):
+            with timer.phase("prune"):
+                pruned = remove_channels(work, example_inputs, groups, orders, counts)
+                check_pruned(pruned, example_inputs, reference_shapes)
+            return pruned
+        with timer.phase("latency"):
+            return latency_steps.prune_to_latency(dense, example_inputs, allocation, cost, work,
+                                                  target, remove)
     if target is None:
         with timer.phase("prune"):
             pruned = remove_channels(work, example_inputs, groups, orders, allocation.counts(1.0))
@@ -151,7 +167,12 @@ def _prune_to_target(work, example_inputs, settings, groups, orders, cost, alloc
     best, best_miss = None, float("inf")
     for _ in range(_MAX_CORRECTIONS + 1):
         with timer.phase("allocate"):
-            counts = solve_counts(allocation, cost, target, goal)
+            try:
+                counts = solve_counts(allocation, cost, target, goal)
+            except InvalidTargetError:
+                if not (latency_steps and latency_steps.rounded_to):
+                    raise
+                counts = allocation.counts(allocation.high)  # as far as the rounded widths go
             predicted = cost.evaluate(counts)[0 if target.kind == "speedup" else 1]
         with timer.phase("prune"):
             pruned = remove_channels(work, example_inputs, groups, orders, counts)
@@ -168,7 +189,13 @@ def _prune_to_target(work, example_inputs, settings, groups, orders, cost, alloc
         goal = target.goal(cost) * predicted / real
     achieved = target.achieved(cost.macs_before, count_macs(best, example_inputs),
                                cost.params_before, count_params(best))
-    if target.error(achieved) > TOLERANCE:
+    if target.error(achieved) > TOLERANCE and latency_steps is not None \
+            and latency_steps.rounded_to:
+        latency_steps.target_note = {
+            "kind": target.kind, "value": target.value, "achieved": achieved, "reached": False,
+            "why": f"round_to={latency_steps.rounded_to} leaves no kept widths closer to the "
+                   f"target than {achieved:.4g}"}
+    elif target.error(achieved) > TOLERANCE:
         raise InvalidTargetError(
             f"{target.kind} {target.value:g} cannot be met within {TOLERANCE:.0%}: the closest "
             f"channel counts give {achieved:.4g} (the model's layers are too narrow for a finer step)"
@@ -190,6 +217,10 @@ def prune(
     data=None,
     finetune_epochs: int = 0,
     finetune: dict | None = None,
+    latency_speedup: float | None = None,
+    latency_batch: int = 1,
+    round_to: int | str | None = None,
+    latency: bool = True,
 ) -> PruneResult:
     """Prunes whole channels of `module` to a MACs or params target.
 
@@ -228,7 +259,9 @@ def prune(
     """
     timer = _Timer()
     settings = resolve_options(method, criterion, metanet, allocation, speedup, params_ratio, policy,
-                         data)
+                               data, latency_speedup)
+    latency_steps = LatencySteps(LatencySettings(batch=int(latency_batch)),
+                                 check_round_to(round_to), measure=bool(latency))
     finetune_epochs = int(finetune_epochs or 0)
     if finetune_epochs < 0:
         raise InvalidTargetError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
@@ -245,7 +278,6 @@ def prune(
     work = copy.deepcopy(module)
     with timer.phase("measure"):
         flops_before, params_before = count_macs(work, example_inputs), count_params(work)
-        latency_before = measure_latency_ms(work, example_inputs, batch=64)
     with timer.phase("evaluate"):
         accuracy_before = training_bridge.evaluate(work, loaders[1]) if loaders else None
     policy_from_metanet = None
@@ -269,20 +301,28 @@ def prune(
                     eval_loader=loaders[1], teacher=module)
             finetune_record["epochs_after_metanet"] = after_metanet
     groups, orders, keys, cost = _plan(work, example_inputs, settings, chosen, loaders, timer)
+    with timer.phase("latency"):
+        latency_steps.round_groups(work, example_inputs, groups, cost)
+
+    def latency_model():
+        with timer.phase("latency"):
+            return latency_steps.model(work, example_inputs, cost)
     try:
         with timer.phase("allocate"):
-            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
+            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet,
+                                          latency_model)
         pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
-                                  allocation_plan, timer)
+                                  allocation_plan, timer, latency_steps, module)
     except UnsupportedModelError:
         with timer.phase("probe"):
             if not block_breaking_groups(work, example_inputs, groups, orders) or \
                     all(g.blocked for g in groups):
                 raise
         with timer.phase("allocate"):
-            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
+            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet,
+                                          latency_model)
         pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
-                                  allocation_plan, timer)
+                                  allocation_plan, timer, latency_steps, module)
     skipped_reason = None
     if loaders is None:
         skipped_reason = "no data was given, so the pruned model was not fine-tuned"
@@ -300,18 +340,23 @@ def prune(
         accuracy_after = training_bridge.evaluate(pruned, loaders[1]) if loaders else None
     with timer.phase("measure"):
         flops_after, params_after = count_macs(pruned, example_inputs), count_params(pruned)
-        latency_after = measure_latency_ms(pruned, example_inputs, batch=64)
+    with timer.phase("latency"):
+        latency_keys = latency_steps.report_keys(module, pruned, example_inputs)
     pruned.train(was_training)
     report = build_report(
         flops_before=flops_before, flops_after=flops_after,
         params_before=params_before, params_after=params_after,
         kept=_kept_channels(module, pruned),
         accuracy_before=accuracy_before, accuracy_after=accuracy_after,
-        latency_ms_before=latency_before, latency_ms_after=latency_after,
+        latency_ms_before=latency_keys["latency_ms_before"],
+        latency_ms_after=latency_keys["latency_ms_after"],
         finetune=None if skipped_reason and not finetune_record["epochs_after_metanet"]
         else finetune_record,
         finetune_skipped_reason=skipped_reason,
         method=method, criterion=settings.criterion,
         allocation=allocation_used, seconds=timer.seconds,
     )
+    report.update({k: v for k, v in latency_keys.items() if k not in report})
+    report["round_to"] = latency_steps.rounded_to
+    report["target"] = latency_steps.target_note
     return PruneResult(pruned, report)

@@ -24,7 +24,7 @@ class PruneOptions:
 
 
 def resolve_options(method, criterion, metanet, allocation, speedup, params_ratio, policy,
-                    data) -> PruneOptions:
+                    data, latency_speedup=None) -> PruneOptions:
     """Validates the arguments before any work (so bad input fails fast)."""
     if method not in METHODS:
         raise InvalidTargetError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
@@ -49,7 +49,7 @@ def resolve_options(method, criterion, metanet, allocation, speedup, params_rati
         )
     if policy is not None and allocation == "global":
         allocation = "policy"
-    target = Target.from_arguments(speedup, params_ratio)
+    target = Target.from_arguments(speedup, params_ratio, latency_speedup)
     if allocation == "metanet" and metanet is None:
         metanet = "default"
     if metanet is not None:

@@ -9,6 +9,7 @@ steps the timings follow, falling back to the CPU's vector width in floats.
 """
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from metaprune.latency.timing import _time_once
 from metaprune.pruning.groups import ChannelGroup
 
 _CANDIDATES = (32, 16, 8, 4)
-_STEP_SHARE = 0.6  # a block size is "seen" when widths just past a multiple pay this share of a block
+# a block size is "seen" when one channel past a multiple costs this many times the average
+# channel of the block (1 = time linear in width)
+_STEP_STRENGTH = 2.0
 
 
 def check_round_to(round_to) -> int | str | None:
@@ -76,10 +79,10 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
                   progress: Callable[[str], None] | None = None) -> int:
     """The channel multiple this CPU rewards, measured on the model's heaviest layer.
 
-    Times the layer at every output width w in the top 2·32 widths below its own, and picks the
-    largest block size N for which a width just past a multiple of N costs (on average) at
-    least `_STEP_SHARE` of the step to the next multiple — i.e. the time moves in steps of N.
-    Falls back to `vector_width()` when no step shows above the noise.
+    Times the layer at every output width w in the top 2·32 widths below its own (the minimum
+    of three sweeps), and picks the largest block size N for which one channel past a multiple
+    of N costs at least `_STEP_STRENGTH` times the block's average channel — the time moves in
+    steps of N. Falls back to `vector_width()` when no step shows above the noise.
     """
     name = _heaviest_layer(model, units, macs_of)
     fallback = vector_width()
@@ -121,6 +124,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
             if low is None or high is None or high <= low:
                 continue
             shares.append((times[start + 1] - low) / (high - low))
-        if len(shares) >= 2 and sorted(shares)[len(shares) // 2] >= _STEP_SHARE:
+        # a linear cost gives share 1/block, a pure step at multiples of `block` gives 1
+        if len(shares) >= 2 and statistics.median(shares) * block >= _STEP_STRENGTH:
             return block
     return fallback
