@@ -77,7 +77,8 @@ def test_compare_latency_is_paired_restores_threads_and_modes():
     assert comparison.speedups[0] == 1.0 and comparison.batch == 3 and comparison.threads == 1
     low, high = comparison.quartiles_ms[1]
     assert 0 < low <= comparison.median_ms[1] <= high
-    assert set(comparison.spread(1)) == {"before_ms", "after_ms", "speedup", "rounds"}
+    assert set(comparison.spread(1)) == {"before_ms", "after_ms", "speedup", "rounds", "clock"}
+    assert comparison.clock == "thread_cpu"  # one thread: time descheduled is not latency
 
 
 def test_layer_tables_cover_the_prunable_layers_and_come_from_the_cache_the_second_time():

@@ -24,7 +24,7 @@ from torch import nn
 from metaprune.data.cache import cache_dir
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
-from metaprune.latency.timing import _time_once
+from metaprune.latency.timing import _time_once, clock_for
 from metaprune.measure import _at_batch
 
 FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -107,6 +107,15 @@ def _resized(module: nn.Module, kept_in: int, kept_out: int) -> nn.Module | None
     return None
 
 
+def _can_time(module: nn.Module) -> bool:
+    """Whether `_resized` can rebuild this layer at other widths."""
+    heads = module.num_heads if isinstance(module, nn.MultiheadAttention) else 1
+    counts = _channel_counts(module) if isinstance(module, _TIED + (nn.Linear,
+                                                                  nn.modules.conv._ConvNd)) \
+        else None
+    return counts is not None and _resized(module, heads, heads) is not None
+
+
 def _is_tied(module: nn.Module) -> bool:
     if isinstance(module, _TIED):
         return True
@@ -161,6 +170,7 @@ def _signature(module: nn.Module, shape: tuple, threads: int, multiple: int | No
     """Everything a layer's table depends on, as a cache key."""
     grids = [grid(total, multiple) for total in _channel_counts(module)]
     described = {"kind": type(module).__name__, "shape": list(shape), "grids": grids,
+                 "clock": clock_for(threads)[0],
                  "channels": list(_channel_counts(module)), "threads": threads,
                  "cpu": cpu_model(), "torch": torch.__version__}
     for attribute in ("kernel_size", "stride", "padding", "dilation", "groups", "num_heads",
@@ -173,7 +183,8 @@ def _signature(module: nn.Module, shape: tuple, threads: int, multiple: int | No
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_out: float) -> float:
+def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_out: float,
+                clock) -> float:
     kept_in_total, kept_out_total = _channel_counts(module)
     multiple = module.num_heads if isinstance(module, nn.MultiheadAttention) else 1
     kept_out = _width(kept_out_total, fraction_out, multiple)
@@ -187,7 +198,7 @@ def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_ou
     layer(*inputs)
     first = max(_time_once(layer, inputs, 1), 1e-3)
     inner = max(1, int(_MIN_SAMPLE_MS / first) + 1)
-    return min(_time_once(layer, inputs, inner) for _ in range(_SAMPLES))
+    return min(_time_once(layer, inputs, inner, clock) for _ in range(_SAMPLES))
 
 
 def _cache_file() -> "os.PathLike":
@@ -238,8 +249,9 @@ def measure_layer_times(
         tables = measure_layer_times(model, (torch.randn(1, 3, 32, 32),), ["conv1", "fc"])
         tables["conv1"].at(0.5, 0.5)    # ms at half its input and output channels
     """
+    _clock_name, read_clock = clock_for(threads)
     modules = dict(model.named_modules())
-    wanted = {n for n in unit_names if n in modules and _resized(modules[n], 2, 2) is not None}
+    wanted = {n for n in unit_names if n in modules and _can_time(modules[n])}
     recorded = _record_inputs(model, example_inputs, wanted, batch)
     signatures = {name: _signature(modules[name], record[0], threads, multiple)
                   for name, record in recorded.items()}
@@ -261,8 +273,8 @@ def measure_layer_times(
                 out_grid = grid(total_out, multiple)
                 cached[signature] = {
                     "tied": _is_tied(module), "in_fractions": in_grid, "out_fractions": out_grid,
-                    "times_ms": [[_time_layer(module, shape, f_in, f_out) for f_out in out_grid]
-                                 for f_in in in_grid],
+                    "times_ms": [[_time_layer(module, shape, f_in, f_out, read_clock)
+                                  for f_out in out_grid] for f_in in in_grid],
                 }
                 if progress is not None and time.perf_counter() - told > 1.0:
                     progress(f"latency model: layer {done + 1}/{len(todo)} timed")

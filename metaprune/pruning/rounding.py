@@ -19,7 +19,7 @@ from torch import nn
 from metaprune.errors import InvalidTargetError
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, fixed_threads
-from metaprune.latency.timing import _time_once
+from metaprune.latency.timing import _time_once, clock_for
 from metaprune.pruning.groups import ChannelGroup
 
 _CANDIDATES = (32, 16, 8, 4)
@@ -102,6 +102,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
     if len(widths) < 2 * max(_CANDIDATES):
         return fallback
     times = {w: float("inf") for w in widths}
+    read_clock = clock_for(threads)[1]
     with measurement_lock(progress), fixed_threads(threads):
         if progress is not None:
             progress(f"round_to auto: timing {name} at {len(widths)} widths")
@@ -116,7 +117,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
                     def run(inputs, weight=weight, bias=bias):
                         return nn.functional.linear(inputs, weight, bias)
                 run(x)
-                times[width] = min(times[width], _time_once(run, (x,), 3))
+                times[width] = min(times[width], _time_once(run, (x,), 3, read_clock))
     for block in _CANDIDATES:
         shares = []
         for start in range(widths[0] + (-widths[0]) % block, total - block + 1, block):
