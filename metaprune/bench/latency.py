@@ -59,6 +59,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-rounding", action="store_true", help="skip part 2")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip part 3")
     parser.add_argument("--seeds", type=int, default=2, help="accuracy: seeds per model")
+    parser.add_argument("--accuracy-models", type=int, default=len(ACCURACY_MODELS),
+                        help="accuracy: how many of the held-out model configs to run")
     parser.add_argument("--epochs", type=int, default=8, help="accuracy: dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3,
                         help="accuracy: fine-tune epochs after pruning (same for both)")
@@ -289,7 +291,7 @@ def _accuracy(args, lines: list[str]) -> dict:
     finetune = {"optimizer": "adamw", "lr": 1e-3}
     dataset = load_dataset("mnist1d")
     rows = []
-    for index, (family, overrides) in enumerate(ACCURACY_MODELS):
+    for index, (family, overrides) in enumerate(ACCURACY_MODELS[:args.accuracy_models]):
         for seed in range(args.seeds):
             torch.manual_seed(100 + seed)
             config = zoo.default_config(family, input_shape=(1, 40), num_classes=10, **overrides)
