@@ -12,7 +12,7 @@ from metaprune.latency.layer_model import FRACTIONS, LayerTimes, measure_layer_t
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.timing import LatencyComparison, compare_latency
 from metaprune.pruning.groups import minimum_kept, removal_neighbours, snap_removal
-from metaprune.pruning.rounding import check_round_to
+from metaprune.vocabulary import check_round_to
 
 
 @pytest.fixture(autouse=True)

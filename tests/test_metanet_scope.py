@@ -76,3 +76,25 @@ def test_shipped_checkpoints_are_scoped_portable_and_one_is_universal():
     for info in checkpoints:
         text = Path(info.path).with_suffix(".json").read_text()
         assert '"/' not in text and '"~' not in text  # no absolute path of any machine
+
+
+def test_prune_selection_uses_the_models_zoo_family_and_the_dataset_id(tmp_path):
+    import torch
+
+    from metaprune import zoo
+    from metaprune.metanet.scope import select_metanet
+
+    _folder(tmp_path)
+    config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10)
+    cnn = zoo.build("cnn1d", config)
+    path, entry = select_metanet("default", cnn, "mnist1d", folder=tmp_path)
+    assert path == tmp_path / "cnn.safetensors"
+    assert entry["name"] == "cnn" and entry["reason"].startswith("per-family checkpoint")
+    assert len(entry["sha256"]) == 64 and str(tmp_path) not in json.dumps(entry)
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    path, entry = select_metanet("default", bare, None, folder=tmp_path)
+    assert entry["name"] == "universal" and "not a zoo family" in entry["reason"]
+    path, entry = select_metanet(tmp_path / "cnn.safetensors", bare, None)
+    assert entry["reason"] == "checkpoint given by path"
+    loaded = object()
+    assert select_metanet(loaded, bare) == (loaded, None)

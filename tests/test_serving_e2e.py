@@ -63,6 +63,8 @@ def test_watch_events_and_listing(client, tmp_path):
     assert pb.JobState.Name(final.state) == "SUCCEEDED", final.message
     states = [pb.JobState.Name(e.state) for e in events if e.kind == "state"]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    # issue 12: phase events said JOB_STATE_UNSPECIFIED; every event carries the job's state
+    assert {pb.JobState.Name(e.state) for e in events if e.kind != "state"} == {"RUNNING"}
     assert {"loading", "pruning", "saving"} <= {e.phase for e in events if e.kind == "phase"}
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert job.job_id in [j.job_id for j in client.list_jobs(state="SUCCEEDED")]
@@ -128,10 +130,11 @@ def test_cli_prune_through_the_server(server, tmp_path, capsys):
     assert code == 0 and (tmp_path / "p.pt2").exists()
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
-    # a refused request is a clear message and exit code 2, not a traceback
+    # a refused request is a clear message and exit code 2, not a traceback; the request is
+    # checked by the same vocabulary as in-process, before anything is uploaded
     code = main(["prune", str(model), "--out", str(tmp_path / "q.pt2"), "--speedup", "2",
                  "--criterion", "taylor", "--server", server.address])
-    assert code == 2 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert code == 2 and "needs data" in capsys.readouterr().err
 
 
 def test_onnx_output(server, tmp_path):
@@ -157,3 +160,18 @@ def test_metanet_method_needs_a_checkpoint_and_data(client, tmp_path):
     report = json.loads(job.report_json)
     assert report["method"] == "metanet" and abs(report["speedup"] / 2.0 - 1) <= 0.02
     assert report["finetune"]["epochs_after_metanet"] == 1
+
+def test_request_checked_against_the_model_at_submit(client, tmp_path):
+    # issue 12: `speedup: 1000` and a policy naming an unknown module were accepted at submit
+    # and failed later in the worker; the upload's validation now records what they need
+    from metaprune.serving.client import RemoteError
+
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    for options, words in ((dict(speedup=1000.0), "speedup 1000 is out of reach"),
+                           (dict(params_ratio=0.001), "params_ratio 0.001 is out of reach"),
+                           (dict(policy={"features.9.conv": 0.5}), "policy names module 'features.9.conv'")):
+        with pytest.raises(RemoteError) as refused:
+            client.submit(model_id, **options)
+        assert refused.value.code == "INVALID_ARGUMENT" and words in str(refused.value)
+    accepted = client.submit(model_id, policy={"features.0.unit.conv": 0.5})
+    assert pb.JobState.Name(client.wait(accepted.job_id, timeout=120).state) == "SUCCEEDED"

@@ -43,14 +43,15 @@ from pathlib import Path
 import torch
 
 from metaprune.data import load_dataset
+from metaprune.data.adapt import adapt_loaders
 from metaprune.errors import InvalidTargetError
 from metaprune.finetune import evaluate, train
 from metaprune.formats import load_model
 from metaprune.measure import count_macs
 from metaprune.metanet.policy import group_policy
-from metaprune.pruning import prune
-from metaprune.pruning.targets import TOLERANCE
+from metaprune.pruning import prune_request
 from metaprune.pruning.training_bridge import DATA_BATCH_SIZE
+from metaprune.vocabulary import TOLERANCE, PruneRequest, Recipe, check_speedup
 
 from .corpus import print_line, start_ray
 from .tune_pareto import pareto_front, plot_trials
@@ -77,7 +78,6 @@ DATA_SEED = 0
 PRUNE_METHOD = "l2"  # `metaprune prune`'s default criterion, so the recipe needs no --method
 RECIPE_FILE = "recipe.json"
 TRIALS_JSON, TRIALS_CSV, TRIALS_PNG = "trials.json", "trials.csv", "trials.png"
-RECIPE_FORMAT = "metaprune-tune-recipe/1"
 
 
 @dataclass
@@ -106,8 +106,7 @@ class TuneSettings:
 
     def __post_init__(self) -> None:
         self.objectives = tuple(self.objectives)
-        if not (isinstance(self.speedup, (int, float)) and self.speedup > 1.0):
-            raise InvalidTargetError(f"speedup must be a number above 1, got {self.speedup!r}")
+        self.speedup = check_speedup(self.speedup)
         if self.samples < 1:
             raise InvalidTargetError(f"samples must be at least 1, got {self.samples}")
         if self.finetune_epochs < 0:
@@ -197,9 +196,11 @@ def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup:
     """
     started = time.perf_counter()
     train_loader, test_loader = loaders
-    result = prune(model, example_inputs, method=PRUNE_METHOD, policy=policy, speedup=speedup)
+    # latency is not a trial's objective: skipping its measurement saves every trial that time
+    request = PruneRequest(method=PRUNE_METHOD, policy=policy, speedup=speedup, latency=False)
+    result = prune_request(model, example_inputs, request)
     pruned = result.model
-    figures = {"macs": result.report["flops_after"], "params": result.report["params_after"],
+    figures = {"macs": result.report["macs_after"], "params": result.report["params_after"],
                "speedup": result.report["speedup"], "target_speedup": speedup}
     reported = []
 
@@ -218,6 +219,19 @@ def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup:
         on_epoch({"test_accuracy": evaluate(pruned, test_loader), "epoch": 0,
                   "train_loss": None})
     return reported[-1]
+
+
+def trial_loaders(dataset: str, example_inputs):
+    """``((train, test), note)``: the dataset's loaders as `metaprune prune --dataset` builds
+    them, samples fitted to the model's input by size-1 dimensions (`note` says how, or None).
+
+    Example::
+
+        (train, test), note = trial_loaders("mnist1d", (torch.randn(1, 40),))
+        note   # "samples [1, 40] reshaped to the model's [40] (size-1 dimensions removed)"
+    """
+    loaders = load_dataset(dataset).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)
+    return adapt_loaders(loaders, example_inputs)
 
 
 def _model_files(path: Path) -> dict[str, bytes]:
@@ -244,7 +258,7 @@ def _trainable(config: dict, *, model_files: dict[str, bytes], model_name: str,
     if options["cache"]:
         os.environ["METAPRUNE_CACHE"] = options["cache"]
     model, example_inputs = _load_shipped_model(model_files, model_name)
-    loaders = load_dataset(options["dataset"]).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)
+    loaders, _ = trial_loaders(options["dataset"], example_inputs)
     target = trial_target(config, options["speedup"])
     try:
         run_trial(model, example_inputs, loaders, dict(config["keep"]), target,
@@ -398,19 +412,18 @@ def recipe_document(trial: dict, settings: TuneSettings) -> dict:
         recipe_document(best, settings)["policy"]   # {'features.0.unit.conv': 0.83, ...}
     """
     model = Path(settings.model)
-    return {
-        "format": RECIPE_FORMAT,
-        "policy": trial["policy"],
-        "speedup": trial["target_speedup"],
-        "method": PRUNE_METHOD,
-        "dataset": settings.dataset,
-        "finetune_epochs": settings.finetune_epochs,
-        "model": str(model),
-        "tuned": {key: trial[key] for key in ("trial", "accuracy", "macs", "params", "speedup")},
-        "command": apply_command(settings, trial["target_speedup"],
-                                 model.with_name(model.stem + "-tuned" + model.suffix),
-                                 Path(settings.out_dir) / RECIPE_FILE),
-    }
+    return Recipe(
+        policy=trial["policy"],
+        speedup=trial["target_speedup"],
+        method=PRUNE_METHOD,
+        dataset=settings.dataset,
+        finetune_epochs=settings.finetune_epochs,
+        model=str(model),
+        tuned={key: trial[key] for key in ("trial", "accuracy", "macs", "params", "speedup")},
+        command=apply_command(settings, trial["target_speedup"],
+                              model.with_name(model.stem + "-tuned" + model.suffix),
+                              Path(settings.out_dir) / RECIPE_FILE),
+    ).to_dict()
 
 
 def apply_command(settings: TuneSettings, speedup: float, out: Path, recipe: Path) -> str:
@@ -456,8 +469,11 @@ def run_search(settings: TuneSettings, *, log: Callable[[str], None] | None = No
     groups = prunable_groups(model, example_inputs)
     if not groups:
         raise InvalidTargetError("the model has no prunable channel group to search over")
-    # Loaded here first: a missing dataset fails now, with its fetch hint, not in every trial.
-    test_loader = load_dataset(settings.dataset).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)[1]
+    # Loaded here first: a missing dataset or samples that do not fit the model fail now, with
+    # their hint, not in every trial.
+    (_, test_loader), adaptation = trial_loaders(settings.dataset, example_inputs)
+    if adaptation:
+        log(f"input: {adaptation}")
     macs_before = count_macs(model, example_inputs)
     accuracy_before = evaluate(model, test_loader)
     log(f"tune {model_path.name} on {settings.dataset}: {len(groups)} groups, "
@@ -483,7 +499,7 @@ def run_search(settings: TuneSettings, *, log: Callable[[str], None] | None = No
         files["recipe"] = recipe
     summary = {
         "settings": settings.to_dict(), "groups": groups, "macs_before": macs_before,
-        "accuracy_before": accuracy_before, "trials": trials, "front": front,
+        "input_adaptation": adaptation, "accuracy_before": accuracy_before, "trials": trials, "front": front,
         "best": None if best is None else trials[best], "best_index": best,
         "recipe": None if recipe is None else str(recipe),
         "files": {key: str(path) for key, path in files.items()},

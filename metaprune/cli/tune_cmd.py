@@ -37,7 +37,11 @@ def register(subparsers) -> None:
                              "`metaprune prune`, so a recipe reproduces its trial)")
     parser.add_argument("--workers", type=int, default=2,
                         help="CPUs of the local Ray cluster, one trial per CPU (default 2)")
-    parser.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
+    parser.add_argument("--ray-address",
+                        help="join this Ray cluster instead of a local one; a cluster with "
+                             "token authentication takes the token from RAY_AUTH_TOKEN, "
+                             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (token mode is turned "
+                             "on when one is found; RAY_AUTH_MODE=disabled opts out)")
     parser.add_argument("--out", default="tune-out", metavar="DIR",
                         help="folder for the recipe, trials and figure (default ./tune-out)")
     parser.set_defaults(handler=_run)

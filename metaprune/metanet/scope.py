@@ -11,9 +11,11 @@ machine path is ever stored (`portable_record` turns paths into their last compo
 2. a per-family checkpoint whose families hold F (trained on another dataset);
 3. the universal checkpoint (the one with the widest scope if several);
 
-and says why, in words, for the report's ``metanet`` entry. The family reaches `prune()` as
-`metaprune.zoo.family_of(module)`: models loaded from ``.safetensors`` + spec are zoo modules and
-carry it; a module lifted from a ``.pt2`` has no family and gets the universal checkpoint.
+and says why, in words, for the report's ``metanet`` entry (`select_metanet` does both for
+`prune`). The family reaches `prune()` as `metaprune.zoo.family_of(module)`: models loaded from
+``.safetensors`` + spec are zoo modules and carry it; a module lifted from a ``.pt2`` has no
+family and gets the universal checkpoint. The dataset is known when `prune`'s ``data`` is a
+dataset id; loaders or a folder leave it unknown (a per-family checkpoint still matches).
 
 Example::
 
@@ -138,3 +140,47 @@ def choose_checkpoint(checkpoints: list[CheckpointInfo], *, family: str | None =
     why = "the model is not a zoo family" if family is None else \
         f"no per-family checkpoint for {family}"
     return chosen, f"universal checkpoint ({why})"
+
+
+def select_metanet(metanet, module, data=None, *, folder: str | Path | None = None):
+    """What `prune(metanet=...)` should load for `module`, and the report's ``metanet`` entry.
+
+    Args:
+        metanet: ``"default"`` (choose among the checkpoints in `folder` by the model's zoo
+            family and the dataset id), a checkpoint path, or a loaded object (used as given).
+        module: the model to prune; its family is `metaprune.zoo.family_of(module)`.
+        data: `prune`'s data argument; a dataset id names the dataset, anything else leaves it
+            unknown.
+        folder: where ``"default"`` looks (the package's committed checkpoints by default).
+
+    Returns:
+        ``(what to load, entry)``: a path or the object itself, and a JSON-serialisable dict
+        (name, sha256, families, datasets, universal, reason) — None for an object.
+
+    Example::
+
+        chosen, entry = select_metanet("default", model, "mnist1d")
+        entry["reason"]   # "per-family checkpoint for cnn1d on mnist1d"
+    """
+    from metaprune import zoo
+
+    if metanet is None:
+        return None, None
+    if not isinstance(metanet, (str, Path)):
+        return metanet, None
+    if metanet != "default":
+        path = Path(metanet)
+        if not path.is_file():
+            return metanet, None  # the engine's loader reports the missing file
+        return path, {**checkpoint_info(path).describe(), "reason": "checkpoint given by path"}
+    if folder is None:
+        from metaprune.pruning.metanet_bridge import CHECKPOINT_DIR
+
+        folder = CHECKPOINT_DIR
+    checkpoints = discover_checkpoints(folder) if Path(folder).is_dir() else []
+    if not checkpoints:
+        return metanet, None  # the engine's loader says no checkpoint is available
+    family = zoo.family_of(module)
+    dataset = data if isinstance(data, str) and not Path(data).exists() else None
+    chosen, reason = choose_checkpoint(checkpoints, family=family, dataset=dataset)
+    return chosen.path, {**chosen.describe(), "reason": reason}

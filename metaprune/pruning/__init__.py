@@ -8,8 +8,8 @@ Example::
 """
 
 from metaprune.pruning.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
-from metaprune.pruning.engine import PruneResult, prune
-from metaprune.pruning.options import METHODS
+from metaprune.vocabulary import METHODS
+from metaprune.pruning.engine import PruneResult, prune, prune_request
 from metaprune.pruning.unstructured import mask_density, prune_unstructured
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PruneResult",
     "load_policy",
     "prune",
+    "prune_request",
     "mask_density",
     "prune_unstructured",
 ]

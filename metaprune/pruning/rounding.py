@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaprune.errors import InvalidTargetError
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, fixed_threads
 from metaprune.latency.timing import _time_once, clock_for
@@ -26,22 +25,6 @@ _CANDIDATES = (32, 16, 8, 4)
 # a block size is "seen" when one channel past a multiple costs this many times the average
 # channel of the block (1 = time linear in width)
 _STEP_STRENGTH = 2.0
-
-
-def check_round_to(round_to) -> int | str | None:
-    """Validates `round_to`: None, a positive int, or "auto"."""
-    if round_to is None or round_to == "auto":
-        return round_to
-    if isinstance(round_to, bool) or not isinstance(round_to, (int, str)):
-        raise InvalidTargetError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
-    try:
-        value = int(round_to)
-    except ValueError as error:
-        raise InvalidTargetError(
-            f"round_to must be a positive integer or 'auto', got {round_to!r}") from error
-    if value < 1:
-        raise InvalidTargetError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
-    return value
 
 
 def apply_round_to(groups: Sequence[ChannelGroup], round_to: int) -> None:

@@ -1,6 +1,5 @@
 """Targets (speed-up or params ratio) and the bisection that meets them analytically."""
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -8,8 +7,7 @@ from metaprune.errors import InvalidTargetError
 from metaprune.pruning.allocation import MIN_KEEP_FRACTION, Allocation
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.groups import removal_neighbours
-
-TOLERANCE = 0.02  # |achieved / target - 1| allowed by DESIGN §5
+from metaprune.vocabulary import TOLERANCE, check_params_ratio, check_speedup
 
 
 @dataclass(frozen=True)
@@ -23,31 +21,18 @@ class Target:
     @classmethod
     def from_arguments(cls, speedup: float | None, params_ratio: float | None,
                        latency_speedup: float | None = None) -> "Target | None":
+        """The one target given, its bounds checked by `metaprune.vocabulary`."""
         given = [n for n, v in (("speedup", speedup), ("params_ratio", params_ratio),
                                 ("latency_speedup", latency_speedup)) if v is not None]
         if len(given) > 1:
-            raise InvalidTargetError(f"give at most one of speedup, params_ratio and "
-                                     f"latency_speedup, not {' and '.join(given)}")
+            raise InvalidTargetError(f"give at most one target, not both {given[0]} and "
+                                     f"{given[1]}")
         if latency_speedup is not None:
-            value = _number("latency_speedup", latency_speedup)
-            if value <= 1.0:
-                raise InvalidTargetError(
-                    f"latency_speedup must be above 1 (latency before / after), got {value:g}")
-            return cls("latency_speedup", value)
+            return cls("latency_speedup", check_speedup(latency_speedup, "latency_speedup"))
         if speedup is not None:
-            value = _number("speedup", speedup)
-            if value < 1.0:
-                raise InvalidTargetError(
-                    f"speedup must be at least 1 (MACs before / MACs after), got {value:g}"
-                )
-            return cls("speedup", value)
+            return cls("speedup", check_speedup(speedup))
         if params_ratio is not None:
-            value = _number("params_ratio", params_ratio)
-            if not 0.0 < value <= 1.0:
-                raise InvalidTargetError(
-                    f"params_ratio must be in (0, 1] (params after / params before), got {value:g}"
-                )
-            return cls("params_ratio", value)
+            return cls("params_ratio", check_params_ratio(params_ratio))
         return None
 
     def achieved(self, macs_before, macs_after, params_before, params_after) -> float:
@@ -64,16 +49,6 @@ class Target:
         if self.kind == "speedup":
             return cost.macs_before / self.value
         return cost.params_before * self.value
-
-
-def _number(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as error:
-        raise InvalidTargetError(f"{name} must be a number, got {value!r}") from error
-    if not math.isfinite(number):
-        raise InvalidTargetError(f"{name} must be finite, got {value!r}")
-    return number
 
 
 def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: float,
