@@ -372,6 +372,8 @@ def _submit_arguments(request: PruneRequest, client: PruningClient) -> dict:
         submit["dataset"] = str(data)
     elif data is not None:
         raise RemoteError("INVALID_ARGUMENT", "remote pruning takes a dataset id or an .npz file as data")
+    if "round_to" in options:  # an int or "auto"; the message carries it as text
+        options["round_to"] = str(options["round_to"])
     carried = pb.SubmitJobRequest.DESCRIPTOR.fields_by_name
     extra = {key: value for key, value in options.items() if key in carried}
     refused = sorted(set(options) - set(extra))

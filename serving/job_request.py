@@ -63,14 +63,15 @@ def _checked(check, value):
         raise _invalid(str(error)) from None
 
 
-def available_metanetworks() -> dict[str, str]:
-    """Metanetwork name -> what `prune(metanet=...)` takes, for the checkpoints the library ships.
+def available_metanetworks(folder=None) -> dict[str, str]:
+    """Metanetwork name -> what `prune(metanet=...)` takes, for the checkpoints in `folder`
+    (`metaprune serve --metanet-dir`; the ones the library ships when None).
 
     "default" (the library's own choice) is offered whenever a checkpoint exists; each file is
     also offered by its stem, resolved here to its path, so a client never sends a path.
     """
     return {name: "default" if name == "default" else str(path)
-            for name, path in checkpoint_files().items()}
+            for name, path in checkpoint_files(folder).items()}
 
 
 def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str, str],
@@ -94,11 +95,14 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
         options["speedup"] = _checked(check_speedup, request.speedup)
     elif target == "params_ratio":
         options["params_ratio"] = _checked(check_params_ratio, request.params_ratio)
+    elif target == "latency_speedup":
+        options["latency_speedup"] = request.latency_speedup  # bounds: PruneRequest below
     policy = _policy(request.policy_json)
     if policy is not None:
         options["policy"] = policy
     if target is None and policy is None:
-        raise _invalid("give a target: speedup, params_ratio or a policy")
+        raise _invalid("give a target: speedup, params_ratio, latency_speedup or a policy")
+    options.update(_latency_and_shape_options(request))
 
     data = None
     source = request.WhichOneof("data")
@@ -156,6 +160,21 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
         "options": options,
         "data": data,
     }
+
+
+def _latency_and_shape_options(request) -> dict:
+    """latency_batch, round_to, latency and exclude as `prune` takes them (DESIGN §6); their
+    bounds are checked by PruneRequest with everything else."""
+    options: dict = {}
+    if request.latency_batch:
+        options["latency_batch"] = request.latency_batch
+    if request.round_to:
+        options["round_to"] = int(request.round_to) if request.round_to.isdigit() else request.round_to
+    if request.HasField("latency"):
+        options["latency"] = request.latency
+    if request.exclude:
+        options["exclude"] = list(request.exclude)
+    return options
 
 
 def _finetune_options(request) -> dict:

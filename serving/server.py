@@ -71,6 +71,8 @@ class ServerConfig:
     ray_address: str | None = None
     # "TOKEN TENANT" per line; None: open server
     tokens_file: Path | None = None
+    # serve the metanetwork checkpoints of this folder (None: the ones the library ships)
+    metanet_dir: Path | None = None
     # PEM files for TLS; both or neither
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -101,6 +103,8 @@ class PruningServer:
             raise ServerConfigError("--tls-cert and --tls-key go together")
         if config.workers < 1:
             raise ServerConfigError("--workers must be at least 1")
+        if config.metanet_dir is not None and not Path(config.metanet_dir).is_dir():
+            raise ServerConfigError(f"--metanet-dir {config.metanet_dir} is not a folder")
         self.store = JobStore(config.state_dir)
         limits = config.limits
         self.validator = LocalBackend(limits.worker_memory_bytes, config.worker_threads,
@@ -115,7 +119,8 @@ class PruningServer:
         self.scheduler = Scheduler(self.store, backend, workers=config.workers,
                                    job_time_seconds=limits.job_time_seconds)
         self.servicer = PruningServicer(self.store, self.scheduler, self.validator, self.auth,
-                                        limits, validations=max(2, config.workers))
+                                        limits, validations=max(2, config.workers),
+                                        metanet_dir=Path(config.metanet_dir) if config.metanet_dir else None)
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._loop = asyncio.new_event_loop()
@@ -133,6 +138,7 @@ class PruningServer:
         port = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop).result()
         self.scheduler.start()
         self._sweeper.start()
+        threading.Thread(target=self.servicer.describe_metanets, daemon=True, name="metanets").start()
         return port
 
     def _end_previous_workers(self) -> None:

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,7 @@ import grpc
 from google.protobuf import json_format
 
 import metaprune
+from metaprune.vocabulary import CHECKPOINT_DIR
 
 from . import limits as vocabulary
 from . import pruning_pb2 as pb
@@ -46,6 +48,7 @@ from .scheduler import Scheduler
 from .store import FINISHED, JobStore, Upload, new_id
 from .worker import TaskFailure
 
+log = logging.getLogger(__name__)
 _DOWNLOAD_CHUNK = 1 << 20
 _MODEL_SUFFIXES = {".pt2": "pt2", ".safetensors": "safetensors"}
 # a watcher re-reads its job this often even without a notification (belt and braces)
@@ -109,7 +112,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
     """
 
     def __init__(self, store: JobStore, scheduler: Scheduler, validator, auth: Authenticator,
-                 limits: Limits, *, validations: int = 2):
+                 limits: Limits, *, validations: int = 2, metanet_dir: Path | None = None):
         # SQLite rows and artifact folders
         self.store = store
         # runs the submitted jobs
@@ -120,6 +123,11 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         self.auth = auth
         # the server's limits
         self.limits = limits
+        # folder of the metanetwork checkpoints served (None: the ones the library ships)
+        self.metanet_dir = metanet_dir
+        # their descriptions (scope, hash), read once by a worker (see describe_metanets)
+        self._metanet_info: list[dict] = []
+        self._metanets_described = threading.Event()
         # uploads validated at once (each takes a worker process)
         self._validations = ThreadPoolExecutor(validations, thread_name_prefix="validate")
         # file and SQLite work of the streaming RPCs, off the event loop
@@ -135,6 +143,23 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         """Called once the event loop runs: store changes wake the job's watchers."""
         self._loop = loop
         self.store.add_listener(lambda job_id: loop.call_soon_threadsafe(self._wake, job_id))
+
+    def describe_metanets(self) -> None:
+        """Read the checkpoints' scopes and hashes in a worker (the server process never imports
+        the library's torch modules); GetServerInfo waits for this once, at most 60 s."""
+        folder = self.metanet_dir or CHECKPOINT_DIR
+        try:
+            described = self.validator.run({"kind": "describe_metanets", "folder": str(folder)},
+                                           on_event=lambda event: None, timeout=300,
+                                           cancelled=threading.Event())
+            self._metanet_info = described["checkpoints"]
+        except TaskFailure as failure:
+            log.error("cannot describe the metanetwork checkpoints in %s: %s", folder, failure.message)
+        finally:
+            self._metanets_described.set()
+
+    def _metanetworks(self) -> dict[str, str]:
+        return available_metanetworks(self.metanet_dir)
 
     def close(self) -> None:
         self._validations.shutdown(wait=False, cancel_futures=True)
@@ -344,7 +369,9 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         if len(key) > _MAX_REQUEST_KEY:
             raise RequestError("INVALID_ARGUMENT", f"request_id is over {_MAX_REQUEST_KEY} characters")
         task = build_task(request, tenant=tenant, store=self.store,
-                          metanetworks=available_metanetworks(), limits=self.limits)
+                          metanetworks=self._metanetworks(), limits=self.limits)
+        if self.metanet_dir is not None:  # "default" chooses among that folder's checkpoints
+            task["metanet_dir"] = str(self.metanet_dir)
         check_options(task["options"], self.store.get_upload(request.model_id, tenant, "model").info)
         with self._submit_lock:  # count and insert together, so the queue limit holds
             earlier = self.store.job_for_key(tenant, key)
@@ -431,13 +458,19 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
                     while chunk := await self._blocking(source.read, _DOWNLOAD_CHUNK):
                         yield pb.ResultChunk(data=chunk)
 
+    def _described_metanets(self) -> list[dict]:
+        self._metanets_described.wait(60)
+        fields = set(pb.MetanetInfo.DESCRIPTOR.fields_by_name)
+        return [{key: value for key, value in info.items() if key in fields} for info in self._metanet_info]
+
     @_answers_errors
     def GetServerInfo(self, request, context):
         tenant = self._tenant(context)
         limits = self.limits
         return pb.ServerInfo(
             version=metaprune.__version__, methods=vocabulary.METHODS, criteria=vocabulary.CRITERIA,
-            allocations=vocabulary.ALLOCATIONS, metanetworks=list(available_metanetworks()),
+            allocations=vocabulary.ALLOCATIONS, metanetworks=list(self._metanetworks()),
+            metanet_info=[pb.MetanetInfo(**info) for info in self._described_metanets()],
             datasets=vocabulary.DATASETS, input_formats=vocabulary.INPUT_FORMATS,
             output_formats=vocabulary.OUTPUT_FORMATS,
             limits=pb.Limits(

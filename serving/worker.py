@@ -215,6 +215,29 @@ class _LogForwarder(logging.Handler):
             pass
 
 
+def describe_metanets(task: dict, emit: Emit) -> dict:
+    """The checkpoints of task["folder"] with their scopes and hashes (GetServerInfo shows
+    them; reading a scope imports the library, which the server process never does)."""
+    from metaprune.metanet.scope import discover_checkpoints
+
+    folder = Path(task["folder"])
+    return {"checkpoints": [checkpoint.describe() for checkpoint in discover_checkpoints(folder)]
+            if folder.is_dir() else []}
+
+
+def _choose_in_folder(options: dict, module, data, folder: str | None) -> dict | None:
+    """With `metaprune serve --metanet-dir`, "default" means the checkpoint of that folder whose
+    scope fits the model; returns the report's metanet entry (with the reason) or None."""
+    from metaprune.metanet.scope import select_metanet
+    from metaprune.vocabulary import PruneRequest
+
+    if folder is None or PruneRequest.from_options({**options, "data": data}).resolved_metanet != "default":
+        return None
+    chosen, entry = select_metanet("default", module, data, folder=folder)
+    options["metanet"] = str(chosen)
+    return entry
+
+
 def run_prune(task: dict, emit: Emit) -> dict:
     """Load, prune, save; returns the report. Files land in task["out_dir"]."""
     from metaprune.formats import load_model, save_model
@@ -230,18 +253,23 @@ def run_prune(task: dict, emit: Emit) -> dict:
         emit({"kind": "phase", "phase": "loading"})
         module, example_inputs = load_model(task["model_path"], max_params=task["max_parameters"])
         emit({"kind": "phase", "phase": "pruning"})
-        result = prune(module, example_inputs, data=task.get("data"), **task["options"])
+        options = dict(task["options"])
+        chosen = _choose_in_folder(options, module, task.get("data"), task.get("metanet_dir"))
+        result = prune(module, example_inputs, data=task.get("data"), **options)
         emit({"kind": "phase", "phase": "saving"})
         model_path = out_dir / f"model.{task['output_format']}"
         save_model(result.model, example_inputs, str(model_path))
     finally:
         library_log.removeHandler(handler)
     report = dict(result.report)
+    if chosen is not None:  # the folder's choice and its reason, not "given by path"
+        report["metanet"] = chosen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
-TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}
+TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune,
+         "describe_metanets": describe_metanets}
 
 
 def run_task(task: dict, emit: Emit) -> dict:

@@ -93,7 +93,8 @@ def test_cancel_and_queue_limit(client, tmp_path):
     long = dict(speedup=2.0, dataset="mnist1d", finetune_epochs=500)
     running = client.submit(model_id, **long)
     queued = [client.submit(model_id, **long) for _ in range(2)]
-    assert status_of(lambda: client.submit(model_id, **long)) == "RESOURCE_EXHAUSTED"  # 3 max
+    with PruningClient(client.target, patience=0) as impatient:  # no waiting for `retry-after`
+        assert status_of(lambda: impatient.submit(model_id, **long)) == "RESOURCE_EXHAUSTED"  # 3 max
     _wait_for_state(client, running.job_id, "RUNNING")
     for job in [*queued, running]:
         assert pb.JobState.Name(client.cancel(job.job_id).state) == "CANCELLED"
@@ -175,3 +176,45 @@ def test_request_checked_against_the_model_at_submit(client, tmp_path):
         assert refused.value.code == "INVALID_ARGUMENT" and words in str(refused.value)
     accepted = client.submit(model_id, policy={"features.0.unit.conv": 0.5})
     assert pb.JobState.Name(client.wait(accepted.job_id, timeout=120).state) == "SUCCEEDED"
+
+
+def test_options_of_the_second_wave_pass_through(client, tmp_path):
+    # exclude, latency and latency_batch travel in SubmitJobRequest to `prune` (DESIGN §6)
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    job = client.submit(model_id, speedup=1.5, extra={"exclude": ["features.0"], "latency": False,
+                                                      "latency_batch": 4})
+    job = client.wait(job.job_id, timeout=120)
+    assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+    report = json.loads(job.report_json)
+    assert report["kept"]["features.0.unit.conv"][0] == report["kept"]["features.0.unit.conv"][1]
+    assert report["latency_ms_before"] is None and report["latency_ms_after"] is None
+    assert list(job.request.exclude) == ["features.0"] and job.request.latency_batch == 4
+    code = status_of(lambda: client.submit(model_id, speedup=2.0, extra={"exclude": ["nope"]}))
+    assert code == "INVALID_ARGUMENT"
+
+
+def test_metanet_dir_is_described(tmp_path):
+    import hashlib
+    import shutil
+
+    from metaprune.vocabulary import CHECKPOINT_DIR
+
+    folder = tmp_path / "metanets"
+    folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(CHECKPOINT_DIR / f"metanet{suffix}", folder / f"metanet-copy{suffix}")
+    with ServerProcess(tmp_path / "state", args=("--metanet-dir", str(folder))) as server, \
+            PruningClient(server.address, timeout=120) as client:
+        info = client.info()
+        assert set(info.metanetworks) == {"default", "metanet-copy"}
+        [described] = info.metanet_info
+        assert described.name == "metanet-copy" and "cnn1d" in described.families
+        assert described.sha256 == hashlib.sha256((folder / "metanet-copy.safetensors").read_bytes()).hexdigest()
+        # "default" chooses among the folder's checkpoints, and the report says which and why
+        model_id = client.upload_model(write_model(tmp_path / "m.safetensors")).id
+        job = client.wait(client.submit(model_id, method="metanet", speedup=2.0, dataset="mnist1d",
+                                        finetune_epochs=1).job_id, timeout=300)
+        assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+        entry = json.loads(job.report_json)["metanet"]
+        assert entry["name"] == "metanet-copy" and entry["sha256"] == described.sha256
+        assert "universal" in entry["reason"]

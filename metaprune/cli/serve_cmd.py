@@ -29,6 +29,10 @@ def register(subparsers) -> None:
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--ray-address", default=None, help="run jobs on Ray: 'local' starts a private cluster on 127.0.0.1; "
                         "or 'auto', HOST:PORT, ray://HOST:PORT")
+    parser.add_argument("--metanet-dir", type=Path, default=None,
+                        help="serve the metanetwork checkpoints in this folder (NAME.safetensors + "
+                        "NAME.json each); 'default' picks the one whose scope fits the model "
+                        "(default: the checkpoints the package ships)")
     parser.add_argument("--tokens", type=Path, default=None, help="file of 'TOKEN TENANT' lines")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         state_dir=args.state_dir or _default_state_dir(), host=args.host, port=args.port,
         workers=args.workers, worker_threads=args.worker_threads, ray_address=args.ray_address,
-        tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
+        tokens_file=args.tokens, metanet_dir=args.metanet_dir, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, limits=limits,
     )
     from metaprune.errors import MetaPruneError
 

@@ -152,7 +152,8 @@ class _Run:
             if request.resolved_metanet is not None:
                 # imported here: the metanetwork package pulls in torch-geometric (~3 s), which
                 # a classic-criterion prune never needs
-                
+                from metaprune.metanet.scope import select_metanet
+
                 # the checkpoint whose scope fits this model and data, and the report's entry
                 chosen, self.metanet_entry = select_metanet(request.resolved_metanet,
                                                             self.module, request.data)
