@@ -218,3 +218,26 @@ def test_metanet_dir_is_described(tmp_path):
         entry = json.loads(job.report_json)["metanet"]
         assert entry["name"] == "metanet-copy" and entry["sha256"] == described.sha256
         assert "universal" in entry["reason"]
+
+
+def test_a_tune_recipe_prunes_through_the_server(server, tmp_path):
+    """Issue #15 item 2: the recipe `metaprune tune` writes, given to `metaprune prune --policy
+    ... --server`. Before: INVALID_ARGUMENT "the policy's keep ratio for 'policy' must be a
+    number in (0, 1]", while the same file worked in-process."""
+    from torch import nn
+
+    from metaprune.cli.main import main
+    from metaprune.vocabulary import Recipe
+
+    model_path = write_model(tmp_path / "m.pt2", seed=2)
+    model, _ = load_model(model_path)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv1d)]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(Recipe(policy={name: 0.6 for name in convs},
+                                        speedup=2.0).to_dict()))
+    code = main(["prune", str(model_path), "--out", str(tmp_path / "p.pt2"), "--policy",
+                 str(recipe), "--speedup", "2", "--server", server.address,
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["allocation"] == "policy" and abs(report["speedup"] / 2.0 - 1) <= 0.02

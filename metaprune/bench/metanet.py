@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 QUICK_MODELS_PER_FAMILY = 2
-QUICK_CRITERIA = "l1,l2,bn_scale,lamp,taylor"
+QUICK_CRITERIA = "l1,l2,bn_scale,taylor"
 
 
 def add_arguments(parser) -> None:
@@ -34,6 +34,8 @@ def add_arguments(parser) -> None:
                              "$METAPRUNE_CACHE/corpus/held-out)")
     parser.add_argument("--metanet", default="default",
                         help="checkpoint for the metanet row ('default': what prune() picks)")
+    parser.add_argument("--also", metavar="CKPT",
+                        help="a second checkpoint (e.g. the previous one) as row metanet@NAME")
     parser.add_argument("--speedups", default="2,3,4")
     parser.add_argument("--budgets", default="0,1,4", help="fine-tune epochs (equal steps)")
     parser.add_argument("--seeds", default="0,1,2")
@@ -132,6 +134,8 @@ def run(args) -> int:
             args.criteria = QUICK_CRITERIA
         log = RunLog(Path(args.runs))
         name, sha = checkpoint_identity(args.metanet)
+        also = (f"metanet@{Path(args.also).stem}", checkpoint_identity(args.also)[1],
+                args.also) if args.also else None
         folder = Path(args.held_out) if args.held_out else _default_held_out()
         models = held_out_models(folder, _numbers(args.families, str), args.models_per_family)
         settings = {
@@ -142,13 +146,18 @@ def run(args) -> int:
         started = time.perf_counter()
         if not args.report_only:
             for meta in models:
-                _bench_model(folder, meta, args.metanet, sha, settings, log)
+                _bench_model(folder, meta, args.metanet, sha, settings, log, also)
         wanted = {meta["model_id"] for meta in models}
         records = [r for r in log.records.values() if r["model"] in wanted
-                   and r.get("checkpoint") in (None, sha)
+                   and r.get("checkpoint") in (None, sha, also and also[1])
                    and (r["kind"] == "guard" or (r["speedup"] in settings["speedups"]
                         and r["budget"] in settings["budgets"] and r["seed"] in settings["seeds"]
                         and _method_wanted(r["method"], settings)))]
+        if also is not None:  # the compared checkpoint's guard, in a table of its own
+            for record in records:
+                if record["kind"] == "guard" and record["checkpoint"] == also[1]:
+                    record["kind"] = "guard-also"
+                    record["checkpoint_name"] = also[0]
         page = write_page(Path(args.out), records, models=models, checkpoint=(name, sha),
                           settings=settings, command=_command(args), folder=folder,
                           seconds=time.perf_counter() - started)
@@ -199,7 +208,7 @@ def _dataset(name: str):
 
 
 def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dict,
-                 log: RunLog) -> None:
+                 log: RunLog, also: tuple[str, str, str] | None = None) -> None:
     """Every missing run of one held-out model, logged as it finishes."""
     from metaprune.bench.metanet_rows import (
         ClassicPrunes,
@@ -211,12 +220,17 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
     from metaprune.errors import MetaPruneError
     from metaprune.finetune import evaluate
     from metaprune.formats import load_model
+    from metaprune.metanet.scope import select_metanet
     from metaprune.pruning.metanet_bridge import load_metanet
 
     model_id = meta["model_id"]
     model, example_inputs = load_model(folder / meta["weights"])
     model.eval()
-    loaded = load_metanet(metanet)  # loaded once: each prune then reuses it
+    # the checkpoint prune(method="metanet") picks for this model (its family, its dataset),
+    # loaded once: each prune then reuses it
+    chosen, entry = select_metanet(metanet, model, meta["dataset"])
+    loaded = load_metanet(chosen)
+    checkpoint_name = entry["name"] if entry else Path(str(metanet)).stem
     base = {"model": model_id, "family": meta["family"], "dataset": meta["dataset"]}
     steps_per_epoch = len(_loaders(meta, 0)[0])
     guard_key = f"guard|{model_id}|{sha}"
@@ -224,6 +238,7 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
         test = _loaders(meta, 0)[1]
         rewritten = loaded.transform(model, example_inputs)
         log.add({**base, "key": guard_key, "kind": "guard", "checkpoint": sha,
+                 "checkpoint_name": checkpoint_name,
                  "dense": float(evaluate(model, test)),
                  "rewritten": float(evaluate(rewritten, test))})
     for speedup in settings["speedups"]:
@@ -231,6 +246,8 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
         for budget in settings["budgets"]:
             for seed in settings["seeds"]:
                 rows = [("metanet", sha), ("null-metanet", None), ("sparse-learning", None)]
+                if also is not None:
+                    rows.append(also[:2])
                 rows += [(f"{c}/{a}", None) for c in settings["criteria"]
                          for a in settings["allocations"]]
                 for method, checkpoint in rows:
@@ -240,10 +257,11 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
                     loaders = _loaders(meta, seed)  # fresh for every run
                     started = time.perf_counter()
                     try:
-                        if method == "metanet":
+                        if method == "metanet" or method.startswith("metanet@"):
                             accuracy, achieved = metanet_accuracy(
-                                model, example_inputs, loaded, loaders, speedup=speedup,
-                                budget=budget, seed=seed)
+                                model, example_inputs,
+                                loaded if method == "metanet" else load_metanet(also[2]),
+                                loaders, speedup=speedup, budget=budget, seed=seed)
                         elif method == "null-metanet":
                             accuracy, achieved = metanet_accuracy(
                                 model, example_inputs, NullMetanet(), loaders, speedup=speedup,
@@ -267,6 +285,7 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
                     record = {**base, "key": key, "kind": "run", "speedup": speedup,
                               "budget": budget, "method": method, "seed": seed,
                               "checkpoint": checkpoint, "accuracy": accuracy,
+                              "checkpoint_name": checkpoint_name if checkpoint else None,
                               "achieved_speedup": achieved,
                               "optimizer_steps": budget * steps_per_epoch,
                               "seconds": round(time.perf_counter() - started, 2)}

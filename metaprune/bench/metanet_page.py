@@ -86,12 +86,14 @@ def _goal_lines(runs, settings) -> list[str]:
 def _guard_lines(guards) -> list[str]:
     if not guards:
         return ["No guard measured."]
-    lines = ["| model | family | dense | after rewrite | change (pts) |", "|---|---|---|---|---|"]
+    lines = ["| model | family | checkpoint | dense | after rewrite | change (pts) |",
+             "|---|---|---|---|---|---|"]
     worst = 0.0
     for guard in sorted(guards, key=lambda g: g["model"]):
         change = guard["rewritten"] - guard["dense"]
         worst = min(worst, change)
-        lines.append(f"| {guard['model']} | {guard['family']} | {100 * guard['dense']:.2f} | "
+        lines.append(f"| {guard['model']} | {guard['family']} | "
+                     f"{guard.get('checkpoint_name') or '—'} | {100 * guard['dense']:.2f} | "
                      f"{100 * guard['rewritten']:.2f} | {100 * change:+.2f} |")
     met = -100 * worst <= GUARD_POINTS
     lines += ["", f"Worst change {100 * worst:+.2f} pts → **{'MET' if met else 'NOT MET'}** "
@@ -119,11 +121,13 @@ def _tables(runs, settings) -> list[str]:
                   "| difference | family | " + " | ".join(f"budget {b}"
                                                            for b in settings["budgets"]) + " |",
                   "|---|---|" + "---|" * len(settings["budgets"])]
+        compared = [m for m in methods_of(runs) if m.startswith("metanet@")]
         for family in [None, *_families(runs)]:
             for label, method, baseline in (
                     ("metanet − best classic", "metanet", None),
                     ("metanet − null metanet", "metanet", "null-metanet"),
                     ("metanet − l2/global (its fallback)", "metanet", "l2/global"),
+                    *((f"metanet − {other}", "metanet", other) for other in compared),
                     ("sparse-learning − best classic", "sparse-learning", None)):
                 cells = []
                 for budget in settings["budgets"]:
@@ -227,6 +231,9 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         "",
         *_guard_lines(guards),
         "",
+        *(["The compared checkpoint's rewrite alone:", "",
+           *_guard_lines([r for r in records if r["kind"] == "guard-also"]), ""]
+          if any(r["kind"] == "guard-also" for r in records) else []),
         "## Tables",
         "",
         *_tables(runs, settings),

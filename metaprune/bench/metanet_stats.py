@@ -56,7 +56,9 @@ def per_model(runs: Iterable[dict], speedup: float, budget: int, method: str,
 def methods_of(runs: Iterable[dict]) -> list[str]:
     """Every row name, learned rows first, then classic rows sorted."""
     names = {run["method"] for run in runs}
-    return [m for m in LEARNED_ROWS if m in names] + sorted(m for m in names if is_classic(m))
+    compared = sorted(m for m in names if m.startswith("metanet@"))  # other checkpoints
+    return [m for m in LEARNED_ROWS if m in names] + compared \
+        + sorted(m for m in names if is_classic(m))
 
 
 def row_means(runs: Sequence[dict], speedup: float, budget: int,

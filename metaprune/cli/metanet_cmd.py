@@ -186,7 +186,16 @@ def _evaluate(args) -> int:
 
 
 def _register_policy_head(actions) -> None:
-    """labels, train-head, compare-policies: the sparsity head trained on tuned policies."""
+    """labels, train-head, compare-policies, head-only: the sparsity head trained on tuned
+    policies."""
+    head_only = actions.add_parser(
+        "head-only", help="a checkpoint with its weight rewrite switched off (exact identity)",
+        description="Copy --metanet to --out with the rewrite switched off (its decoders' last "
+        "layers zeroed): transform() returns the model unchanged, the sparsity head still "
+        "allocates.")
+    head_only.add_argument("--metanet", required=True, metavar="CKPT")
+    head_only.add_argument("--out", required=True, metavar="CKPT")
+    head_only.set_defaults(handler=_head_only)
     labels = actions.add_parser(
         "labels", help="tuned policies of corpus training models: the sparsity head's labels",
         description="Run the Ray Tune policy search on corpus training models at each speed-up "
@@ -320,3 +329,11 @@ def _print_evidence(evidence: list) -> None:
                 "dropped_energy", "dropped_energy_rewritten"):
         mean, error = mean_and_error([row[key] for row in evidence])
         print(f"mean {key}: {mean:.4f} ± {error:.4f}")
+
+
+def _head_only(args) -> int:
+    from metaprune.training.head_train import head_only_checkpoint
+
+    head_only_checkpoint(args.metanet, args.out)
+    print(f"wrote {args.out} (rewrite off, sparsity head kept)")
+    return 0
