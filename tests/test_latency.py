@@ -12,7 +12,16 @@ from metaprune.latency.layer_model import FRACTIONS, LayerTimes, measure_layer_t
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.timing import LatencyComparison, compare_latency
 from metaprune.pruning.groups import minimum_kept, removal_neighbours, snap_removal
-from metaprune.pruning.rounding import check_round_to
+from metaprune.vocabulary import check_round_to
+
+
+@pytest.fixture(autouse=True)
+def _short_measurements(monkeypatch):
+    """Timing budgets of a second or less: these tests check behaviour, not speed."""
+    from metaprune.pruning import latency_target
+
+    monkeypatch.setattr(latency_target, "REPORT_BUDGET_S", 0.5)
+    monkeypatch.setattr(latency_target, "_DENSE_BUDGET_S", 0.3)
 
 
 def _tiny_resnet():
@@ -68,7 +77,8 @@ def test_compare_latency_is_paired_restores_threads_and_modes():
     assert comparison.speedups[0] == 1.0 and comparison.batch == 3 and comparison.threads == 1
     low, high = comparison.quartiles_ms[1]
     assert 0 < low <= comparison.median_ms[1] <= high
-    assert set(comparison.spread(1)) == {"before_ms", "after_ms", "speedup", "rounds"}
+    assert set(comparison.spread(1)) == {"before_ms", "after_ms", "speedup", "rounds", "clock"}
+    assert comparison.clock == "thread_cpu"  # one thread: time descheduled is not latency
 
 
 def test_layer_tables_cover_the_prunable_layers_and_come_from_the_cache_the_second_time():
@@ -105,3 +115,65 @@ def test_removals_snap_to_kept_multiples():
 def test_bad_round_to_is_refused(value):
     with pytest.raises(InvalidTargetError, match="round_to"):
         check_round_to(value)
+
+
+def _small_resnet():
+    torch.manual_seed(0)
+    config = zoo.default_config("resnet", input_shape=(3, 16, 16), num_classes=10, depth=8,
+                                stage_widths=[16, 32, 64], block_widths=[[16], [32], [64]])
+    return zoo.build("resnet", config).eval(), (torch.randn(1, 3, 16, 16),)
+
+
+def _fake_measurement(dense_macs):
+    """A deterministic stand-in for the clock: latency falls as MACs ** 0.7 (never as MACs)."""
+    from metaprune.measure import count_macs
+
+    def measure(dense, pruned, example_inputs, settings):
+        ratio = (dense_macs / count_macs(pruned, example_inputs)) ** 0.7
+        return LatencyComparison([10.0, 10.0 / ratio], [(9.0, 11.0), (9.0 / ratio, 11.0 / ratio)],
+                                 [1.0, ratio], [(1.0, 1.0), (ratio, ratio)], settings.batch,
+                                 settings.threads, "test CPU", 5, 0.0, [[10.0], [10.0 / ratio]])
+    return measure
+
+
+@pytest.mark.parametrize("allocation", ["global", "latency"])
+def test_latency_target_is_reached_and_corrected_by_measurement(monkeypatch, allocation):
+    from metaprune import prune
+    from metaprune.measure import count_macs
+    from metaprune.pruning import latency_target
+
+    model, inputs = _small_resnet()
+    monkeypatch.setattr(latency_target, "measure_report_latency",
+                        _fake_measurement(count_macs(model, inputs)))
+    report = prune(model, inputs, latency_speedup=1.6, allocation=allocation).report
+    assert 0.95 * 1.6 <= report["latency_speedup"] <= 1.1 * 1.6
+    assert report["target"]["reached"] and report["target"]["attempts"]
+    assert report["latency_batch"] == 1 and report["latency_threads"] == 1
+    assert report["cpu"] == "test CPU"
+
+
+def test_round_to_keeps_multiples_for_every_target_kind():
+    from metaprune import prune
+
+    model, inputs = _small_resnet()
+    for target in ({"speedup": 2.0}, {"params_ratio": 0.5}):
+        result = prune(model, inputs, round_to=8, latency=False, **target)
+        pruned_somewhere = False
+        for name, (kept, total) in result.report["kept"].items():
+            assert kept == total or kept % 8 == 0, (target, name, kept)
+            pruned_somewhere |= kept < total
+        assert pruned_somewhere
+        note = result.report["target"]
+        assert note is None or (not note["reached"] and "round_to" in note["why"])
+
+
+def test_latency_allocation_meets_a_macs_target_and_reports_latency_keys():
+    from metaprune import prune
+
+    model, inputs = _small_resnet()
+    report = prune(model, inputs, speedup=2.0, allocation="latency", latency_batch=2).report
+    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+    assert report["allocation"] == "latency" and report["latency_batch"] == 2
+    assert report["latency_ms_before"] > 0 and report["latency_spread"]["rounds"] >= 3
+    skipped = prune(model, inputs, speedup=2.0, latency=False).report
+    assert skipped["latency_ms_before"] is None and skipped["latency_batch"] is None

@@ -33,11 +33,13 @@ def register(subparsers) -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NAME",
                         help="module names left unpruned (each with its submodules)")
     parser.add_argument("--latency-batch", type=int, default=1,
-                        help="batch size of the report's latency measurement (default 1)")
+                        help="batch size of every latency measurement and of "
+                             "--latency-speedup (default 1)")
     parser.add_argument("--no-latency", dest="latency", action="store_false",
                         help="skip the report's latency measurement")
-    parser.add_argument("--round-to", help="kept channel counts become multiples of N "
-                                           "(an integer, or auto)")
+    parser.add_argument("--round-to", help="kept channel counts become multiples of N (an "
+                                           "integer, or auto: the multiple this CPU rewards), "
+                                           "for any target")
     parser.add_argument("--dataset", help=f"dataset id ({', '.join(DATASETS)}) or folder; "
                                           "enables accuracy figures and fine-tuning")
     parser.add_argument("--finetune-epochs", type=int, default=0,
@@ -85,9 +87,23 @@ def _run(args) -> int:
     return 0
 
 
+def _show_latency_progress() -> None:
+    """Latency measurement and latency-target attempts as lines on stderr (they take seconds)."""
+    import logging
+
+    log = logging.getLogger("metaprune.latency")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def _run_local(args, request: PruneRequest) -> dict:
     from metaprune.formats import load_model, save_model
     from metaprune.pruning import prune_request
+
+    _show_latency_progress()
 
     module, example_inputs = load_model(args.input)
     result = prune_request(module, example_inputs, request)

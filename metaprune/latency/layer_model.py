@@ -24,7 +24,7 @@ from torch import nn
 from metaprune.data.cache import cache_dir
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
-from metaprune.latency.timing import _time_once
+from metaprune.latency.timing import _time_once, clock_for
 from metaprune.measure import _at_batch
 
 FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -40,30 +40,40 @@ class LayerTimes:
     Attributes:
         tied: True when input and output widths move together (depthwise convolution, norms,
             attention): `times_ms` then has a single row indexed by the kept fraction.
-        times_ms: ``times_ms[i][j]`` at input fraction ``FRACTIONS[i]`` and output fraction
-            ``FRACTIONS[j]``.
+        times_ms: ``times_ms[i][j]`` at input fraction ``in_fractions[i]`` and output fraction
+            ``out_fractions[j]``.
     """
 
     tied: bool
     times_ms: list[list[float]]
     activations: int = 0  # output elements of all its calls, the reach of the ops that follow it
+    in_fractions: tuple[float, ...] = FRACTIONS  # the grid of `times_ms`'s rows
+    out_fractions: tuple[float, ...] = FRACTIONS  # and of its columns
 
     def at(self, keep_in: float, keep_out: float) -> float:
         """Interpolated time at the given kept fractions (linear, towards 0 below the grid)."""
         if self.tied:
-            return _interpolate(self.times_ms[0], keep_out)
-        column = [_interpolate(row, keep_out) for row in self.times_ms]
-        return _interpolate(column, keep_in)
+            return _interpolate(self.out_fractions, self.times_ms[0], keep_out)
+        column = [_interpolate(self.out_fractions, row, keep_out) for row in self.times_ms]
+        return _interpolate(self.in_fractions, column, keep_in)
 
 
-def _interpolate(values: Sequence[float], fraction: float) -> float:
+def _interpolate(fractions: Sequence[float], values: Sequence[float], fraction: float) -> float:
     fraction = min(max(fraction, 0.0), 1.0)
-    if fraction <= FRACTIONS[0]:
-        return values[0] * fraction / FRACTIONS[0]
-    for (f0, v0), (f1, v1) in zip(zip(FRACTIONS, values), zip(FRACTIONS[1:], values[1:])):
-        if fraction <= f1:
+    if fraction <= fractions[0]:
+        return values[0] * fraction / fractions[0]
+    for (f0, v0), (f1, v1) in zip(zip(fractions, values), zip(fractions[1:], values[1:])):
+        if fraction <= f1 + 1e-12:
             return v0 + (v1 - v0) * (fraction - f0) / (f1 - f0)
     return values[-1]
+
+
+def grid(total: int, multiple: int | None) -> tuple[float, ...]:
+    """Kept fractions a table is measured at: every allowed width when `multiple` leaves at
+    most 8 of them (so the table sees the steps rounding lands on), else `FRACTIONS`."""
+    if multiple and multiple > 1 and total % multiple == 0 and total // multiple <= 8:
+        return tuple(k * multiple / total for k in range(1, total // multiple + 1))
+    return FRACTIONS
 
 
 def _width(total: int, fraction: float, multiple: int = 1) -> int:
@@ -95,6 +105,15 @@ def _resized(module: nn.Module, kept_in: int, kept_out: int) -> nn.Module | None
         return nn.MultiheadAttention(kept_out, module.num_heads, bias=module.in_proj_bias is not None,
                                      batch_first=module.batch_first)
     return None
+
+
+def _can_time(module: nn.Module) -> bool:
+    """Whether `_resized` can rebuild this layer at other widths."""
+    heads = module.num_heads if isinstance(module, nn.MultiheadAttention) else 1
+    counts = _channel_counts(module) if isinstance(module, _TIED + (nn.Linear,
+                                                                  nn.modules.conv._ConvNd)) \
+        else None
+    return counts is not None and _resized(module, heads, heads) is not None
 
 
 def _is_tied(module: nn.Module) -> bool:
@@ -147,9 +166,11 @@ def _record_inputs(model: nn.Module, example_inputs, names: set[str], batch: int
     return {name: tuple(record) for name, record in seen.items()}
 
 
-def _signature(module: nn.Module, shape: tuple, threads: int) -> str:
-    """Everything a layer's time depends on, as a cache key."""
-    described = {"kind": type(module).__name__, "shape": list(shape),
+def _signature(module: nn.Module, shape: tuple, threads: int, multiple: int | None) -> str:
+    """Everything a layer's table depends on, as a cache key."""
+    grids = [grid(total, multiple) for total in _channel_counts(module)]
+    described = {"kind": type(module).__name__, "shape": list(shape), "grids": grids,
+                 "clock": clock_for(threads)[0],
                  "channels": list(_channel_counts(module)), "threads": threads,
                  "cpu": cpu_model(), "torch": torch.__version__}
     for attribute in ("kernel_size", "stride", "padding", "dilation", "groups", "num_heads",
@@ -162,7 +183,8 @@ def _signature(module: nn.Module, shape: tuple, threads: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_out: float) -> float:
+def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_out: float,
+                clock) -> float:
     kept_in_total, kept_out_total = _channel_counts(module)
     multiple = module.num_heads if isinstance(module, nn.MultiheadAttention) else 1
     kept_out = _width(kept_out_total, fraction_out, multiple)
@@ -176,7 +198,7 @@ def _time_layer(module: nn.Module, shape: tuple, fraction_in: float, fraction_ou
     layer(*inputs)
     first = max(_time_once(layer, inputs, 1), 1e-3)
     inner = max(1, int(_MIN_SAMPLE_MS / first) + 1)
-    return min(_time_once(layer, inputs, inner) for _ in range(_SAMPLES))
+    return min(_time_once(layer, inputs, inner, clock) for _ in range(_SAMPLES))
 
 
 def _cache_file() -> "os.PathLike":
@@ -208,6 +230,7 @@ def measure_layer_times(
     *,
     batch: int = 1,
     threads: int = DEFAULT_THREADS,
+    multiple: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, LayerTimes]:
     """Latency tables of the named layers of `model` (those of a kind we can rebuild).
@@ -218,6 +241,7 @@ def measure_layer_times(
         unit_names: module names to time (others, and parameters, are ignored).
         batch: the batch the tables are for.
         threads: torch threads while timing.
+        multiple: the `round_to` kept widths will be multiples of (see `grid`), or None.
         progress: told how far the timing has got, about once a second.
 
     Example::
@@ -225,10 +249,11 @@ def measure_layer_times(
         tables = measure_layer_times(model, (torch.randn(1, 3, 32, 32),), ["conv1", "fc"])
         tables["conv1"].at(0.5, 0.5)    # ms at half its input and output channels
     """
+    _clock_name, read_clock = clock_for(threads)
     modules = dict(model.named_modules())
-    wanted = {n for n in unit_names if n in modules and _resized(modules[n], 2, 2) is not None}
+    wanted = {n for n in unit_names if n in modules and _can_time(modules[n])}
     recorded = _record_inputs(model, example_inputs, wanted, batch)
-    signatures = {name: _signature(modules[name], record[0], threads)
+    signatures = {name: _signature(modules[name], record[0], threads, multiple)
                   for name, record in recorded.items()}
     path = _cache_file()
     cached = _read_cache(path)
@@ -243,11 +268,13 @@ def measure_layer_times(
             told = time.perf_counter()
             for done, (signature, name) in enumerate(todo):
                 module, shape = modules[name], recorded[name][0]
-                in_fractions = (1.0,) if _is_tied(module) else FRACTIONS
+                total_in, total_out = _channel_counts(module)
+                in_grid = (1.0,) if _is_tied(module) else grid(total_in, multiple)
+                out_grid = grid(total_out, multiple)
                 cached[signature] = {
-                    "tied": _is_tied(module),
-                    "times_ms": [[_time_layer(module, shape, f_in, f_out) for f_out in FRACTIONS]
-                                 for f_in in in_fractions],
+                    "tied": _is_tied(module), "in_fractions": in_grid, "out_fractions": out_grid,
+                    "times_ms": [[_time_layer(module, shape, f_in, f_out, read_clock)
+                                  for f_out in out_grid] for f_in in in_grid],
                 }
                 if progress is not None and time.perf_counter() - told > 1.0:
                     progress(f"latency model: layer {done + 1}/{len(todo)} timed")
@@ -257,7 +284,8 @@ def measure_layer_times(
     for name, signature in signatures.items():
         entry, (_shape, calls, elements) = cached[signature], recorded[name]
         tables[name] = LayerTimes(entry["tied"], [[t * calls for t in row]
-                                                  for row in entry["times_ms"]], elements)
+                                                  for row in entry["times_ms"]], elements,
+                                  tuple(entry["in_fractions"]), tuple(entry["out_fractions"]))
     return tables
 
 

@@ -33,7 +33,7 @@ class LatencyComparison:
         quartiles_ms: per model, the 25th and 75th percentile of its samples.
         speedups: per model, the median over rounds of (model 0 time / this model's time).
         speedup_quartiles: per model, the quartiles of those per-round ratios.
-        batch, threads, cpu: where and how it was measured.
+        batch, threads, cpu, clock: where and how it was measured (`clock_for`).
         rounds: samples per model; seconds: wall time of the whole measurement.
     """
 
@@ -47,6 +47,13 @@ class LatencyComparison:
     rounds: int
     seconds: float
     samples_ms: list[list[float]] = field(repr=False, default_factory=list)
+    clock: str = "wall"
+
+    def pooled(self, other: "LatencyComparison") -> "LatencyComparison":
+        """This measurement and another of the same models, as one with all their rounds."""
+        samples = [a + b for a, b in zip(self.samples_ms, other.samples_ms)]
+        return _summarise(samples, self.batch, self.threads, self.rounds + other.rounds,
+                          self.seconds + other.seconds, self.clock)
 
     def spread(self, index: int) -> dict:
         """The report's spread of model `index` against model 0: quartiles and rounds."""
@@ -55,6 +62,7 @@ class LatencyComparison:
             "after_ms": [round(v, 4) for v in self.quartiles_ms[index]],
             "speedup": [round(v, 4) for v in self.speedup_quartiles[index]],
             "rounds": self.rounds,
+            "clock": self.clock,
         }
 
 
@@ -65,11 +73,28 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def _time_once(module: nn.Module, inputs: tuple, inner: int) -> float:
-    start = time.perf_counter()
+def clock_for(threads: int, clock: str = "auto") -> tuple[str, Callable[[], float]]:
+    """(name, function) of the clock a measurement reads.
+
+    "auto" reads the calling thread's CPU time when torch runs on one thread (its ops then run
+    in this thread, and time spent descheduled by other processes is not counted: on a loaded
+    machine this is the latency the model would have on an idle one), else the wall clock.
+    """
+    if clock == "auto":
+        clock = "thread_cpu" if int(threads) == 1 else "wall"
+    if clock == "thread_cpu":
+        return clock, time.thread_time
+    if clock == "wall":
+        return clock, time.perf_counter
+    raise ValueError(f"clock must be 'auto', 'thread_cpu' or 'wall', got {clock!r}")
+
+
+def _time_once(module: nn.Module, inputs: tuple, inner: int,
+               clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(inner):
         module(*inputs)
-    return (time.perf_counter() - start) * 1000.0 / inner
+    return (clock() - start) * 1000.0 / inner
 
 
 @torch.no_grad()
@@ -81,7 +106,8 @@ def compare_latency(
     threads: int = DEFAULT_THREADS,
     budget_s: float = 4.0,
     min_rounds: int = 3,
-    max_rounds: int = 200,
+    max_rounds: int = 60,
+    clock: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> LatencyComparison:
     """Times `models` interleaved on the CPU and returns medians, spreads and paired speed-ups.
@@ -93,6 +119,7 @@ def compare_latency(
         threads: torch intra-op threads while timing (restored afterwards).
         budget_s: wall-time budget; rounds stop when it is spent (after `min_rounds`).
         min_rounds, max_rounds: bounds on the samples per model.
+        clock: "auto", "thread_cpu" or "wall" (see `clock_for`).
         progress: called with a short line about once a second (and when waiting for the lock).
 
     Example::
@@ -106,6 +133,7 @@ def compare_latency(
     if int(batch) < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     inputs = _at_batch(example_inputs, int(batch))
+    clock_name, read_clock = clock_for(threads, clock)
     modes = [m.training for m in models]
     for module in models:
         module.eval()
@@ -118,7 +146,7 @@ def compare_latency(
             estimates = []
             for module in models:
                 module(*inputs)
-                estimates.append(max(_time_once(module, inputs, 1), 1e-3))
+                estimates.append(max(_time_once(module, inputs, 1), 1e-3))  # wall: sizes the budget
             inner = [max(1, math.ceil(_MIN_SAMPLE_MS / e)) for e in estimates]
             per_round_s = sum(i * e for i, e in zip(inner, estimates)) / 1000.0
             remaining = budget_s - (time.perf_counter() - locked_at)
@@ -128,19 +156,26 @@ def compare_latency(
             for round_index in range(rounds):
                 order = range(len(models)) if round_index % 2 == 0 else reversed(range(len(models)))
                 for index in order:
-                    samples[index].append(_time_once(models[index], inputs, inner[index]))
+                    samples[index].append(_time_once(models[index], inputs, inner[index],
+                                                     read_clock))
                 if progress is not None and time.perf_counter() - told > _PROGRESS_EVERY_S:
                     progress(f"latency: round {round_index + 1}/{rounds} at batch {batch}")
                     told = time.perf_counter()
     finally:
         for module, mode in zip(models, modes):
             module.train(mode)
+    return _summarise(samples, int(batch), int(threads), rounds, time.perf_counter() - started,
+                      clock_name)
+
+
+def _summarise(samples: list[list[float]], batch: int, threads: int, rounds: int,
+               seconds: float, clock: str) -> LatencyComparison:
     ratios = [[a / b for a, b in zip(samples[0], s)] for s in samples]
     return LatencyComparison(
         median_ms=[statistics.median(s) for s in samples],
         quartiles_ms=[_quartiles(s) for s in samples],
         speedups=[statistics.median(r) for r in ratios],
         speedup_quartiles=[_quartiles(r) for r in ratios],
-        batch=int(batch), threads=int(threads), cpu=cpu_model(), rounds=rounds,
-        seconds=time.perf_counter() - started, samples_ms=samples,
+        batch=batch, threads=threads, cpu=cpu_model(), rounds=rounds, seconds=seconds,
+        samples_ms=samples, clock=clock,
     )

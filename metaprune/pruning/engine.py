@@ -1,20 +1,22 @@
-"""`prune()`: structured pruning of any traceable model to an exact MACs or params target.
+"""`prune()`: structured pruning of any traceable model to a MACs, params or latency target.
 
 `prune` checks its keywords into a `PruneRequest` (torch-free, shared with the CLI, the
 service and `tune`) and hands it to `prune_request`, which runs these named steps of a `_Run`:
 
-1. `prepare`: refuse what this build cannot do, check the fine-tune settings, load the
-   metanetwork and the data (samples adapted to the model's input shape by size-1 dimensions
-   only), check `exclude` names — all before any work;
-2. `measure_dense`: MACs, params, latency and accuracy of the dense model;
+1. `prepare`: check the fine-tune settings, load the metanetwork and the data (samples adapted
+   to the model's input shape by size-1 dimensions only), check `exclude` names — all before
+   any work;
+2. `measure_dense`: MACs, params and accuracy of the dense model;
 3. `rewrite_with_metanet`: the metanetwork's weight rewrite (+ its share of fine-tuning);
 4. `plan`: channel groups from Torch-Pruning's DependencyGraph, importance of every channel
-   (computed once), the analytic cost model;
+   (computed once), the analytic cost model, `round_to` applied to the groups;
 5. `prune_to_target`: the one retry loop — allocate, remove, count for real; a miss beyond a
    fraction of the tolerance asks the cost model for proportionally less, and a removal that
-   breaks a block's shapes blocks the groups responsible and tries again;
+   breaks a block's shapes blocks the groups responsible and tries again. A latency target
+   instead asks the measured latency model, times the result and corrects
+   (`latency_target`);
 6. `finetune_pruned`: BatchNorm recalibration and fine-tuning when data is given;
-7. `measure_pruned` and `report`.
+7. `measure_pruned` (dense and pruned latency timed together, interleaved) and `report`.
 """
 
 import copy
@@ -28,8 +30,8 @@ from torch import nn
 
 import metaprune
 from metaprune.criteria import build_criterion
-from metaprune.errors import InvalidTargetError, MetaPruneError, UnsupportedModelError
-from metaprune.measure import count_macs, count_params, measure_latency_ms
+from metaprune.errors import InvalidTargetError, UnsupportedModelError
+from metaprune.measure import count_macs, count_params
 from metaprune.pruning import training_bridge
 from metaprune.pruning.allocation import (
     global_allocation,
@@ -39,6 +41,8 @@ from metaprune.pruning.allocation import (
     uniform_allocation,
 )
 from metaprune.pruning.cost import CostModel
+from metaprune.pruning.latency_cost import latency_allocation
+from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
 from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
 from metaprune.pruning.removal import (
@@ -54,15 +58,6 @@ from metaprune.vocabulary import PruneRequest
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
 _RECOUNT_TOLERANCE = TOLERANCE / 4
 _MAX_CORRECTIONS = 3
-# Request options named in DESIGN §6 that this build's engine does not implement yet: refused
-# with a clear message before any work (the vocabulary already checks their bounds).
-_NOT_BUILT = {
-    "latency_speedup": "a latency target (latency_speedup) is not implemented in this build; "
-                       "give speedup (MACs) or params_ratio",
-    "round_to": "round_to is not implemented in this build",
-    "allocation=latency": "allocation='latency' is not implemented in this build; use global, "
-                          "uniform, metanet or a policy",
-}
 
 
 @dataclass
@@ -137,17 +132,13 @@ class _Run:
         self.finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0,
                                 "history": []}
         self.policy_from_metanet = None
+        self.latency_steps = LatencySteps(LatencySettings(batch=request.latency_batch),
+                                          request.round_to, measure=request.latency)
 
     # 1 --------------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Everything that can fail on the request, checked before any work."""
         request = self.request
-        refused = [_NOT_BUILT[key] for key, asked in (
-            ("latency_speedup", request.latency_speedup is not None),
-            ("round_to", request.round_to is not None),
-            ("allocation=latency", request.allocation == "latency")) if asked]
-        if refused:
-            raise MetaPruneError(refused[0])
         if request.finetune is not None or request.data is not None:
             training_bridge.finetune_config(request.finetune)
         names = {name for name, _ in self.module.named_modules()}
@@ -175,17 +166,11 @@ class _Run:
         self.after_prune = finetune_epochs - self.after_metanet
 
     # 2 --------------------------------------------------------------------------------------
-    def _latency(self, model: nn.Module) -> float | None:
-        if not self.request.latency:
-            return None
-        return measure_latency_ms(model, self.example_inputs, batch=self.request.latency_batch)
-
     def measure_dense(self) -> None:
         self.work = copy.deepcopy(self.module)
         with self.timer.phase("measure"):
             self.figures["macs_before"] = count_macs(self.work, self.example_inputs)
             self.figures["params_before"] = count_params(self.work)
-            self.figures["latency_ms_before"] = self._latency(self.work)
         with self.timer.phase("evaluate"):
             self.figures["accuracy_before"] = training_bridge.evaluate(
                 self.work, self.loaders[1]) if self.loaders else None
@@ -244,6 +229,12 @@ class _Run:
             cost = CostModel(work, self.example_inputs, DG, groups)
             cost.set_orders(orders)
         self.groups, self.orders, self.keys, self.cost = groups, orders, keys, cost
+        with timer.phase("latency"):
+            self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
+
+    def _latency_model(self):
+        with self.timer.phase("latency"):
+            return self.latency_steps.model(self.work, self.example_inputs, self.cost)
 
     def _allocation(self):
         """The allocation family the target is bisected over (built after groups are final)."""
@@ -254,6 +245,8 @@ class _Run:
                                      policy_to_groups(policy, self.groups, names))
         if self.request.resolved_allocation == "uniform":
             return uniform_allocation(self.groups, self.keys)
+        if self.request.resolved_allocation == "latency":
+            return latency_allocation(self.groups, self.keys, self._latency_model())
         return global_allocation(self.groups, self.keys)
 
     # 5 --------------------------------------------------------------------------------------
@@ -263,6 +256,9 @@ class _Run:
                                               self.orders, self.cost)
         timer, target = self.timer, self.target
         reference_shapes = [tuple(t.shape) for t in forward_outputs(work, inputs)]
+        if target is not None and target.kind == "latency_speedup":
+            self._prune_to_latency(reference_shapes)
+            return
         goal = target.goal(cost) if target is not None else None
         allocation, probed, corrections = None, False, 0
         best, best_miss = None, float("inf")
@@ -271,7 +267,7 @@ class _Run:
                 with timer.phase("allocate"):
                     allocation = allocation or self._allocation()
                     counts = allocation.counts(1.0) if target is None \
-                        else solve_counts(allocation, cost, target, goal)
+                        else self._solve(allocation, target, goal)
                 with timer.phase("prune"):
                     pruned = remove_channels(work, inputs, groups, orders, counts)
                     check_pruned(pruned, inputs, reference_shapes)
@@ -303,12 +299,52 @@ class _Run:
             corrections += 1
         achieved = target.achieved(cost.macs_before, count_macs(best, inputs),
                                    cost.params_before, count_params(best))
-        if target.error(achieved) > TOLERANCE:
+        rounded_to = self.latency_steps.rounded_to
+        if target.error(achieved) > TOLERANCE and rounded_to:
+            self.latency_steps.target_note = {
+                "kind": target.kind, "value": target.value, "achieved": achieved,
+                "reached": False, "why": f"round_to={rounded_to} leaves no kept widths closer to "
+                                         f"the target than {achieved:.4g}"}
+        elif target.error(achieved) > TOLERANCE:
             raise InvalidTargetError(
                 f"{target.kind} {target.value:g} cannot be met within {TOLERANCE:.0%}: the "
                 f"closest channel counts give {achieved:.4g} (the model's layers are too narrow "
                 "for a finer step)")
         self.pruned = best
+
+    def _solve(self, allocation, target, goal) -> list[int]:
+        """Counts meeting `goal`; with `round_to`, as close as the rounded widths allow."""
+        try:
+            return solve_counts(allocation, self.cost, target, goal)
+        except InvalidTargetError:
+            if not self.latency_steps.rounded_to:
+                raise
+            return allocation.counts(allocation.high)  # the report says what was reached
+
+    def _prune_to_latency(self, reference_shapes) -> None:
+        """A measured latency target: the latency model's counts, timed and corrected."""
+        work, inputs, groups, orders, timer = (self.work, self.example_inputs, self.groups,
+                                               self.orders, self.timer)
+
+        def remove(counts):
+            with timer.phase("prune"):
+                pruned = remove_channels(work, inputs, groups, orders, counts)
+                check_pruned(pruned, inputs, reference_shapes)
+            return pruned
+
+        for probed in (False, True):
+            try:
+                allocation = self._allocation()
+                with timer.phase("latency"):
+                    self.pruned = self.latency_steps.prune_to_latency(
+                        self.module, inputs, allocation, self.cost, work, self.target, remove)
+                return
+            except UnsupportedModelError:
+                # A removal broke a block's baked shapes: block the groups that do it, once.
+                with timer.phase("probe"):
+                    if probed or not block_breaking_groups(work, inputs, groups, orders) or \
+                            all(g.blocked for g in groups):
+                        raise
 
     # 6 --------------------------------------------------------------------------------------
     def finetune_pruned(self) -> None:
@@ -339,20 +375,20 @@ class _Run:
         with self.timer.phase("measure"):
             self.figures["macs_after"] = count_macs(pruned, inputs)
             self.figures["params_after"] = count_params(pruned)
-            self.figures["latency_ms_after"] = self._latency(pruned)
+        with self.timer.phase("latency"):
+            self.figures.update(self.latency_steps.report_keys(self.module, pruned, inputs))
         pruned.train(self.module.training)
 
     def report(self) -> dict:
         request = self.request
         skipped = self._skipped_reason()
-        measured = request.latency
         return build_report(
             **self.figures,
             version=metaprune.__version__,
             kept=_kept_channels(self.module, self.pruned),
             excluded=list(request.exclude),
-            latency_batch=request.latency_batch if measured else None,
-            latency_threads=torch.get_num_threads() if measured else None,
+            round_to=self.latency_steps.rounded_to,
+            target=self.latency_steps.target_note,
             finetune=None if skipped and not self.finetune_record["epochs_after_metanet"]
             else self.finetune_record,
             finetune_skipped_reason=skipped,
@@ -405,7 +441,7 @@ def prune(
     latency: bool = True,
     exclude: Sequence[str] = (),
 ) -> PruneResult:
-    """Prunes whole channels of `module` to a MACs or params target.
+    """Prunes whole channels of `module` to a MACs, params or measured latency target.
 
     Args:
         module: the network (left untouched; the result is a pruned deep copy).
@@ -417,7 +453,9 @@ def prune(
         metanet: None, `"default"`, a checkpoint path, or a loaded metanetwork.
         allocation: `"global"` (normalised importance ranked across layers, each layer keeps at
             least 10 %), `"uniform"`, `"metanet"` (the sparsity head's keep ratios; `"global"`
-            when the checkpoint's head is untrained), `"latency"`, or a policy.
+            when the checkpoint's head is untrained), `"latency"` (channels that cost the most
+            measured time per unit of importance go first; tables per layer measured on this
+            CPU and cached), or a policy.
         speedup: MACs before / MACs after to reach (within 2 %), above 1.
         params_ratio: params after / params before to reach (within 2 %), in (0, 1).
         policy: module name -> keep ratio: a dict, a recipe written by `metaprune tune`, or a
@@ -431,11 +469,14 @@ def prune(
             (default half, rounded down) right after the rewrite, the rest after pruning.
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
             `bn_recalibration`, `seed`).
-        latency_speedup: latency before / after to reach at `latency_batch` (DESIGN §6; this
-            build refuses it with a clear error).
-        latency_batch: batch size of the report's latency measurement (default 1).
-        round_to: kept channel counts become multiples of this (DESIGN §6; refused in this
-            build).
+        latency_speedup: latency before / after to reach, measured on this machine at
+            `latency_batch` (one torch thread); reached when the measured speed-up lies in
+            [0.95, 1.1] x the target (the report's `target` says how it went).
+        latency_batch: batch size of every latency measurement (default 1).
+        round_to: every pruned group keeps a multiple of this many channels, for any target;
+            `"auto"` measures the multiple this CPU rewards. A MACs or params target is met
+            within 2 % where the rounded widths allow, else the report's `target` says what
+            was reached.
         latency: False skips the report's latency measurement (its keys are null).
         exclude: module names left unpruned, each with its submodules.
 

@@ -7,7 +7,8 @@ table accounts for (activations, adds, pooling, call overhead), which is assumed
 the tabled layers' output activations (the measured correction in `latency_target` fixes the
 rest). `latency_allocation` prunes
 greedily by importance lost per millisecond saved: at each step the group whose next chunk of
-least important channels costs the most time per unit of importance gives it up. The path of
+least important channels costs the most time per unit of importance gives it up (importance
+weighted by the MACs a channel carries, see `_macs_weights`, and growing as a layer thins). The path of
 count vectors it walks is a monotone family, so a MACs, params or latency target is met by
 bisecting along it like any other allocation.
 """
@@ -111,6 +112,30 @@ def _next_removal(count: int, group: ChannelGroup, limit: int) -> int | None:
     return above[0] if above else None
 
 
+def _macs_weights(groups: list[ChannelGroup], max_removed: list[int],
+                  cost: CostModel) -> list[float]:
+    """Per group, the MACs one of its channels carries, relative to the average group.
+
+    Criteria normalise importance within each group (mean 1), which makes a channel of a
+    residual stream coupled through ten layers look as cheap as one of a single convolution;
+    by time saved alone the former always wins. Weighting importance by the MACs a channel
+    takes with it restores what the normalisation dropped, so the allocation trades importance
+    per MAC (as the global ranking does) against time per MAC (what MACs miss).
+    """
+    dense_macs = cost.evaluate([0] * len(groups))[0]
+    per_channel = []
+    for index, group in enumerate(groups):
+        if group.blocked or not max_removed[index]:
+            per_channel.append(None)
+            continue
+        counts = [0] * len(groups)
+        counts[index] = max_removed[index]
+        per_channel.append((dense_macs - cost.evaluate(counts)[0]) / max_removed[index])
+    known = [value for value in per_channel if value]
+    mean = sum(known) / len(known) if known else 1.0
+    return [value / mean if value else 1.0 for value in per_channel]
+
+
 def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyModel) -> Allocation:
     """Removal counts along a greedy path: least importance lost per millisecond saved first.
 
@@ -148,12 +173,16 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
         if new is None:
             return
         changes = state.changes(index, counts[index], new)
-        importance = float(keys[index][counts[index]:new].clamp(min=0).sum())
+        # the last channels of a layer carry all it passes on: importance grows as it thins
+        thinning = group.size / (group.size - new)
+        importance = weight[index] * thinning * float(keys[index][counts[index]:new]
+                                                      .clamp(min=0).sum())
         saving = state.saving(changes)
         priority = importance / saving if saving > 1e-9 else float("inf")
         # ties (e.g. equal importance) go to the bigger saving, then the lower index
         heapq.heappush(heap, (priority, -saving, index, versions[index], new))
 
+    weight = _macs_weights(groups, allocation.max_removed, latency.cost)
     for index in range(len(groups)):
         push(index)
     path.append(tuple(counts))

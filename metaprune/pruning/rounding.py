@@ -9,36 +9,22 @@ steps the timings follow, falling back to the CPU's vector width in floats.
 """
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from metaprune.errors import InvalidTargetError
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, fixed_threads
-from metaprune.latency.timing import _time_once
+from metaprune.latency.timing import _time_once, clock_for
 from metaprune.pruning.groups import ChannelGroup
 
 _CANDIDATES = (32, 16, 8, 4)
-_STEP_SHARE = 0.6  # a block size is "seen" when widths just past a multiple pay this share of a block
-
-
-def check_round_to(round_to) -> int | str | None:
-    """Validates `round_to`: None, a positive int, or "auto"."""
-    if round_to is None or round_to == "auto":
-        return round_to
-    if isinstance(round_to, bool) or not isinstance(round_to, (int, str)):
-        raise InvalidTargetError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
-    try:
-        value = int(round_to)
-    except ValueError as error:
-        raise InvalidTargetError(
-            f"round_to must be a positive integer or 'auto', got {round_to!r}") from error
-    if value < 1:
-        raise InvalidTargetError(f"round_to must be a positive integer or 'auto', got {round_to!r}")
-    return value
+# a block size is "seen" when one channel past a multiple costs this many times the average
+# channel of the block (1 = time linear in width)
+_STEP_STRENGTH = 2.0
 
 
 def apply_round_to(groups: Sequence[ChannelGroup], round_to: int) -> None:
@@ -76,10 +62,10 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
                   progress: Callable[[str], None] | None = None) -> int:
     """The channel multiple this CPU rewards, measured on the model's heaviest layer.
 
-    Times the layer at every output width w in the top 2·32 widths below its own, and picks the
-    largest block size N for which a width just past a multiple of N costs (on average) at
-    least `_STEP_SHARE` of the step to the next multiple — i.e. the time moves in steps of N.
-    Falls back to `vector_width()` when no step shows above the noise.
+    Times the layer at every output width w in the top 2·32 widths below its own (the minimum
+    of three sweeps), and picks the largest block size N for which one channel past a multiple
+    of N costs at least `_STEP_STRENGTH` times the block's average channel — the time moves in
+    steps of N. Falls back to `vector_width()` when no step shows above the noise.
     """
     name = _heaviest_layer(model, units, macs_of)
     fallback = vector_width()
@@ -99,6 +85,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
     if len(widths) < 2 * max(_CANDIDATES):
         return fallback
     times = {w: float("inf") for w in widths}
+    read_clock = clock_for(threads)[1]
     with measurement_lock(progress), fixed_threads(threads):
         if progress is not None:
             progress(f"round_to auto: timing {name} at {len(widths)} widths")
@@ -113,7 +100,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
                     def run(inputs, weight=weight, bias=bias):
                         return nn.functional.linear(inputs, weight, bias)
                 run(x)
-                times[width] = min(times[width], _time_once(run, (x,), 3))
+                times[width] = min(times[width], _time_once(run, (x,), 3, read_clock))
     for block in _CANDIDATES:
         shares = []
         for start in range(widths[0] + (-widths[0]) % block, total - block + 1, block):
@@ -121,6 +108,7 @@ def auto_round_to(model: nn.Module, example_inputs, units: Sequence[str],
             if low is None or high is None or high <= low:
                 continue
             shares.append((times[start + 1] - low) / (high - low))
-        if len(shares) >= 2 and sorted(shares)[len(shares) // 2] >= _STEP_SHARE:
+        # a linear cost gives share 1/block, a pure step at multiples of `block` gives 1
+        if len(shares) >= 2 and statistics.median(shares) * block >= _STEP_STRENGTH:
             return block
     return fallback

@@ -36,10 +36,17 @@ REPORT_FIELDS = (
     ReportField("latency_ms_before", "median CPU latency (ms) at latency_batch; null when "
                                      "latency=False"),
     ReportField("latency_ms_after", "median CPU latency (ms) at latency_batch after pruning"),
+    ReportField("latency_speedup", "measured latency before / after: the median of per-round "
+                                   "ratios, dense and pruned timed interleaved"),
     ReportField("latency_batch", "batch size of the latency measurement"),
     ReportField("latency_threads", "torch intra-op threads during the latency measurement"),
-    ReportField("latency_spread", "spread of the latency repeats"),
+    ReportField("latency_spread", "quartiles of before_ms, after_ms and speedup over the "
+                                  "interleaved rounds, their number, and the clock read"),
     ReportField("cpu", "the CPU the latency was measured on"),
+    ReportField("round_to", "kept channel counts are multiples of this (round_to, or what "
+                            "\"auto\" measured), or null"),
+    ReportField("target", "for a latency target or a target rounding kept from: what was asked, "
+                          "what was reached, and why not (null: a MACs/params target met)"),
     ReportField("finetune", "fine-tune epochs after the metanetwork / after pruning and their "
                             "history, or null"),
     ReportField("finetune_skipped_reason", "why the pruned model was not fine-tuned, or null"),

@@ -92,5 +92,11 @@ def format_summary(report: dict) -> str:
 def _latency_line(report: dict) -> str:
     if report.get("latency_ms_before") is None:
         return "latency  not measured (latency=False)"
-    return (f"latency  {report['latency_ms_before']:.2f} ms -> {report['latency_ms_after']:.2f} "
+    line = (f"latency  {report['latency_ms_before']:.2f} ms -> {report['latency_ms_after']:.2f} "
             f"ms (batch {report.get('latency_batch') or 64}, CPU)")
+    if report.get("latency_speedup"):
+        line += f", measured speed-up {report['latency_speedup']:.2f}x (paired, interleaved)"
+    target = report.get("target")
+    if target and not target.get("reached"):
+        line += f"\ntarget   {target['kind']} {target['value']:g} not reached: {target.get('why')}"
+    return line
