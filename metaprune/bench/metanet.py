@@ -160,6 +160,16 @@ def run(args) -> int:
                    and (r["kind"] == "guard" or (r["speedup"] in settings["speedups"]
                         and r["budget"] in settings["budgets"] and r["seed"] in settings["seeds"]
                         and _method_wanted(r["method"], settings)))]
+        # a model still running (a stopped or ongoing run) is left out of the page: its
+        # missing rows would change which classic row is "best" and what is paired
+        rows = 3 + (also is not None) + len(settings["criteria"]) * len(settings["allocations"])
+        expected = rows * len(settings["speedups"]) * len(settings["budgets"]) \
+            * len(settings["seeds"])
+        finished = {r["model"] for r in records if r["kind"] != "guard"}
+        finished = {model for model in finished if expected <= sum(
+            1 for r in records if r["model"] == model and r["kind"] in ("run", "skipped"))}
+        records = [r for r in records if r["model"] in finished]
+        models = [meta for meta in models if meta["model_id"] in finished]
         if also is not None:  # the compared checkpoint's guard, in a table of its own
             for record in records:
                 if record["kind"] == "guard" and record["checkpoint"] == also[1]:
