@@ -7,8 +7,8 @@ Example::
     pruned, report = result.model, result.report
 """
 
-from metaprune.pruning.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
-from metaprune.vocabulary import METHODS
+from metaprune.pruning.allocation import MIN_KEEP_FRACTION, load_policy
+from metaprune.vocabulary import ALLOCATIONS, METHODS
 from metaprune.pruning.engine import PruneResult, prune, prune_request
 from metaprune.pruning.unstructured import mask_density, prune_unstructured
 

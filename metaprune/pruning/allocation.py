@@ -15,7 +15,6 @@ from metaprune.errors import InvalidTargetError
 from metaprune.pruning.groups import ChannelGroup, minimum_kept, snap_removal
 from metaprune.vocabulary import parse_policy
 
-ALLOCATIONS = ("global", "uniform", "metanet", "latency")
 MIN_KEEP_FRACTION = 0.1  # each layer keeps at least this share of its channels
 
 
