@@ -119,4 +119,4 @@ def test_bench_refuses_a_folder_with_models_that_training_may_have_seen(tmp_path
     (tmp_path / "a.meta.json").write_text(json.dumps({"model_id": "a", "family": "mlp",
                                                        "held_out": False}))
     with pytest.raises(SystemExit, match="not marked held-out"):
-        held_out_models(tmp_path, [], None)
+        held_out_models([tmp_path], [], None)

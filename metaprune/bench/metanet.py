@@ -29,8 +29,8 @@ QUICK_CRITERIA = "l1,l2,bn_scale,taylor"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--held-out", metavar="DIR",
-                        help="corpus folder of held-out models (default: "
+    parser.add_argument("--held-out", metavar="DIR[,DIR]",
+                        help="corpus folder(s) of held-out models (default: "
                              "$METAPRUNE_CACHE/corpus/held-out)")
     parser.add_argument("--metanet", default="default",
                         help="checkpoint for the metanet row ('default': what prune() picks)")
@@ -77,9 +77,13 @@ def checkpoint_identity(metanet: str) -> tuple[str, str]:
     return name, digest.hexdigest()[:12]
 
 
-def held_out_models(folder: Path, families: list[str], per_family: int | None) -> list[dict]:
-    """Metadata of the held-out models in `folder`, sorted by family then id."""
-    metas = [json.loads(path.read_text()) for path in sorted(folder.glob("*.meta.json"))]
+def held_out_models(folders: list[Path], families: list[str],
+                    per_family: int | None) -> list[dict]:
+    """Metadata of the held-out models in `folders` (each with its ``folder``), families
+    interleaved."""
+    metas = [{**json.loads(path.read_text()), "folder": str(folder)} for folder in folders
+             for path in sorted(folder.glob("*.meta.json"))]
+    folder = ", ".join(str(f) for f in folders)
     if not metas:
         raise SystemExit(f"no corpus model in {folder}; build the held-out split first, e.g. "
                          "metaprune zoo build --families cnn1d,mlp,resnet --datasets mnist1d "
@@ -95,8 +99,10 @@ def held_out_models(folder: Path, families: list[str], per_family: int | None) -
             continue
         count[meta["family"]] = count.get(meta["family"], 0) + 1
         if per_family is None or count[meta["family"]] <= per_family:
-            chosen.append(meta)
-    return chosen
+            chosen.append({**meta, "rank_in_family": count[meta["family"]]})
+    # families interleaved (every family's first model, then every second...): a run stopped
+    # early still covers every family
+    return sorted(chosen, key=lambda m: (m["rank_in_family"], m["family"]))
 
 
 class RunLog:
@@ -136,8 +142,9 @@ def run(args) -> int:
         name, sha = checkpoint_identity(args.metanet)
         also = (f"metanet@{Path(args.also).stem}", checkpoint_identity(args.also)[1],
                 args.also) if args.also else None
-        folder = Path(args.held_out) if args.held_out else _default_held_out()
-        models = held_out_models(folder, _numbers(args.families, str), args.models_per_family)
+        folders = [Path(f) for f in _numbers(args.held_out, str)] if args.held_out \
+            else [_default_held_out()]
+        models = held_out_models(folders, _numbers(args.families, str), args.models_per_family)
         settings = {
             "speedups": _numbers(args.speedups), "budgets": _numbers(args.budgets, int),
             "seeds": _numbers(args.seeds, int), "criteria": _numbers(args.criteria, str),
@@ -146,7 +153,7 @@ def run(args) -> int:
         started = time.perf_counter()
         if not args.report_only:
             for meta in models:
-                _bench_model(folder, meta, args.metanet, sha, settings, log, also)
+                _bench_model(meta, args.metanet, sha, settings, log, also)
         wanted = {meta["model_id"] for meta in models}
         records = [r for r in log.records.values() if r["model"] in wanted
                    and r.get("checkpoint") in (None, sha, also and also[1])
@@ -159,7 +166,7 @@ def run(args) -> int:
                     record["kind"] = "guard-also"
                     record["checkpoint_name"] = also[0]
         page = write_page(Path(args.out), records, models=models, checkpoint=(name, sha),
-                          settings=settings, command=_command(args), folder=folder,
+                          settings=settings, command=_command(args), folders=folders,
                           seconds=time.perf_counter() - started)
         print(page)
     finally:
@@ -207,7 +214,7 @@ def _dataset(name: str):
     return _DATASETS[name]
 
 
-def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dict,
+def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
                  log: RunLog, also: tuple[str, str, str] | None = None) -> None:
     """Every missing run of one held-out model, logged as it finishes."""
     from metaprune.bench.metanet_rows import (
@@ -224,7 +231,7 @@ def _bench_model(folder: Path, meta: dict, metanet: str, sha: str, settings: dic
     from metaprune.pruning.metanet_bridge import load_metanet
 
     model_id = meta["model_id"]
-    model, example_inputs = load_model(folder / meta["weights"])
+    model, example_inputs = load_model(Path(meta["folder"]) / meta["weights"])
     model.eval()
     # the checkpoint prune(method="metanet") picks for this model (its family, its dataset),
     # loaded once: each prune then reuses it

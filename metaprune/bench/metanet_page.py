@@ -186,7 +186,7 @@ def plot(path: Path, runs, settings) -> Path:
     return path
 
 
-def write_page(path: Path, records, *, models, checkpoint, settings, command, folder,
+def write_page(path: Path, records, *, models, checkpoint, settings, command, folders,
                seconds) -> str:
     """Writes the Markdown page and its PNG; returns the page's text."""
     runs = [r for r in records if r["kind"] == "run"]
@@ -206,8 +206,10 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         "Machine: 2 CPU cores shared with other jobs, run under `nice`, one torch thread; "
         "accuracies do not depend on the load, timings are not reported.",
         "",
-        f"Checkpoint: {name}, sha256 {sha}. Held-out models: {len(models)} from `{folder.name}` "
-        "(a corpus split with its own corpus seed: never used to train or select a checkpoint), "
+        f"Checkpoint: {name}, sha256 {sha}. Held-out models: {len(models)} from "
+        + ", ".join(f"`{folder.name}`" for folder in folders)
+        + " (corpus splits with their own corpus seed: never used to train or select a "
+        "checkpoint), "
         + ", ".join(f"{family} {len(metas)}" for family, metas in sorted(families.items()))
         + f"; seeds {settings['seeds']}; budgets {settings['budgets']} epochs "
         "(a budget is a number of optimiser steps on the model's data, equal for every row; "
