@@ -13,8 +13,10 @@ them). Writes `benchmarks/metanet.md` and `benchmarks/metanet.png`.
 
 Every finished run is appended to `--runs` (JSON lines) and skipped when the command is run
 again, so a long run resumes; classic rows do not depend on the checkpoint and are reused when
-only the checkpoint changes. `--quick` runs a subset (2 models per family, 3 seeds) sized for
-about 20 minutes on 2 shared cores.
+only the checkpoint changes. `--quick` runs a subset (2 models per family, criteria l1, l2,
+bn_scale and taylor, 3 seeds); for 3 MNIST-1D families it took 30 min wall on 2 cores shared
+with other jobs (load 6-8), i.e. it misses the 20-minute aim on a loaded machine. `--also CKPT`
+adds a second checkpoint as row ``metanet@NAME`` (e.g. the previously shipped one).
 """
 
 from __future__ import annotations
