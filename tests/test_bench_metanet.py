@@ -1,5 +1,6 @@
 """`metaprune bench metanet`: fair rows, paired statistics, the best classic row, resuming."""
 
+import gzip
 import json
 import math
 
@@ -97,10 +98,14 @@ def test_bench_runs_on_held_out_models_resumes_and_writes_its_page(tmp_path):
         "weights": "m-cnn1d-0.safetensors", "train_subset": 512}))
     arguments = ["bench", "metanet", "--held-out", str(folder), "--speedups", "2",
                  "--budgets", "0,1", "--seeds", "0", "--criteria", "l2",
-                 "--allocations", "global", "--runs", str(tmp_path / "runs.jsonl"),
+                 "--allocations", "global", "--runs", str(tmp_path / "runs.jsonl.gz"),
                  "--out", str(tmp_path / "page" / "metanet.md")]
     assert main(arguments) == 0
-    records = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    def lines():
+        with gzip.open(tmp_path / "runs.jsonl.gz", "rt") as stream:
+            return stream.read().splitlines()
+
+    records = [json.loads(line) for line in lines()]
     runs = [r for r in records if r["kind"] == "run"]
     assert {r["method"] for r in runs} == {"metanet", "null-metanet", "sparse-learning",
                                            "l2/global"}
@@ -110,7 +115,7 @@ def test_bench_runs_on_held_out_models_resumes_and_writes_its_page(tmp_path):
     assert "metanet − null metanet" in page and "Rewrite alone" in page
     assert (tmp_path / "page" / "metanet.png").stat().st_size > 0
     assert main(arguments) == 0  # resumed: nothing runs twice
-    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == len(records)
+    assert len(lines()) == len(records)
 
 
 def test_bench_refuses_a_folder_with_models_that_training_may_have_seen(tmp_path):

@@ -21,6 +21,7 @@ adds a second checkpoint as row ``metanet@NAME`` (e.g. the previously shipped on
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import time
@@ -48,8 +49,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_MODELS_PER_FAMILY} models per family, criteria "
                              f"{QUICK_CRITERIA}")
-    parser.add_argument("--runs", default="benchmarks/metanet-runs.jsonl",
-                        help="finished runs (JSON lines); existing ones are skipped")
+    parser.add_argument("--runs", default="benchmarks/metanet-runs.jsonl.gz",
+                        help="finished runs (JSON lines, gzip when it ends in .gz); existing "
+                        "ones are skipped")
     parser.add_argument("--out", default="benchmarks/metanet.md", help="the page (+ .png)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the page from --runs without running anything")
@@ -108,13 +110,17 @@ def held_out_models(folders: list[Path], families: list[str],
 
 
 class RunLog:
-    """The JSON-lines file of finished runs: read once, appended to after every run."""
+    """The JSON-lines file of finished runs: read once, appended to after every run (a ``.gz``
+    file is appended to as one more gzip member, which gzip readers concatenate)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[str, dict] = {}
+        self._open = gzip.open if path.suffix == ".gz" else open
         if path.is_file():
-            for line in path.read_text().splitlines():
+            with self._open(path, "rt") as stream:
+                lines = stream.read().splitlines()
+            for line in lines:
                 if line.strip():
                     record = json.loads(line)
                     self.records[record["key"]] = record
@@ -125,7 +131,7 @@ class RunLog:
     def add(self, record: dict) -> None:
         self.records[record["key"]] = record
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as stream:
+        with self._open(self.path, "at") as stream:
             stream.write(json.dumps(record) + "\n")
 
 
