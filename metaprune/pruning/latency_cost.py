@@ -9,7 +9,8 @@ rest). `latency_allocation` is the global ranking corrected by measured time: ch
 order of importance divided by how much more time per MAC they cost than the model's average
 (walked greedily, a chunk of a group at a time, since a chunk's time depends on the widths
 its neighbours have reached). Where latency follows MACs it is the global ranking; where a
-layer is slow for its MACs (memory-bound, off the vector width) its channels go earlier. The path of
+layer is slow for its MACs (memory-bound, off the vector width) its channels go earlier, and
+a channel's importance grows as its layer thins (so time never empties one layer). The path of
 count vectors it walks is a monotone family, so a MACs, params or latency target is met by
 bisecting along it like any other allocation.
 """
@@ -23,6 +24,7 @@ from metaprune.pruning.cost import CostModel
 from metaprune.pruning.groups import ChannelGroup, removal_neighbours, snap_removal
 
 _CHUNKS_PER_GROUP = 24  # the greedy path removes about 1/24 of a group at a time
+_MAX_CORRECTION = 4.0  # time per MAC moves a channel's importance by at most this factor
 
 
 class LatencyModel:
@@ -150,10 +152,14 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
         if new is None:
             return
         changes = state.changes(index, counts[index], new)
-        importance = float(keys[index][counts[index]:new].clamp(min=0).mean())
+        # the last channels of a layer carry all it passes on: importance grows as it thins
+        thinning = group.size / (group.size - new)
+        importance = thinning * float(keys[index][counts[index]:new].clamp(min=0).mean())
         saving, macs = state.saving(changes)
-        # time per MAC of this chunk, relative to the dense model's: 1 where MACs tell the truth
-        relative = saving / max(macs, 1.0) / time_per_mac
+        # time per MAC of this chunk, relative to the dense model's: 1 where MACs tell the
+        # truth; bounded, so time reorders the importance ranking but never overrules it
+        relative = min(max(saving / max(macs, 1.0) / time_per_mac, 1 / _MAX_CORRECTION),
+                       _MAX_CORRECTION)
         priority = importance / relative if saving > 1e-9 else float("inf")
         # ties (e.g. equal importance) go to the bigger saving, then the lower index
         heapq.heappush(heap, (priority, -saving, index, versions[index], new))
