@@ -138,7 +138,6 @@ class PruningServer:
         port = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop).result()
         self.scheduler.start()
         self._sweeper.start()
-        threading.Thread(target=self.servicer.describe_metanets, daemon=True, name="metanets").start()
         return port
 
     def _end_previous_workers(self) -> None:

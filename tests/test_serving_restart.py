@@ -64,9 +64,11 @@ def test_sigkill_during_a_job_then_restart(tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         # the server's children: the fork server (and its resource tracker); theirs: the worker
+        # (RUNNING is recorded just before the worker is forked: wait for it)
+        while not (workers := [pid for helper in _children(server.pid) for pid in _children(helper)]):
+            assert time.monotonic() < deadline, "the job's worker process should be running"
+            time.sleep(0.02)
         helpers = _children(server.pid)
-        workers = [pid for helper in helpers for pid in _children(helper)]
-        assert workers, "the job's worker process should be running"
         os.kill(server.pid, 9)  # the server process alone, as an OOM killer would
         killed_at = time.monotonic()
         server.process.wait(10)
