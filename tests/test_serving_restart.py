@@ -111,6 +111,15 @@ def test_start_up_ends_workers_a_previous_server_left(tmp_path):
         leftover.kill()
 
 
+def test_one_server_per_state_directory(tmp_path):
+    # a second server would re-run the first one's running jobs: it is refused in one line
+    with ServerProcess(tmp_path / "state"):
+        second = ServerProcess(tmp_path / "state", startup_timeout=30)
+        with pytest.raises(RuntimeError, match="another server is running on the state directory"):
+            second.start()
+        assert "Traceback" not in second.log()
+
+
 def test_client_waits_through_a_restart(tmp_path):
     model_file = write_model(tmp_path / "m.safetensors")
     server = ServerProcess(tmp_path / "state", args=("--workers", "1")).start()
