@@ -215,16 +215,6 @@ class _LogForwarder(logging.Handler):
             pass
 
 
-def describe_metanets(task: dict, emit: Emit) -> dict:
-    """The checkpoints of task["folder"] with their scopes and hashes (GetServerInfo shows
-    them; reading a scope imports the library, which the server process never does)."""
-    from metaprune.metanet.scope import discover_checkpoints
-
-    folder = Path(task["folder"])
-    return {"checkpoints": [checkpoint.describe() for checkpoint in discover_checkpoints(folder)]
-            if folder.is_dir() else []}
-
-
 def _choose_in_folder(options: dict, module, data, folder: str | None) -> dict | None:
     """With `metaprune serve --metanet-dir`, "default" means the checkpoint of that folder whose
     scope fits the model; returns the report's metanet entry (with the reason) or None."""
@@ -268,8 +258,7 @@ def run_prune(task: dict, emit: Emit) -> dict:
     return report
 
 
-TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune,
-         "describe_metanets": describe_metanets}
+TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}
 
 
 def run_task(task: dict, emit: Emit) -> dict:

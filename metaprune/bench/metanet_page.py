@@ -159,8 +159,9 @@ def plot(path: Path, runs, settings) -> Path:
     try:
         for axis, speedup in zip(axes[0], speedups):
             budgets = settings["budgets"]
-            series = {"metanet": [], "null-metanet": [], "best classic": [], "l2/global": [],
-                      "sparse-learning": []}
+            compared = [m for m in methods_of(runs) if m.startswith("metanet@")]
+            series = {"metanet": [], **{name: [] for name in compared}, "null-metanet": [],
+                      "best classic": [], "l2/global": [], "sparse-learning": []}
             for budget in budgets:
                 table = row_means(runs, speedup, budget)
                 best = best_classic(runs, speedup, budget)
