@@ -31,7 +31,7 @@ log = logging.getLogger("metaprune.latency")
 WINDOW = (0.95, 1.1)  # measured latency speed-up / target counts as reached inside this window
 _CONFIRM_WINDOW = (0.85, 1.2)  # a miss this close is measured again before correcting
 _AIM = 1.02  # the first prediction aims here, inside the window with room for noise both ways
-_MAX_CORRECTIONS = 3
+_MAX_CORRECTIONS = 5  # a small model measures in a second; a big one rarely needs more than two
 REPORT_BUDGET_S = 5.0  # the report's own interleaved measurement (ResNet-50 at batch 1: < 10 s)
 _DENSE_BUDGET_S = 2.0
 
