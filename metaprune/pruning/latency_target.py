@@ -237,10 +237,11 @@ def prune_to_latency(allocation: Allocation, cost: CostModel, latency: LatencyMo
         if progress is not None:
             progress(f"latency target {target.value:g}x: predicted {predicted:.3f}x, "
                      f"measured {measured:.3f}x")
-        miss = abs(math.log(measured / target.value))
+        # an attempt inside the window is the answer; otherwise the nearest one is kept
+        miss = 0.0 if in_window(measured, target.value) else abs(math.log(measured / target.value))
         if best is None or miss < best[2]:
             best = (pruned, comparison, miss)
-        if in_window(measured, target.value):
+        if miss == 0.0:
             break
         history.append((predicted, measured))
         aim = _next_aim(history, target.value * _AIM)
