@@ -7,6 +7,7 @@ outside the window the model's goal is corrected by the ratio measured / predict
 model pruned again from the dense copy. The last measurement is the report's.
 """
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -68,6 +69,7 @@ class LatencySteps:
         self.target_note: dict | None = None
         self._model: LatencyModel | None = None
         self._final: tuple[nn.Module, LatencyComparison] | None = None
+        self._dense: nn.Module | None = None
 
     def round_groups(self, work: nn.Module, example_inputs, groups, cost: CostModel) -> None:
         """Applies `round_to` to the groups (measuring this CPU's multiple for "auto")."""
@@ -102,11 +104,20 @@ class LatencySteps:
         """`prune_to_latency` with the report's measurement kept for `report_keys`."""
         pruned, comparison, self.target_note = prune_to_latency(
             allocation, cost, self.model(work, example_inputs, cost), target, remove,
-            lambda candidate: measure_report_latency(dense, candidate, example_inputs,
-                                                     self.settings),
+            lambda candidate: measure_report_latency(self.reference(dense), candidate,
+                                                     example_inputs, self.settings),
             self.settings.progress)
         self._final = (pruned, comparison)
         return pruned
+
+    def reference(self, dense: nn.Module) -> nn.Module:
+        """A fresh copy of the dense model to time against. The caller's model may sit in
+        memory allocated long ago and scattered (a MobileNetV2 built in place ran 30 % slower
+        than its own deep copy); the pruned model is always freshly allocated, so timing the
+        original would credit pruning with the difference."""
+        if self._dense is None:
+            self._dense = copy.deepcopy(dense)
+        return self._dense
 
     def report_keys(self, dense: nn.Module, pruned: nn.Module, example_inputs) -> dict:
         """The report's latency keys: the target's last measurement, or a fresh one; and
@@ -114,12 +125,12 @@ class LatencySteps:
         if not self.measure:
             return {**latency_report(None), **_onnxruntime_keys(None)}
         if self._final is None or self._final[0] is not pruned:
-            self._final = (pruned, measure_report_latency(dense, pruned, example_inputs,
-                                                          self.settings))
+            self._final = (pruned, measure_report_latency(self.reference(dense), pruned,
+                                                          example_inputs, self.settings))
         onnx = None
         if onnxruntime_available():
             try:
-                onnx = compare_onnxruntime([dense, pruned], example_inputs,
+                onnx = compare_onnxruntime([self.reference(dense), pruned], example_inputs,
                                            batch=self.settings.batch,
                                            threads=self.settings.threads,
                                            budget_s=REPORT_BUDGET_S / 2,
