@@ -71,7 +71,7 @@ class MetaNetwork(nn.Module):
         from metaprune.graph import to_graph
         metanet = MetaNetwork(hidden=32, num_layers=3)
         graph = to_graph(model, example_inputs)
-        new_x, new_edge_attr, keep = metanet(graph.data, speedup=2.0)
+        new_x, new_edge_attr, keep = metanet(graph, speedup=2.0)
         rewritten = graph.write_back(new_x.detach(), new_edge_attr.detach())
         keep.shape                                   # [len(graph.layers)]
     """
@@ -263,7 +263,7 @@ def metanet_parameters(metanet: MetaNetwork, graph, speedup=None) -> dict[str, t
         loss = F.cross_entropy(torch.func.functional_call(model, params, (inputs,)), labels)
         loss.backward()                       # gradients land in metanet.parameters()
     """
-    new_x, new_edge_attr, _ = metanet(graph.data, speedup)
+    new_x, new_edge_attr, _ = metanet(graph, speedup)
     return parameters_from_features(graph, new_x, new_edge_attr)
 
 
@@ -277,9 +277,9 @@ def parameters_from_features(graph, new_x: torch.Tensor, new_edge_attr: torch.Te
     # Running statistics are estimates, not trained weights (batch_norm refuses gradients
     # through them): their rewritten values are used, detached. A probe with ones in the
     # statistics columns only tells which tensors they are (each tensor comes from one slot).
-    probe = torch.zeros_like(graph.data.x)
+    probe = torch.zeros_like(graph.x)
     probe[:, [SLOT["norm_running_mean"], SLOT["norm_running_var"]]] = 1
-    probed = graph.parameters(probe, torch.zeros_like(graph.data.edge_attr))
+    probed = graph.parameters(probe, torch.zeros_like(graph.edge_attr))
     for name, value in probed.items():
         if value.numel() and bool(value.any()):
             params[name] = params[name].detach()
