@@ -29,7 +29,7 @@ from metaprune.pruning.allocation import (
     uniform_allocation,
 )
 from metaprune.pruning.cost import CostModel
-from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
 from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
 from metaprune.pruning.options import PruneOptions, resolve_options
 from metaprune.pruning.removal import (
@@ -101,8 +101,7 @@ def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
 def _plan(work: nn.Module, example_inputs, settings: PruneOptions, criterion, loaders, timer):
     """Groups, removal orders, ranking keys and the cost model of the dense model `work`."""
     with timer.phase("graph"):
-        DG = build_dependency_graph(work, example_inputs)
-        groups = collect_groups(DG, output_layers(DG))
+        DG, groups = plan_channel_groups(work, example_inputs)
     if not any(g.blocked is None for g in groups):
         raise UnsupportedModelError("the model has no prunable channel group (every group reaches "
                                     "the output or holds a layer that cannot be pruned)")
@@ -111,7 +110,12 @@ def _plan(work: nn.Module, example_inputs, settings: PruneOptions, criterion, lo
             criterion.prepare(work, loaders[0])
         orders, keys = [], []
         for group in groups:
-            scores = None if group.blocked else criterion(group.dependency_group)
+            if group.blocked:
+                scores = None
+            elif group.plan is not None:  # a group read from the channel graph
+                scores = group.plan.score(group, criterion, work)
+            else:
+                scores = criterion(group.dependency_group)
             if scores is None:
                 scores = torch.zeros(group.size)
                 if not group.blocked:
