@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean proto demo
+.PHONY: install test test-fast bench clean proto demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The full suite (what CI runs, .ci/run), with the 25 slowest tests listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+# The inner loop: everything not marked slow (Ray clusters, servers, multi-epoch training;
+# tests/conftest.py lists them), under 3 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/metaprune bench all

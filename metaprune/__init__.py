@@ -17,6 +17,7 @@ from metaprune.errors import (
     DatasetUnavailableError,
     InvalidTargetError,
     MetaPruneError,
+    MissingDataError,
     ModelFormatError,
     UnsupportedModelError,
 )
@@ -31,12 +32,14 @@ _LAZY = {
     "NetworkGraph": "metaprune.graph",
     "prune": "metaprune.pruning",
     "PruneResult": "metaprune.pruning",
+    "PruneRequest": "metaprune.vocabulary",
 }
 
 __all__ = [
     "DatasetUnavailableError",
     "InvalidTargetError",
     "MetaPruneError",
+    "MissingDataError",
     "ModelFormatError",
     "UnsupportedModelError",
     *_LAZY,

@@ -26,3 +26,8 @@ class DatasetUnavailableError(MetaPruneError, FileNotFoundError):
 
 class InvalidTargetError(MetaPruneError, ValueError):
     """A pruning target (speed-up, params ratio, policy) is malformed or cannot be reached."""
+
+
+class MissingDataError(MetaPruneError):
+    """The request is well-formed but its choices need data that was not given (the
+    metanetwork path, a gradient criterion); the service answers FAILED_PRECONDITION."""

@@ -1,17 +1,23 @@
 """Checks a SubmitJob request and turns it into the options a worker passes to `prune`.
 
-Everything is checked here, in the server, before a job is queued: names against the known
-vocabulary, numbers for range and finiteness, the policy JSON for shape, data references for
-existence and ownership. The worker trusts nothing it did not get from this function.
+Everything is checked here, in the server, before a job is queued: names, bounds and the
+policy (a plain one or a `metaprune tune` recipe) by `metaprune.vocabulary` — the same checks
+the library and the CLI run — then data references for existence and ownership. The worker
+trusts nothing it did not get from this function.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
-import metaprune
+from metaprune.errors import InvalidTargetError, MissingDataError
+from metaprune.vocabulary import (
+    PruneRequest,
+    available_metanetworks as checkpoint_files,
+    check_params_ratio,
+    check_speedup,
+    policy_from_json,
+)
 
 from . import limits as vocabulary
 from .limits import Limits
@@ -41,32 +47,31 @@ def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
 
 
 def _policy(text: str) -> dict[str, float] | None:
+    """The checked policy of a request: a plain policy or a recipe, as JSON text."""
     if not text:
         return None
-    if len(text) > vocabulary.MAX_POLICY_BYTES:
-        raise _invalid(f"the policy JSON is over {vocabulary.MAX_POLICY_BYTES} bytes")
     try:
-        policy = json.loads(text)
-    except ValueError as error:
-        raise _invalid(f"the policy is not valid JSON: {error}") from None
-    if not isinstance(policy, dict) or not policy:
-        raise _invalid("the policy must be a non-empty JSON object: module name -> keep ratio")
-    for name, ratio in policy.items():
-        if (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
-                or not math.isfinite(ratio) or not 0 < ratio <= 1):
-            raise _invalid(f"the policy's keep ratio for {name[:80]!r} must be a number in (0, 1]")
-    return policy
+        return policy_from_json(text)
+    except InvalidTargetError as error:
+        raise _invalid(str(error)) from None
 
 
-def available_metanetworks() -> dict[str, str]:
-    """Metanetwork name -> what `prune(metanet=...)` takes, for the checkpoints the library ships.
+def _checked(check, value):
+    try:
+        return check(value)
+    except InvalidTargetError as error:
+        raise _invalid(str(error)) from None
+
+
+def available_metanetworks(folder=None) -> dict[str, str]:
+    """Metanetwork name -> what `prune(metanet=...)` takes, for the checkpoints in `folder`
+    (`metaprune serve --metanet-dir`; the ones the library ships when None).
 
     "default" (the library's own choice) is offered whenever a checkpoint exists; each file is
     also offered by its stem, resolved here to its path, so a client never sends a path.
     """
-    folder = Path(metaprune.__file__).parent / "checkpoints"
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return {"default": "default", **{path.stem: str(path) for path in files}} if files else {}
+    return {name: "default" if name == "default" else str(path)
+            for name, path in checkpoint_files(folder).items()}
 
 
 def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str, str],
@@ -87,18 +92,17 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
 
     target = request.WhichOneof("target")
     if target == "speedup":
-        if not math.isfinite(request.speedup) or request.speedup <= 1.0:
-            raise _invalid(f"speedup must be a finite number > 1, got {request.speedup}")
-        options["speedup"] = request.speedup
+        options["speedup"] = _checked(check_speedup, request.speedup)
     elif target == "params_ratio":
-        if not math.isfinite(request.params_ratio) or not 0 < request.params_ratio < 1:
-            raise _invalid(f"params_ratio must be in (0, 1), got {request.params_ratio}")
-        options["params_ratio"] = request.params_ratio
+        options["params_ratio"] = _checked(check_params_ratio, request.params_ratio)
+    elif target == "latency_speedup":
+        options["latency_speedup"] = request.latency_speedup  # bounds: PruneRequest below
     policy = _policy(request.policy_json)
     if policy is not None:
         options["policy"] = policy
     if target is None and policy is None:
-        raise _invalid("give a target: speedup, params_ratio or a policy")
+        raise _invalid("give a target: speedup, params_ratio, latency_speedup or a policy")
+    options.update(_latency_and_shape_options(request))
 
     data = None
     source = request.WhichOneof("data")
@@ -142,6 +146,13 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
     if output_format == "safetensors" and model.format != "safetensors":
         raise _invalid("safetensors output needs a safetensors (zoo family) input; use pt2 or onnx")
 
+    try:  # the library's own check of the whole request, as the worker will run it
+        PruneRequest.from_options({**options, "data": data})
+    except MissingDataError as error:
+        raise RequestError("FAILED_PRECONDITION", str(error)) from None
+    except InvalidTargetError as error:
+        raise _invalid(str(error)) from None
+
     return {
         "model_path": str(store.upload_dir(model.id) / f"model.{model.format}"),
         "max_parameters": limits.max_parameters,
@@ -149,6 +160,21 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
         "options": options,
         "data": data,
     }
+
+
+def _latency_and_shape_options(request) -> dict:
+    """latency_batch, round_to, latency and exclude as `prune` takes them (DESIGN §6); their
+    bounds are checked by PruneRequest with everything else."""
+    options: dict = {}
+    if request.latency_batch:
+        options["latency_batch"] = request.latency_batch
+    if request.round_to:
+        options["round_to"] = int(request.round_to) if request.round_to.isdigit() else request.round_to
+    if request.HasField("latency"):
+        options["latency"] = request.latency
+    if request.exclude:
+        options["exclude"] = list(request.exclude)
+    return options
 
 
 def _finetune_options(request) -> dict:

@@ -1,30 +1,32 @@
-"""What the service accepts: its limits and the vocabulary of a pruning request.
+"""What the service accepts: its limits, and the request vocabulary it shares with the library.
 
-The names mirror DESIGN.md §5. They live here, not imported from the library, because the
-server process never imports torch (the library's modules do); workers check them again.
+The names (methods, criteria, allocations, datasets, formats, ...) come from
+`metaprune.vocabulary`, which is torch-free, so the server process (which never imports torch)
+and the library accept exactly the same words; workers check them again.
 """
 
 from dataclasses import asdict, dataclass
 
+from metaprune.vocabulary import (  # noqa: F401  (re-exported: the service's vocabulary)
+    ALLOCATIONS,
+    CRITERIA,
+    DATA_CRITERIA,
+    DATASETS,
+    INPUT_FORMATS,
+    MAX_POLICY_BYTES,
+    METHODS,
+    OPTIMIZERS,
+    OUTPUT_FORMATS,
+    SCHEDULES,
+)
+
 MiB = 1 << 20
 GiB = 1 << 30
-
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "fpgm", "random")
-# Criteria whose importance needs gradients, hence data (DESIGN.md §5: no silent fallback).
-DATA_CRITERIA = ("taylor", "hessian")
-METHODS = ("metanet", *CRITERIA)
-ALLOCATIONS = ("global", "uniform", "metanet")
-DATASETS = ("mnist1d", "digits", "fashion-mnist", "cifar10")
-INPUT_FORMATS = ("pt2", "safetensors")
-OUTPUT_FORMATS = ("pt2", "safetensors", "onnx")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step")
 
 # gRPC transport: chunks are at most 1 MiB; a message may never exceed 4 MiB (DESIGN.md §5).
 MAX_CHUNK_BYTES = 1 * MiB
 MAX_MESSAGE_BYTES = 4 * MiB
 MAX_SPEC_BYTES = 64 * 1024
-MAX_POLICY_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,16 @@ class Limits:
     upload_time_seconds: float = 600.0
     # fine-tuning epochs one job may ask for
     max_finetune_epochs: int = 1000
+    # bytes one tenant may store (uploads + results); an upload past it is refused
+    tenant_quota_bytes: int = 10 * GiB
+    # uploads are deleted (file and row) this long after they were made, unless a queued or
+    # running job still uses them
+    upload_expiry_seconds: float = 7 * 24 * 3600.0
+    # finished jobs (row, events and result files) are deleted this long after they finished
+    result_expiry_seconds: float = 7 * 24 * 3600.0
+    # open streams (WatchJob, DownloadResult, uploads) of one tenant, and of all tenants
+    max_streams_per_tenant: int = 128
+    max_streams: int = 2048
 
     def as_dict(self) -> dict:
         return asdict(self)

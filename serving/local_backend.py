@@ -4,16 +4,22 @@ The server process never imports torch: the fork server (a separate interpreter 
 ``multiprocessing``'s "forkserver" context) preloads it, and every task gets a fresh fork of
 it with its own memory and time limits. Results and events come back as JSON bytes, never
 pickles, so even a compromised worker cannot run code in the server.
+
+The fork server and every worker die with the server (:mod:`metaprune.serving.fate`); with a
+`registry` (the job store), their PIDs are recorded so a restarted server can end leftovers.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import forkserver
 
+from .fate import start_ticks
 from .worker import TaskFailure, process_main
 
 _MAX_MESSAGE = 8 << 20  # one event or result from a worker
@@ -30,21 +36,37 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, memory_bytes: int, threads: int = 1, *, warm: bool = True):
+    def __init__(self, memory_bytes: int, threads: int = 1, *, warm: bool = True, registry=None):
         # RLIMIT_AS of each worker process
         self.memory_bytes = memory_bytes
         # torch threads per worker (the machine's cores are shared by the parallel workers)
         self.threads = threads
+        # where worker PIDs are recorded for start-up reaping: an object with
+        # record_process(pid, ticks, role) and forget_process(pid) (the JobStore), or None
+        self.registry = registry
         self._context = multiprocessing.get_context("forkserver")
-        # warm: the fork server preloads torch and the library (see preload.py); the fork
-        # server is one per process, so the first backend created decides
-        self._context.set_forkserver_preload(["metaprune.serving.preload"] if warm else [])
+        # the guard makes the fork server die with this process; warm: it also preloads torch
+        # and the library (see preload.py); the fork server is one per process, so the first
+        # backend created decides
+        self._context.set_forkserver_preload(
+            ["metaprune.serving.forkserver_guard", *(["metaprune.serving.preload"] if warm else [])])
+        self._recorded_forkserver: int | None = None
 
     def warm_up(self) -> None:
-        """Start the fork server in the background so the first task does not wait for it."""
-        from multiprocessing import forkserver
+        """Start the fork server now (it preloads in the background).
 
-        threading.Thread(target=forkserver.ensure_running, daemon=True, name="forkserver").start()
+        Call it from the thread that serves until the end: the fork server's parent-death
+        signal fires when the thread that started it exits.
+        """
+        os.environ["METAPRUNE_SERVER_PID"] = str(os.getpid())
+        forkserver.ensure_running()
+        self._record_forkserver()
+
+    def _record_forkserver(self) -> None:
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if self.registry is not None and pid is not None and pid != self._recorded_forkserver:
+            self.registry.record_process(pid, start_ticks(pid), "forkserver")
+            self._recorded_forkserver = pid
 
     def run(self, task: dict, *, on_event: Callable[[dict], None], timeout: float,
             cancelled: threading.Event) -> dict:
@@ -55,12 +77,16 @@ class LocalBackend:
             target=process_main, args=(task, sender_bytes, self.memory_bytes, self.threads),
             daemon=True, name=f"metaprune-{task['kind']}",
         )
+        os.environ["METAPRUNE_SERVER_PID"] = str(os.getpid())  # if the fork server restarts
         try:
             process.start()
         except OSError as error:  # no fork server, no memory for a process, too many processes
             raise TaskFailure("UNAVAILABLE", f"cannot start a worker process: {error}") from None
         finally:
             sender.close()
+        if self.registry is not None:
+            self._record_forkserver()
+            self.registry.record_process(process.pid, start_ticks(process.pid), task["kind"])
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -89,6 +115,8 @@ class LocalBackend:
             if process.is_alive():
                 process.kill()
             process.join(5)
+            if self.registry is not None:
+                self.registry.forget_process(process.pid)
 
 
 class _JsonSender:

@@ -23,9 +23,14 @@ from pathlib import Path
 class ServerProcess:
     """A `metaprune serve --port 0` child process."""
 
-    def __init__(self, state_dir: Path, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0):
+    def __init__(self, state_dir: Path, *, args: tuple[str, ...] = (), startup_timeout: float = 60.0,
+                 nice: int = 0, env: dict[str, str] | None = None):
         # the server's --state-dir (kept across restarts)
         self.state_dir = Path(state_dir)
+        # niceness of the server and its workers (benchmarks on a shared machine)
+        self.nice = nice
+        # environment variables added to the server's (e.g. RAY_AUTH_TOKEN_PATH)
+        self.env = dict(env or {})
         # extra `metaprune serve` options (limits, --tokens, --workers ...)
         self.args = tuple(args)
         # seconds to wait for the port to be bound
@@ -46,11 +51,15 @@ class ServerProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         port_file = self.state_dir.parent / f"{self.state_dir.name}.port"
         port_file.unlink(missing_ok=True)
-        # `metaprune serve`'s own module: the same handler, without the other commands' imports
-        command = [sys.executable, "-m", "metaprune.cli.serve_cmd", "--host", "127.0.0.1", "--port", "0",
+        # `metaprune serve`'s own module: the same handler, without the other commands' imports;
+        # a restart binds the port of the first start, so clients can reconnect
+        command = [sys.executable, "-m", "metaprune.cli.serve_cmd", "--host", "127.0.0.1",
+                   "--port", str(self.port or 0),
                    "--state-dir", str(self.state_dir), "--port-file", str(port_file), *self.args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, **self.env},
+                                            preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None)
         deadline = time.monotonic() + self.startup_timeout
         while not port_file.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -59,6 +68,11 @@ class ServerProcess:
             time.sleep(0.05)
         self.port = int(port_file.read_text())
         return self
+
+    def restart(self) -> "ServerProcess":
+        """SIGKILL the server (a crash) and start it again on the same state and port."""
+        self.kill()
+        return self.start()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

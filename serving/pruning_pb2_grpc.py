@@ -102,7 +102,8 @@ class PruningServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitJob(self, request, context):
-        """Queue a pruning job on an uploaded model. The job runs in a worker process.
+        """Queue a pruning job on an uploaded model. The job runs in a worker process. A full queue
+        answers RESOURCE_EXHAUSTED with a `retry-after` trailing metadata entry (seconds to wait).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +117,9 @@ class PruningServiceServicer:
 
     def WatchJob(self, request, context):
         """Server stream of progress events, from the first one recorded, until the job finishes.
+        A client whose stream broke (e.g. the server restarted) resumes with `after_seq` = the
+        last seq it saw. Open streams are limited per tenant (ServerInfo.limits): past the limit
+        RESOURCE_EXHAUSTED with a `retry-after` trailing metadata entry (seconds).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,6 +13,8 @@ import logging
 import queue
 import shutil
 import threading
+import time
+from collections import deque
 
 from .store import CANCELLED, FAILED, SUCCEEDED, JobStore
 from .worker import TaskFailure
@@ -47,6 +49,12 @@ class Scheduler:
         self._flags_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._durations: deque[float] = deque(maxlen=20)  # seconds of recent finished jobs
+
+    def typical_job_seconds(self) -> float:
+        """Median wall time of the recent jobs (5 s before any finished): retry hints use it."""
+        recent = sorted(self._durations)
+        return recent[len(recent) // 2] if recent else 5.0
 
     def start(self) -> None:
         for job_id in self.store.requeue_unfinished():
@@ -113,6 +121,7 @@ class Scheduler:
             if recorded <= MAX_EVENTS_PER_ATTEMPT:
                 self.store.add_event(job_id, _clean_event(event))
 
+        began = time.monotonic()
         try:
             report = self.backend.run(task, on_event=record, timeout=self.job_time_seconds, cancelled=flag)
         except TaskFailure as failure:
@@ -127,10 +136,13 @@ class Scheduler:
         finally:
             with self._flags_lock:
                 self._cancel_flags.pop(job_id, None)
+            self._durations.append(time.monotonic() - began)
         result_dir = job_dir / "result"
         shutil.rmtree(result_dir, ignore_errors=True)
         attempt_dir.rename(result_dir)
-        if not self.store.finish(job_id, SUCCEEDED, report=json.dumps(report, default=str)):
+        size = sum(path.stat().st_size for path in result_dir.iterdir() if path.is_file())
+        if not self.store.finish(job_id, SUCCEEDED, report=json.dumps(report, default=str),
+                                 result_bytes=size):
             shutil.rmtree(result_dir, ignore_errors=True)  # cancelled at the last moment
 
 

@@ -2,11 +2,19 @@
 
 Every handler resolves the caller's tenant first; ids of other tenants answer NOT_FOUND exactly
 like unknown ones. Uploads are streamed to disk (never held in memory), checked against the
-limits chunk by chunk, and validated in a worker process before they get an id.
+limits and the tenant's storage quota chunk by chunk, and validated in a worker process before
+they get an id.
+
+The server is a ``grpc.aio`` server: the streaming RPCs (uploads, WatchJob, DownloadResult) are
+coroutines on its event loop, so an open stream holds no thread (issue 16: 64 watchers used to
+starve every other call); blocking work (files, SQLite, validation) goes to small thread pools.
+Unary RPCs are plain functions run on their own thread pool, health checks on the loop. Open
+streams are counted per tenant and in total; past a limit RESOURCE_EXHAUSTED with ``retry-after``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import inspect
@@ -16,12 +24,16 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
 import metaprune
+from metaprune.vocabulary import CHECKPOINT_DIR
 
 from . import limits as vocabulary
 from . import pruning_pb2 as pb
@@ -30,30 +42,62 @@ from .auth import Authenticator
 from .job_request import FORMAT_NAMES, RequestError, available_metanetworks, build_task
 from .files import sha256_of
 from .limits import Limits
+from .metanets import describe_checkpoints
+from .model_facts import check_options
 from .scheduler import Scheduler
 from .store import FINISHED, JobStore, Upload, new_id
 from .worker import TaskFailure
 
 _DOWNLOAD_CHUNK = 1 << 20
 _MODEL_SUFFIXES = {".pt2": "pt2", ".safetensors": "safetensors"}
+# a watcher re-reads its job this often even without a notification (belt and braces)
+_WATCH_RECHECK_SECONDS = 30.0
+_MAX_REQUEST_KEY = 128
+
+
+class Busy(RequestError):
+    """RESOURCE_EXHAUSTED for a limit that frees itself (a full queue, open streams): the
+    client is told when to come back, in a `retry-after` trailing metadata entry (seconds)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__("RESOURCE_EXHAUSTED", message)
+        self.retry_after = retry_after
+
+
+def _trailers(error: RequestError) -> tuple:
+    retry_after = getattr(error, "retry_after", 0)
+    return (("retry-after", str(retry_after)),) if retry_after else ()
 
 
 def _answers_errors(method):
-    """Turns RequestError into the call's status (for plain and streaming handlers)."""
-    if inspect.isgeneratorfunction(method):
+    """Turns RequestError into the call's status (+ `retry-after`), for plain functions (unary
+    RPCs on the thread pool), coroutines and async generators (on the event loop)."""
+    if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        def streaming(self, request, context):
+        async def streaming(self, request, context):
             try:
-                yield from method(self, request, context)
+                async for message in method(self, request, context):
+                    yield message
             except RequestError as error:
-                context.abort(grpc.StatusCode[error.code], error.message)
+                await context.abort(grpc.StatusCode[error.code], error.message, _trailers(error))
         return streaming
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def coroutine(self, request, context):
+            try:
+                return await method(self, request, context)
+            except RequestError as error:
+                await context.abort(grpc.StatusCode[error.code], error.message, _trailers(error))
+        return coroutine
 
     @functools.wraps(method)
     def unary(self, request, context):
         try:
             return method(self, request, context)
         except RequestError as error:
+            if _trailers(error):
+                context.set_trailing_metadata(_trailers(error))
             context.abort(grpc.StatusCode[error.code], error.message)
     return unary
 
@@ -62,11 +106,12 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
     """Example::
 
         servicer = PruningServicer(store, scheduler, validator, Authenticator(None), Limits())
-        pruning_pb2_grpc.add_PruningServiceServicer_to_server(servicer, server)
+        pruning_pb2_grpc.add_PruningServiceServicer_to_server(servicer, aio_server)
+        servicer.attach(asyncio.get_running_loop())   # watchers learn of new events
     """
 
     def __init__(self, store: JobStore, scheduler: Scheduler, validator, auth: Authenticator,
-                 limits: Limits, *, validations: int = 2):
+                 limits: Limits, *, validations: int = 2, metanet_dir: Path | None = None):
         # SQLite rows and artifact folders
         self.store = store
         # runs the submitted jobs
@@ -77,16 +122,40 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         self.auth = auth
         # the server's limits
         self.limits = limits
+        # folder of the metanetwork checkpoints served (None: the ones the library ships)
+        self.metanet_dir = metanet_dir
+        # their descriptions (name, scope, hash), read once: a malformed folder fails here
+        self._metanet_info = [pb.MetanetInfo(**_known_fields(pb.MetanetInfo, info))
+                              for info in describe_checkpoints(metanet_dir or CHECKPOINT_DIR)]
         # uploads validated at once (each takes a worker process)
-        self._validation_slots = threading.BoundedSemaphore(validations)
+        self._validations = ThreadPoolExecutor(validations, thread_name_prefix="validate")
+        # file and SQLite work of the streaming RPCs, off the event loop
+        self._io = ThreadPoolExecutor(4, thread_name_prefix="stream-io")
         self._submit_lock = threading.Lock()
+        # the rest is touched on the event loop only (no locks needed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open_streams: Counter[str] = Counter()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._receiving: Counter[str] = Counter()  # bytes of uploads being received, per tenant
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called once the event loop runs: store changes wake the job's watchers."""
+        self._loop = loop
+        self.store.add_listener(lambda job_id: loop.call_soon_threadsafe(self._wake, job_id))
+
+    def _metanetworks(self) -> dict[str, str]:
+        return available_metanetworks(self.metanet_dir)
+
+    def close(self) -> None:
+        self._validations.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown(wait=False, cancel_futures=True)
 
     # --- helpers -----------------------------------------------------------------------------
     def _tenant(self, context) -> str:
         tenant = self.auth.tenant_for(context.invocation_metadata())
         if tenant is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong token: send 'authorization: Bearer TOKEN' metadata")
+            raise RequestError("UNAUTHENTICATED",
+                               "missing or wrong token: send 'authorization: Bearer TOKEN' metadata")
         return tenant
 
     def _job(self, job_id: str, tenant: str):
@@ -94,6 +163,32 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         if job is None:
             raise RequestError("NOT_FOUND", f"no job with id {job_id[:80]!r}")
         return job
+
+    async def _blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(function, *args))
+
+    def _retry_after(self) -> int:
+        """Seconds until a queue slot or a stream is likely free: one typical job per worker."""
+        return max(1, min(60, math.ceil(self.scheduler.typical_job_seconds() / self.scheduler.workers)))
+
+    @contextmanager
+    def _stream_slot(self, tenant: str):
+        """One of the tenant's open streams (event loop only); RESOURCE_EXHAUSTED past a limit."""
+        limits = self.limits
+        if self._open_streams.total() >= limits.max_streams:
+            raise Busy(f"the server has {limits.max_streams} open streams; retry later", self._retry_after())
+        if self._open_streams[tenant] >= limits.max_streams_per_tenant:
+            raise Busy(f"{limits.max_streams_per_tenant} streams of this tenant are open "
+                       "(WatchJob, DownloadResult, uploads); close one or retry later", self._retry_after())
+        self._open_streams[tenant] += 1
+        try:
+            yield
+        finally:
+            self._open_streams[tenant] -= 1
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._watchers.get(job_id, ()):
+            event.set()
 
     def _job_message(self, job) -> pb.Job:
         message = pb.Job(
@@ -105,28 +200,23 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         json_format.ParseDict(job.request, message.request)
         return message
 
-    def _receive_file(self, request_iterator, context, allowed: dict[str, str]):
+    async def _receive_file(self, request_iterator, tenant: str, allowed: dict[str, str]):
         """Streams an upload to a private temporary file; returns (path, format, metadata, size, sha)."""
-        first = next(request_iterator, None)
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
         if first is None or first.WhichOneof("payload") != "metadata":
             raise RequestError("INVALID_ARGUMENT", "the first upload message must carry metadata")
         metadata = first.metadata
-        suffix = Path(metadata.filename).suffix.lower()
-        file_format = FORMAT_NAMES.get(metadata.format) or allowed.get(suffix)
-        if file_format not in allowed.values():
-            raise RequestError("INVALID_ARGUMENT",
-                               f"unsupported file type {suffix[:20] or metadata.format!r}; "
-                               f"accepted: {', '.join(allowed)}")
-        if metadata.size_bytes > self.limits.max_upload_bytes:
-            raise RequestError("RESOURCE_EXHAUSTED", self._too_big(metadata.size_bytes))
+        file_format = self._upload_format(metadata, allowed)
+        room = self.limits.tenant_quota_bytes - await self._blocking(self.store.tenant_bytes, tenant)
+        if metadata.size_bytes:
+            self._check_room(metadata.size_bytes, room - self._receiving[tenant])
         path = self.store.incoming_dir() / new_id("in")
         digest, size = hashlib.sha256(), 0
-        stalled = threading.Timer(self.limits.upload_time_seconds, context.cancel)
-        stalled.daemon = True
-        stalled.start()
+        sink = await self._blocking(open, path, "xb")
         try:
-            with open(path, "xb") as sink:
-                for message in request_iterator:
+            async with asyncio.timeout(self.limits.upload_time_seconds):
+                async for message in messages:
                     if message.WhichOneof("payload") != "data":
                         raise RequestError("INVALID_ARGUMENT", "only the first upload message may carry metadata")
                     if len(message.data) > vocabulary.MAX_CHUNK_BYTES:
@@ -134,10 +224,9 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
                                            f"an upload chunk holds {len(message.data)} bytes; the limit "
                                            f"is {vocabulary.MAX_CHUNK_BYTES}")
                     size += len(message.data)
-                    if size > self.limits.max_upload_bytes:
-                        raise RequestError("RESOURCE_EXHAUSTED", self._too_big(size))
-                    digest.update(message.data)
-                    sink.write(message.data)
+                    self._receiving[tenant] += len(message.data)
+                    self._check_room(size, room - self._receiving[tenant] + size)
+                    await self._blocking(_append, sink, digest, message.data)
             if size == 0:
                 raise RequestError("INVALID_ARGUMENT", "the upload is empty")
             if metadata.size_bytes and metadata.size_bytes != size:
@@ -146,87 +235,141 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             sha = digest.hexdigest()
             if metadata.sha256 and metadata.sha256.lower() != sha:
                 raise RequestError("INVALID_ARGUMENT", "the sha256 of the received bytes does not match")
+        except TimeoutError:
+            path.unlink(missing_ok=True)
+            raise RequestError("CANCELLED", f"the upload was not complete after "
+                               f"{self.limits.upload_time_seconds:g} s; it was dropped") from None
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         finally:
-            stalled.cancel()
+            self._receiving[tenant] -= size
+            sink.close()
         return path, file_format, metadata, size, sha
 
-    def _too_big(self, size: int) -> str:
-        return f"the upload has {size} bytes; this server accepts at most {self.limits.max_upload_bytes}"
+    @staticmethod
+    def _upload_format(metadata, allowed: dict[str, str]) -> str:
+        suffix = Path(metadata.filename).suffix.lower()
+        file_format = FORMAT_NAMES.get(metadata.format) or allowed.get(suffix)
+        if file_format not in allowed.values():
+            given = (f"file name {metadata.filename[:80]!r}" if metadata.filename
+                     else "no file name and no format")
+            raise RequestError("INVALID_ARGUMENT", f"unknown upload type ({given}); send a file name "
+                               f"ending in {' or '.join(allowed)}")
+        return file_format
 
-    def _validate(self, task: dict, context) -> dict:
+    def _check_room(self, size: int, room: int) -> None:
+        if size > self.limits.max_upload_bytes:
+            raise RequestError("RESOURCE_EXHAUSTED", f"the upload has {size} bytes; this server accepts "
+                               f"at most {self.limits.max_upload_bytes}")
+        if size > room:
+            raise RequestError("RESOURCE_EXHAUSTED",
+                               f"the upload ({size} bytes) does not fit in this tenant's storage quota "
+                               f"({self.limits.tenant_quota_bytes} bytes, {max(0, room)} free); uploads "
+                               f"expire after {self.limits.upload_expiry_seconds:g} s, results after "
+                               f"{self.limits.result_expiry_seconds:g} s")
+
+    async def _validate(self, task: dict) -> dict:
         cancelled = threading.Event()
-        context.add_callback(cancelled.set)  # the client hung up: stop the worker
-        with self._validation_slots:
+        run = functools.partial(self.validator.run, task, on_event=lambda event: None,
+                                timeout=self.limits.validate_time_seconds, cancelled=cancelled)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._validations, run)
+        except asyncio.CancelledError:
+            cancelled.set()  # the client hung up: stop the worker
+            raise
+        except TaskFailure as failure:
+            # a file that crashes or confuses the loader is the file's fault
+            code = "INVALID_ARGUMENT" if failure.code == "INTERNAL" else failure.code
+            raise RequestError(code, f"the upload was refused: {failure.message}") from None
+
+    async def _store_upload(self, request_iterator, context, kind: str, allowed: dict[str, str],
+                            prepare) -> tuple[Upload, dict]:
+        """Receive, place under uploads/<id>/, validate, record: the common path of uploads.
+
+        `prepare(folder, incoming, file_format, metadata)` moves the file into place and returns
+        the validation task. A crash anywhere here leaves at most an orphan folder or an
+        incoming file, which the next start removes.
+        """
+        tenant = self._tenant(context)
+        with self._stream_slot(tenant):
+            incoming, file_format, metadata, size, sha = await self._receive_file(
+                request_iterator, tenant, allowed)
+            upload_id = new_id(kind)
+            folder = self.store.upload_dir(upload_id)
             try:
-                return self.validator.run(task, on_event=lambda event: None,
-                                          timeout=self.limits.validate_time_seconds, cancelled=cancelled)
-            except TaskFailure as failure:
-                # a file that crashes or confuses the loader is the file's fault
-                code = "INVALID_ARGUMENT" if failure.code == "INTERNAL" else failure.code
-                raise RequestError(code, f"the upload was refused: {failure.message}") from None
+                folder.mkdir()
+                task = prepare(folder, incoming, file_format, metadata)
+                info = await self._validate(task)
+                upload = Upload(upload_id, tenant, kind, file_format, size, sha, info, time.time())
+                await self._blocking(self._record_upload, upload)
+            except BaseException:
+                incoming.unlink(missing_ok=True)
+                await self._blocking(functools.partial(shutil.rmtree, folder, ignore_errors=True))
+                raise
+        return upload, info
+
+    def _record_upload(self, upload: Upload) -> None:
+        with self._submit_lock:  # the final, exact quota check and the insert together
+            used = self.store.tenant_bytes(upload.tenant)
+            self._check_room(upload.size, self.limits.tenant_quota_bytes - used)
+            self.store.add_upload(upload)
 
     # --- uploads -----------------------------------------------------------------------------
     @_answers_errors
-    def UploadModel(self, request_iterator, context):
-        tenant = self._tenant(context)
-        incoming, file_format, metadata, size, sha = self._receive_file(
-            request_iterator, context, _MODEL_SUFFIXES)
-        upload_id = new_id("model")
-        folder = self.store.upload_dir(upload_id)
-        try:
-            folder.mkdir()
+    async def UploadModel(self, request_iterator, context):
+        def prepare(folder, incoming, file_format, metadata):
             model_path = folder / f"model.{file_format}"
             os.replace(incoming, model_path)
             if file_format == "safetensors":
                 (folder / "model.json").write_text(_spec_json(metadata.spec_json))
             elif metadata.spec_json:
                 raise RequestError("INVALID_ARGUMENT", "a spec JSON only goes with a .safetensors model")
-            info = self._validate({"kind": "validate_model", "model_path": str(model_path),
-                                   "max_parameters": self.limits.max_parameters}, context)
-            self.store.add_upload(Upload(upload_id, tenant, "model", file_format, size, sha, info, time.time()))
-        except BaseException:
-            incoming.unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            return {"kind": "validate_model", "model_path": str(model_path),
+                    "max_parameters": self.limits.max_parameters}
+
+        upload, info = await self._store_upload(request_iterator, context, "model", _MODEL_SUFFIXES, prepare)
         return pb.UploadReply(
-            id=upload_id, size_bytes=size, sha256=sha, num_parameters=info["num_parameters"],
-            macs=info["macs"], input_shape=info["input_shape"], output_shape=info["output_shape"],
-            summary_json=json.dumps(info),
+            id=upload.id, size_bytes=upload.size, sha256=upload.sha256,
+            num_parameters=info["num_parameters"], macs=info["macs"], input_shape=info["input_shape"],
+            output_shape=info["output_shape"], summary_json=json.dumps(info),
         )
 
     @_answers_errors
-    def UploadData(self, request_iterator, context):
-        tenant = self._tenant(context)
-        incoming, _, metadata, size, sha = self._receive_file(request_iterator, context, {".npz": "npz"})
-        upload_id = new_id("data")
-        folder = self.store.upload_dir(upload_id)
-        try:
-            folder.mkdir()
+    async def UploadData(self, request_iterator, context):
+        def prepare(folder, incoming, file_format, metadata):
             data_path = folder / "data.npz"
             os.replace(incoming, data_path)
-            info = self._validate({"kind": "validate_data", "data_path": str(data_path)}, context)
-            self.store.add_upload(Upload(upload_id, tenant, "data", "npz", size, sha, info, time.time()))
-        except BaseException:
-            incoming.unlink(missing_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return pb.UploadReply(id=upload_id, size_bytes=size, sha256=sha, summary_json=json.dumps(info))
+            return {"kind": "validate_data", "data_path": str(data_path)}
+
+        upload, info = await self._store_upload(request_iterator, context, "data", {".npz": "npz"}, prepare)
+        return pb.UploadReply(id=upload.id, size_bytes=upload.size, sha256=upload.sha256,
+                              summary_json=json.dumps(info))
 
     # --- jobs --------------------------------------------------------------------------------
     @_answers_errors
     def SubmitJob(self, request, context):
         tenant = self._tenant(context)
+        key = request.request_id
+        if len(key) > _MAX_REQUEST_KEY:
+            raise RequestError("INVALID_ARGUMENT", f"request_id is over {_MAX_REQUEST_KEY} characters")
         task = build_task(request, tenant=tenant, store=self.store,
-                          metanetworks=available_metanetworks(), limits=self.limits)
+                          metanetworks=self._metanetworks(), limits=self.limits)
+        if self.metanet_dir is not None:  # "default" chooses among that folder's checkpoints
+            task["metanet_dir"] = str(self.metanet_dir)
+        model = self.store.get_upload(request.model_id, tenant, "model")
+        if model is None:  # expired since build_task looked it up
+            raise RequestError("NOT_FOUND", f"no model with id {request.model_id[:80]!r}")
+        check_options(task["options"], model.info)
         with self._submit_lock:  # count and insert together, so the queue limit holds
+            earlier = self.store.job_for_key(tenant, key)
+            if earlier is not None:  # the same submit again (its reply was lost): same job
+                return self._job_message(earlier)
             if self.store.count_active() >= self.limits.max_queued_jobs:
-                raise RequestError("RESOURCE_EXHAUSTED",
-                                   f"the job queue is full ({self.limits.max_queued_jobs} jobs); retry later")
-            job = self.store.add_job(tenant, request.model_id,
-                                     json_format.MessageToDict(request), task)
+                raise Busy(f"the job queue is full ({self.limits.max_queued_jobs} jobs); retry later",
+                           self._retry_after())
+            job = self.store.add_job(tenant, request.model_id, json_format.MessageToDict(request), task,
+                                     data_id=request.data_id, request_key=key)
         self.scheduler.enqueue(job.id)
         return self._job_message(job)
 
@@ -251,23 +394,38 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         return self._job_message(self.store.get_job(job.id))
 
     @_answers_errors
-    def WatchJob(self, request, context):
-        job = self._job(request.job_id, self._tenant(context))
-        seq = max(0, request.after_seq)
-        while context.is_active():
-            events = self.store.events_after(job.id, seq)
-            for seq, at, event in events:
-                yield _event_message(job.id, seq, at, event)
-            if events:
-                continue
-            if self.store.get_job(job.id).state in FINISHED:
-                return
-            with self.store.changed:
-                self.store.changed.wait(timeout=1.0)
+    async def WatchJob(self, request, context):
+        tenant = self._tenant(context)
+        job = await self._blocking(self._job, request.job_id, tenant)
+        with self._stream_slot(tenant):
+            wake = asyncio.Event()
+            self._watchers.setdefault(job.id, set()).add(wake)
+            try:
+                seq = max(0, request.after_seq)
+                while True:
+                    wake.clear()  # before reading: an event recorded after the read wakes us
+                    events = await self._blocking(self.store.events_after, job.id, seq)
+                    for seq, at, event in events:
+                        yield _event_message(job.id, seq, at, event)
+                    if events:
+                        continue
+                    current = await self._blocking(self.store.get_job, job.id)
+                    if current is None or current.state in FINISHED:
+                        return
+                    try:
+                        await asyncio.wait_for(wake.wait(), _WATCH_RECHECK_SECONDS)
+                    except TimeoutError:
+                        pass
+            finally:
+                watchers = self._watchers.get(job.id, set())
+                watchers.discard(wake)
+                if not watchers:
+                    self._watchers.pop(job.id, None)
 
     @_answers_errors
-    def DownloadResult(self, request, context):
-        job = self._job(request.job_id, self._tenant(context))
+    async def DownloadResult(self, request, context):
+        tenant = self._tenant(context)
+        job = await self._blocking(self._job, request.job_id, tenant)
         if job.state != "SUCCEEDED":
             detail = f": {job.message}" if job.message else ""
             raise RequestError("FAILED_PRECONDITION", f"job {job.id} is {job.state}{detail}; no result to download")
@@ -277,22 +435,25 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         if fmt == "safetensors" and not request.report_only:
             artifacts.append(("spec", result / "model.json"))
         artifacts.append(("report", result / "report.json"))
-        for kind, path in artifacts:
-            if not path.is_file():
-                raise RequestError("NOT_FOUND", f"the job's {kind} file is missing on the server")
-            yield pb.ResultChunk(header=pb.ArtifactHeader(
-                kind=kind, filename=path.name, size_bytes=path.stat().st_size, sha256=sha256_of(path)))
-            with open(path, "rb") as source:
-                while chunk := source.read(_DOWNLOAD_CHUNK):
-                    yield pb.ResultChunk(data=chunk)
+        with self._stream_slot(tenant):
+            for kind, path in artifacts:
+                if not path.is_file():
+                    raise RequestError("NOT_FOUND", f"the job's {kind} file is missing on the server")
+                yield pb.ResultChunk(header=pb.ArtifactHeader(
+                    kind=kind, filename=path.name, size_bytes=path.stat().st_size,
+                    sha256=await self._blocking(sha256_of, path)))
+                with open(path, "rb") as source:
+                    while chunk := await self._blocking(source.read, _DOWNLOAD_CHUNK):
+                        yield pb.ResultChunk(data=chunk)
 
     @_answers_errors
     def GetServerInfo(self, request, context):
-        self._tenant(context)
+        tenant = self._tenant(context)
         limits = self.limits
         return pb.ServerInfo(
             version=metaprune.__version__, methods=vocabulary.METHODS, criteria=vocabulary.CRITERIA,
-            allocations=vocabulary.ALLOCATIONS, metanetworks=list(available_metanetworks()),
+            allocations=vocabulary.ALLOCATIONS, metanetworks=list(self._metanetworks()),
+            metanet_info=self._metanet_info,
             datasets=vocabulary.DATASETS, input_formats=vocabulary.INPUT_FORMATS,
             output_formats=vocabulary.OUTPUT_FORMATS,
             limits=pb.Limits(
@@ -301,10 +462,23 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
                 job_time_seconds=limits.job_time_seconds, max_chunk_bytes=vocabulary.MAX_CHUNK_BYTES,
                 max_message_bytes=vocabulary.MAX_MESSAGE_BYTES,
                 max_finetune_epochs=limits.max_finetune_epochs,
+                tenant_quota_bytes=limits.tenant_quota_bytes,
+                upload_expiry_seconds=limits.upload_expiry_seconds,
+                result_expiry_seconds=limits.result_expiry_seconds,
+                max_streams_per_tenant=limits.max_streams_per_tenant, max_streams=limits.max_streams,
             ),
             auth_required=self.auth.required, backend=self.scheduler.backend.name,
-            workers=self.scheduler.workers,
+            workers=self.scheduler.workers, storage_used_bytes=self.store.tenant_bytes(tenant),
         )
+
+
+def _known_fields(message_type, values: dict) -> dict:
+    return {key: value for key, value in values.items() if key in message_type.DESCRIPTOR.fields_by_name}
+
+
+def _append(sink, digest, data: bytes) -> None:
+    digest.update(data)
+    sink.write(data)
 
 
 def _spec_json(text: str) -> str:

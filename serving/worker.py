@@ -15,20 +15,18 @@ A task is a plain dict (it crosses process boundaries)::
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
 import os
 import resource
-import signal
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-Emit = Callable[[dict], None]
+from .fate import die_with_parent
 
-_PR_SET_PDEATHSIG = 1
+Emit = Callable[[dict], None]
 
 
 class TaskFailure(Exception):
@@ -40,15 +38,17 @@ class TaskFailure(Exception):
         self.message = message
 
 
-def apply_process_limits(memory_bytes: int, threads: int) -> None:
-    """Confine the current (worker) process: memory, core dumps, threads, parent death."""
+def apply_process_limits(memory_bytes: int, threads: int, *, parent_pid: int | None = None) -> None:
+    """Confine the current (worker) process: memory, core dumps, threads, parent death.
+
+    `parent_pid`: the parent this process must have (the fork server); if it already died, the
+    process exits at once instead of running on as an orphan.
+    """
+    # die with our parent (the fork server, which dies with the server): no orphan job
+    die_with_parent(parent_pid)
     if memory_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:  # die with our parent (the fork server), so a killed server leaves no orphan job
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(threads)
     import torch
@@ -138,6 +138,38 @@ def validate_model(task: dict, emit: Emit) -> dict:
         "input_shape": list(first_input.shape) if first_input is not None else [],
         "output_shape": list(output.shape),
         "num_inputs": len(example_inputs),
+        **pruning_facts(module, example_inputs),
+    }
+
+
+# module names recorded for checks at submit; a model with more leaves them to the worker
+MAX_RECORDED_NAMES = 5000
+
+
+def pruning_facts(module, example_inputs) -> dict:
+    """What a submit is checked against without loading the model again (the server process
+    never does): the module names, the ones with prunable output channels, and how far pruning
+    can go at most (every prunable group down to one channel). Empty when the analysis fails:
+    the job then reports the problem itself."""
+    import torch
+    from metaprune.pruning.cost import CostModel
+    from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+
+    names = [name for name, _ in module.named_modules() if name]
+    try:
+        graph = build_dependency_graph(module, example_inputs)
+        groups = collect_groups(graph, output_layers(graph))
+        cost = CostModel(module, example_inputs, graph, groups)
+        cost.set_orders([torch.arange(group.size) for group in groups])
+        macs, params = cost.evaluate([group.size - 1 if group.blocked is None else 0 for group in groups])
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+    prunable = sorted({use.unit for group in groups for use in group.uses if use.side == "out"})
+    return {
+        "module_names": names if len(names) <= MAX_RECORDED_NAMES else None,
+        "prunable_modules": prunable if len(prunable) <= MAX_RECORDED_NAMES else None,
+        "max_speedup": float(cost.macs_before / macs) if macs > 0 else None,
+        "min_params_ratio": float(params / cost.params_before) if cost.params_before else None,
     }
 
 
@@ -183,6 +215,19 @@ class _LogForwarder(logging.Handler):
             pass
 
 
+def _choose_in_folder(options: dict, module, data, folder: str | None) -> dict | None:
+    """With `metaprune serve --metanet-dir`, "default" means the checkpoint of that folder whose
+    scope fits the model; returns the report's metanet entry (with the reason) or None."""
+    from metaprune.metanet.scope import select_metanet
+    from metaprune.vocabulary import PruneRequest
+
+    if folder is None or PruneRequest.from_options({**options, "data": data}).resolved_metanet != "default":
+        return None
+    chosen, entry = select_metanet("default", module, data, folder=folder)
+    options["metanet"] = str(chosen)
+    return entry
+
+
 def run_prune(task: dict, emit: Emit) -> dict:
     """Load, prune, save; returns the report. Files land in task["out_dir"]."""
     from metaprune.formats import load_model, save_model
@@ -198,13 +243,17 @@ def run_prune(task: dict, emit: Emit) -> dict:
         emit({"kind": "phase", "phase": "loading"})
         module, example_inputs = load_model(task["model_path"], max_params=task["max_parameters"])
         emit({"kind": "phase", "phase": "pruning"})
-        result = prune(module, example_inputs, data=task.get("data"), **task["options"])
+        options = dict(task["options"])
+        chosen = _choose_in_folder(options, module, task.get("data"), task.get("metanet_dir"))
+        result = prune(module, example_inputs, data=task.get("data"), **options)
         emit({"kind": "phase", "phase": "saving"})
         model_path = out_dir / f"model.{task['output_format']}"
         save_model(result.model, example_inputs, str(model_path))
     finally:
         library_log.removeHandler(handler)
     report = dict(result.report)
+    if chosen is not None:  # the folder's choice and its reason, not "given by path"
+        report["metanet"] = chosen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
@@ -230,7 +279,9 @@ def run_task(task: dict, emit: Emit) -> dict:
 def process_main(task: dict, connection, memory_bytes: int, threads: int) -> None:
     """Entry point of a local worker process: results and events go back on `connection`."""
     try:
-        apply_process_limits(memory_bytes, threads)
+        forkserver = os.environ.get("METAPRUNE_FORKSERVER_PID", "")
+        apply_process_limits(memory_bytes, threads,
+                             parent_pid=int(forkserver) if forkserver.isdigit() else None)
         result = run_task(task, lambda event: connection.send(("event", event)))
         connection.send(("result", result))
     except TaskFailure as failure:

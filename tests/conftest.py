@@ -11,3 +11,24 @@ def _private_cache(tmp_path_factory):
     if "METAPRUNE_CACHE" not in os.environ:
         os.environ["METAPRUNE_CACHE"] = str(tmp_path_factory.mktemp("metaprune-cache"))
     yield
+
+
+# Test modules (or single tests, "module::test") that start Ray clusters, gRPC servers with
+# worker processes, or train for several epochs. `make test` (CI) runs everything;
+# `make test-fast` (`-m "not slow"`) skips these for the inner loop. Tests may also carry
+# `@pytest.mark.slow` themselves.
+SLOW = {
+    "test_bench_metanet", "test_corpus", "test_metanet_default", "test_metanet_eval",
+    "test_metatrain", "test_policy_head", "test_prune_finetune", "test_ray_token",
+    "test_serving_auth", "test_serving_e2e", "test_serving_hostile", "test_serving_load",
+    "test_serving_node", "test_serving_ray", "test_serving_restart", "test_serving_storage",
+    "test_serving_streams",
+    "test_tune::test_cli_tune_runs_trials_on_ray_and_writes_a_recipe_that_applies",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        if module in SLOW or f"{module}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)

@@ -103,6 +103,10 @@ def test_checkpoints_resume_and_the_best_is_selected(corpus, tmp_path):
     assert selection["best"]["score"] == max(r["score"] for r in selection["validated"])
     best = load_metanet(tmp_path / "best.safetensors")
     assert best.training_metadata["epoch"] in (1, 2)
+    # the scope is what it trained on; unrestricted by family, so universal
+    assert best.document["scope"] == {"families": ["mlp"], "datasets": ["digits"],
+                                      "universal": True}
+    assert len(best.training_metadata["models"]) == 2
 
 
 def test_cli_reports_an_empty_model_selection_as_a_user_error(corpus, tmp_path, capsys):

@@ -192,9 +192,11 @@ def test_bad_policies_are_refused_clearly():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"speedup": 0.5}, "at least 1"),
+    ({"speedup": 0.5}, "above 1"),
+    ({"speedup": 1.0}, "above 1"),
     ({"speedup": 500.0}, "cannot be reached"),
-    ({"params_ratio": 0.0}, r"\(0, 1\]"),
+    ({"params_ratio": 0.0}, r"\(0, 1\)"),
+    ({"params_ratio": 1.0}, r"\(0, 1\)"),
     ({"speedup": 2.0, "params_ratio": 0.5}, "not both"),
     ({}, "nothing to prune to"),
     ({"speedup": 2.0, "method": "magnitude"}, "valid methods"),

@@ -11,7 +11,8 @@ from test_prune import _one_thread, tiny_model  # noqa: F401  (autouse fixture: 
 
 
 def _report(**changes):
-    fields = dict(flops_before=2000, flops_after=1000, params_before=50, params_after=30,
+    fields = dict(version="0.1.0", macs_before=2000, macs_after=1000, params_before=50,
+                  params_after=30,
                   kept={"conv1": [8, 16], "fc": [10, 10]}, accuracy_before=0.9,
                   accuracy_after=0.88, latency_ms_before=2.0, latency_ms_after=1.2,
                   finetune=None, finetune_skipped_reason="no data", method="l2",
@@ -24,6 +25,8 @@ def test_report_keys_speedup_and_json_round_trip(tmp_path):
     report = _report(accuracy_before=torch.tensor(0.9))
     assert tuple(report) == REPORT_KEYS
     assert report["speedup"] == 2.0
+    # flops_* stay one release as deprecated aliases of macs_*
+    assert (report["flops_before"], report["flops_after"]) == (2000, 1000)
     path = write_report(report, tmp_path / "sub" / "r.json")
     assert json.loads(path.read_text()) == report
 
@@ -56,7 +59,7 @@ def test_prune_command_reports_bad_targets_and_missing_service(tmp_path, capsys)
     save_model(model, example_inputs, tmp_path / "dense.pt2")
     code = main(["prune", str(tmp_path / "dense.pt2"), "--out", str(tmp_path / "o.pt2"),
                  "--speedup", "0.5"])
-    assert code == 2 and "at least 1" in capsys.readouterr().err
+    assert code == 2 and "above 1" in capsys.readouterr().err
     code = main(["prune", str(tmp_path / "missing.pt2"), "--out", str(tmp_path / "o.pt2"),
                  "--speedup", "2"])
     assert code == 2 and "does not exist" in capsys.readouterr().err

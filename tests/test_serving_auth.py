@@ -47,6 +47,29 @@ def test_reflection_is_open(server):
     assert "metaprune.v1.PruningService" in names and "grpc.health.v1.Health" in names
 
 
+def test_reflection_v1_is_served_too(server):
+    # issue 12: grpcio-reflection serves v1alpha only; a v1 client got UNIMPLEMENTED
+    from google.protobuf import descriptor_pb2
+
+    from metaprune.serving import reflection_v1
+
+    request_type = reflection_v1.message_class("ServerReflectionRequest")
+    reply_type = reflection_v1.message_class("ServerReflectionResponse")
+    with grpc.insecure_channel(server.address) as channel:
+        info = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                     request_serializer=request_type.SerializeToString,
+                                     response_deserializer=reply_type.FromString)
+        replies = list(info(iter([request_type(list_services=""),
+                                  request_type(file_containing_symbol="metaprune.v1.PruningService")]),
+                            timeout=30))
+    names = {service.name for service in replies[0].list_services_response.service}
+    assert {"metaprune.v1.PruningService", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in replies[1].file_descriptor_response.file_descriptor_proto]
+    assert "metaprune/v1/pruning.proto" in {file.name for file in files}
+
+
 def test_tenants_are_isolated(server, tmp_path):
     with PruningClient(server.address, token="alpha-token") as alice, \
             PruningClient(server.address, token="beta-token") as bob:

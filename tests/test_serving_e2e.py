@@ -63,6 +63,8 @@ def test_watch_events_and_listing(client, tmp_path):
     assert pb.JobState.Name(final.state) == "SUCCEEDED", final.message
     states = [pb.JobState.Name(e.state) for e in events if e.kind == "state"]
     assert states == ["QUEUED", "RUNNING", "SUCCEEDED"]
+    # issue 12: phase events said JOB_STATE_UNSPECIFIED; every event carries the job's state
+    assert {pb.JobState.Name(e.state) for e in events if e.kind != "state"} == {"RUNNING"}
     assert {"loading", "pruning", "saving"} <= {e.phase for e in events if e.kind == "phase"}
     assert [e.seq for e in events] == sorted(e.seq for e in events)
     assert job.job_id in [j.job_id for j in client.list_jobs(state="SUCCEEDED")]
@@ -91,7 +93,8 @@ def test_cancel_and_queue_limit(client, tmp_path):
     long = dict(speedup=2.0, dataset="mnist1d", finetune_epochs=500)
     running = client.submit(model_id, **long)
     queued = [client.submit(model_id, **long) for _ in range(2)]
-    assert status_of(lambda: client.submit(model_id, **long)) == "RESOURCE_EXHAUSTED"  # 3 max
+    with PruningClient(client.target, patience=0) as impatient:  # no waiting for `retry-after`
+        assert status_of(lambda: impatient.submit(model_id, **long)) == "RESOURCE_EXHAUSTED"  # 3 max
     _wait_for_state(client, running.job_id, "RUNNING")
     for job in [*queued, running]:
         assert pb.JobState.Name(client.cancel(job.job_id).state) == "CANCELLED"
@@ -128,10 +131,11 @@ def test_cli_prune_through_the_server(server, tmp_path, capsys):
     assert code == 0 and (tmp_path / "p.pt2").exists()
     report = json.loads((tmp_path / "r.json").read_text())
     assert abs(report["flops_before"] / report["flops_after"] / 2.0 - 1) <= 0.02
-    # a refused request is a clear message and exit code 2, not a traceback
+    # a refused request is a clear message and exit code 2, not a traceback; the request is
+    # checked by the same vocabulary as in-process, before anything is uploaded
     code = main(["prune", str(model), "--out", str(tmp_path / "q.pt2"), "--speedup", "2",
                  "--criterion", "taylor", "--server", server.address])
-    assert code == 2 and "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert code == 2 and "needs data" in capsys.readouterr().err
 
 
 def test_onnx_output(server, tmp_path):
@@ -157,3 +161,83 @@ def test_metanet_method_needs_a_checkpoint_and_data(client, tmp_path):
     report = json.loads(job.report_json)
     assert report["method"] == "metanet" and abs(report["speedup"] / 2.0 - 1) <= 0.02
     assert report["finetune"]["epochs_after_metanet"] == 1
+
+def test_request_checked_against_the_model_at_submit(client, tmp_path):
+    # issue 12: `speedup: 1000` and a policy naming an unknown module were accepted at submit
+    # and failed later in the worker; the upload's validation now records what they need
+    from metaprune.serving.client import RemoteError
+
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    for options, words in ((dict(speedup=1000.0), "speedup 1000 is out of reach"),
+                           (dict(params_ratio=0.001), "params_ratio 0.001 is out of reach"),
+                           (dict(policy={"features.9.conv": 0.5}), "policy names module 'features.9.conv'")):
+        with pytest.raises(RemoteError) as refused:
+            client.submit(model_id, **options)
+        assert refused.value.code == "INVALID_ARGUMENT" and words in str(refused.value)
+    accepted = client.submit(model_id, policy={"features.0.unit.conv": 0.5})
+    assert pb.JobState.Name(client.wait(accepted.job_id, timeout=120).state) == "SUCCEEDED"
+
+
+def test_options_of_the_second_wave_pass_through(client, tmp_path):
+    # exclude, latency and latency_batch travel in SubmitJobRequest to `prune` (DESIGN §6)
+    model_id = client.upload_model(write_model(tmp_path / "m.pt2")).id
+    job = client.submit(model_id, speedup=1.5, extra={"exclude": ["features.0"], "latency": False,
+                                                      "latency_batch": 4})
+    job = client.wait(job.job_id, timeout=120)
+    assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+    report = json.loads(job.report_json)
+    assert report["kept"]["features.0.unit.conv"][0] == report["kept"]["features.0.unit.conv"][1]
+    assert report["latency_ms_before"] is None and report["latency_ms_after"] is None
+    assert list(job.request.exclude) == ["features.0"] and job.request.latency_batch == 4
+    code = status_of(lambda: client.submit(model_id, speedup=2.0, extra={"exclude": ["nope"]}))
+    assert code == "INVALID_ARGUMENT"
+
+
+def test_metanet_dir_is_described(tmp_path):
+    import hashlib
+    import shutil
+
+    from metaprune.vocabulary import CHECKPOINT_DIR
+
+    folder = tmp_path / "metanets"
+    folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(CHECKPOINT_DIR / f"metanet{suffix}", folder / f"metanet-copy{suffix}")
+    with ServerProcess(tmp_path / "state", args=("--metanet-dir", str(folder))) as server, \
+            PruningClient(server.address, timeout=120) as client:
+        info = client.info()
+        assert set(info.metanetworks) == {"default", "metanet-copy"}
+        [described] = info.metanet_info
+        assert described.name == "metanet-copy" and "cnn1d" in described.families
+        assert described.sha256 == hashlib.sha256((folder / "metanet-copy.safetensors").read_bytes()).hexdigest()
+        # "default" chooses among the folder's checkpoints, and the report says which and why
+        model_id = client.upload_model(write_model(tmp_path / "m.safetensors")).id
+        job = client.wait(client.submit(model_id, method="metanet", speedup=2.0, dataset="mnist1d",
+                                        finetune_epochs=1).job_id, timeout=300)
+        assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+        entry = json.loads(job.report_json)["metanet"]
+        assert entry["name"] == "metanet-copy" and entry["sha256"] == described.sha256
+        assert "universal" in entry["reason"]
+
+
+def test_a_tune_recipe_prunes_through_the_server(server, tmp_path):
+    """Issue #15 item 2: the recipe `metaprune tune` writes, given to `metaprune prune --policy
+    ... --server`. Before: INVALID_ARGUMENT "the policy's keep ratio for 'policy' must be a
+    number in (0, 1]", while the same file worked in-process."""
+    from torch import nn
+
+    from metaprune.cli.main import main
+    from metaprune.vocabulary import Recipe
+
+    model_path = write_model(tmp_path / "m.pt2", seed=2)
+    model, _ = load_model(model_path)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv1d)]
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(Recipe(policy={name: 0.6 for name in convs},
+                                        speedup=2.0).to_dict()))
+    code = main(["prune", str(model_path), "--out", str(tmp_path / "p.pt2"), "--policy",
+                 str(recipe), "--speedup", "2", "--server", server.address,
+                 "--report", str(tmp_path / "r.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["allocation"] == "policy" and abs(report["speedup"] / 2.0 - 1) <= 0.02

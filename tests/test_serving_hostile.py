@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from metaprune.serving import pruning_pb2 as pb
-from metaprune.serving.client import PruningClient, status_of
+from metaprune.serving.client import PruningClient, RemoteError, status_of
 from metaprune.serving.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
@@ -82,6 +82,16 @@ GARBAGE = os.urandom(4096)
 )
 def test_malformed_model_upload(client, name, payload, metadata, expected):
     assert _upload_bytes(client, name, payload, **metadata) == expected
+
+
+def test_upload_without_a_type_is_named(client):
+    # issue 12: an upload with no file name and no format said "unsupported file type 0"
+    messages = [pb.UploadChunk(metadata=pb.UploadMetadata()), pb.UploadChunk(data=b"x")]
+    with pytest.raises(grpc.RpcError) as refused:
+        client.stub.UploadModel(iter(messages), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no file name and no format" in refused.value.details()
+    assert ".pt2 or .safetensors" in refused.value.details()
 
 
 def test_stream_without_metadata(client):
@@ -346,12 +356,10 @@ def test_bad_policy_json(client, model_id):
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_impossible_target_fails_the_job(client, model_id, tmp_path):
-    job = client.submit(model_id, speedup=10_000.0)
-    job = client.wait(job.job_id, timeout=120)
-    assert pb.JobState.Name(job.state) == "FAILED"
-    assert job.error_code == "INVALID_ARGUMENT" and "speedup" in job.message
-    assert status_of(lambda: client.download(job.job_id, tmp_path / "o.pt2")) == "FAILED_PRECONDITION"
+def test_impossible_target_is_refused_at_submit(client, model_id):
+    # the upload's validation recorded how far pruning can go: no job is queued for it
+    with pytest.raises(RemoteError, match="INVALID_ARGUMENT: speedup 10000 is out of reach"):
+        client.submit(model_id, speedup=10_000.0)
 
 
 def test_stored_model_survives_bad_requests(client, model_id):

@@ -187,3 +187,17 @@ def test_cli_tune_runs_trials_on_ray_and_writes_a_recipe_that_applies(cnn_file, 
     assert report["flops_after"] == best["macs"]
     # same pruning, same batches and seed: only thread-count rounding could move it
     assert report["accuracy_after"] == pytest.approx(best["accuracy"], abs=0.01)
+
+
+def test_a_latency_target_recipe_applies_with_the_latency_flags(cnn_file, tmp_path):
+    settings = TuneSettings(model=str(cnn_file), dataset="mnist1d", speedup=1.5,
+                            target_kind="latency_speedup", latency_batch=32,
+                            out_dir=str(tmp_path))
+    trial = {"trial": "t0", "policy": {"features.0.unit.conv": 0.5}, "target_speedup": 1.5,
+             "accuracy": 0.5, "macs": 1000, "params": 100, "speedup": 1.52}
+    recipe = recipe_document(trial, settings)
+    assert "--latency-speedup 1.5 --latency-batch 32" in recipe["command"]
+    assert "--speedup" not in recipe["command"].replace("--latency-speedup", "")
+    assert recipe["speedup"] is None and recipe["tuned"]["latency_speedup_target"] == 1.5
+    with pytest.raises(InvalidTargetError, match="target_kind"):
+        TuneSettings(model=str(cnn_file), dataset="mnist1d", speedup=1.5, target_kind="fast")

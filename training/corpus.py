@@ -41,6 +41,7 @@ from metaprune.pruning import prune
 from metaprune.seeding import seed_everything
 
 from .corpus_plan import CorpusTask
+from .ray_connect import connect_ray
 from .corpus_store import (
     ModelArtifact,
     finished_metadata,
@@ -184,9 +185,10 @@ def _train_remote(task: dict, cache: str | None) -> ModelArtifact:
 
 
 def start_ray(workers: int, address: str | None) -> None:
-    """Join `address`, or start a private local Ray with `workers` CPUs bound to 127.0.0.1."""
+    """Join `address` (token auth when a token is available, see `ray_connect`), or start a
+    private local Ray with `workers` CPUs bound to 127.0.0.1."""
     if address:
-        ray.init(address=address, configure_logging=False)
+        connect_ray(address)
     else:
         # address="local": always a new private cluster, never one a `ray start` left running.
         ray.init(address="local", num_cpus=workers, include_dashboard=False,

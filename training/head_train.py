@@ -292,5 +292,29 @@ def train_head(settings: HeadTrainSettings, *, log: Callable[[str], None] | None
     summary["seconds"] = round(time.perf_counter() - started, 1)
     training = dict(loaded.training_metadata)
     training.update(sparsity_head_trained=True, head_training=summary)
-    save_metanet(metanet, settings.out, training=training)
+    save_metanet(metanet, settings.out, training=training,
+                 scope=loaded.document.get("scope"))  # the head does not change what it serves
     return summary
+
+
+def head_only_checkpoint(source, out) -> dict:
+    """Writes `source` with its weight rewrite switched off: the sparsity head alone remains.
+
+    The last layers of the node, edge and gate decoders are zeroed, so every delta is exactly 0
+    and every channel gate exactly exp(0) = 1: `transform` returns the model bit for bit, while
+    the message passing and the trained head still allocate. This is what ships when no
+    trained rewrite beats the null metanetwork on the validation split (see the README).
+    Returns the new checkpoint's training record.
+    """
+    from metaprune.metanet import read_metanet
+
+    metanet, document = read_metanet(source)
+    with torch.no_grad():
+        for last in (metanet.node_decoder[-1], metanet.edge_decoder.out[-1],
+                     metanet.gate_decoder[-1]):
+            last.weight.zero_()
+            last.bias.zero_()
+    training = dict(document.get("training", {}))
+    training["rewrite"] = "off: node, edge and gate decoders' last layers zeroed (identity)"
+    save_metanet(metanet, out, training=training, scope=document.get("scope"))
+    return training

@@ -23,12 +23,12 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 import statistics
 from collections.abc import Sequence
 
 import torch
 
+from metaprune.bench.metanet_stats import mean_and_error
 from metaprune.errors import MetaPruneError
 from metaprune.graph import to_graph
 from metaprune.metanet import GroupSparsity, load_metanet
@@ -36,14 +36,6 @@ from metaprune.pruning import prune
 from metaprune.training.metatrain_tasks import CorpusTasks, dropped_fraction
 
 NO_FINETUNE = {"bn_recalibration": False}  # "right after pruning": not even BN statistics move
-
-
-def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value)."""
-    values = list(values)
-    mean = statistics.fmean(values)
-    error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, error
 
 
 def dropped_energy(graph, x: torch.Tensor, edge_attr: torch.Tensor, speedup: float) -> float:

@@ -66,6 +66,9 @@ class MetaTrainConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     lam: float = 0.1  # weight of the normalised group-sparsity term
     prune_weight: float = 1.0  # weight of the loss with each layer's weakest groups zeroed
+    sparse_weight: float = 0.0  # weight of torch-pruning's sparse-learning penalty (normalised)
+    distill_weight: float = 0.0  # weight of the KL to the original model (dense guard)
+    prune_allocation: str = "uniform"  # which groups the pruned loss drops: uniform or global
     speedups: tuple = (1.5, 2.0, 3.0)  # speed-up targets the metanetwork is conditioned on
     hidden: int = 32  # MetaNetwork width (new runs only; a resumed run keeps its own)
     num_layers: int = 3  # MetaNetwork message-passing rounds
@@ -76,6 +79,9 @@ class MetaTrainConfig:
     families: list = field(default_factory=list)  # only these families ([]: all)
     datasets: list = field(default_factory=list)  # only these datasets ([]: all)
     cache: str | None = None  # $METAPRUNE_CACHE for the workers (None: theirs)
+    # corpus folder of validation models (a split of its own): checkpoints are selected by
+    # `metanet_select.validation_score` on them; None: the older held-out-models protocol
+    validation: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +130,15 @@ def _average_gradients(metanet: MetaNetwork, world_size: int) -> None:
         parameter.grad /= world_size
 
 
+def training_scope(tasks: CorpusTasks, config: MetaTrainConfig) -> dict:
+    """What a checkpoint trained on `tasks` serves: the families and datasets of its training
+    models; universal when the run was not restricted to some families."""
+    metas = [tasks.meta[model_id] for model_id in tasks.train_ids]
+    return {"families": sorted({meta["family"] for meta in metas}),
+            "datasets": sorted({meta["dataset"] for meta in metas}),
+            "universal": not config.families}
+
+
 def _append_json(path: Path, record: dict) -> None:
     with path.open("a") as stream:
         stream.write(json.dumps(record) + "\n")
@@ -160,7 +175,9 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
             model_id = rng.choice(shard)
             speedup = rng.choice(config.speedups)
             loss, task_loss, reg, pruned_loss = meta_loss(
-                metanet, tasks, model_id, speedup, config.lam, config.prune_weight)
+                metanet, tasks, model_id, speedup, config.lam, config.prune_weight,
+                sparse_weight=config.sparse_weight, distill_weight=config.distill_weight,
+                prune_allocation=config.prune_allocation)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             _average_gradients(metanet, world_size)
@@ -178,7 +195,8 @@ def run_training(config: MetaTrainConfig, *, rank: int = 0, world_size: int = 1,
             checkpoint = out_dir / CHECKPOINT_FOLDER / f"epoch-{epoch + 1:03d}.safetensors"
             save_metanet(metanet, checkpoint, training={
                 "epoch": epoch + 1, "step": step, "corpus": str(config.corpus),
-                "workers": world_size, "config": config.to_dict()})
+                "workers": world_size, "config": config.to_dict(),
+                "models": sorted(tasks.train_ids)}, scope=training_scope(tasks, config))
             torch.save(optimizer.state_dict(), _optimizer_path(checkpoint))
             last = checkpoint
         if report is not None:
@@ -323,13 +341,23 @@ def select_best(config: MetaTrainConfig, out: str | os.PathLike, *,
     if not checkpoints:
         raise InvalidTargetError(f"no checkpoint in {config.out_dir}/{CHECKPOINT_FOLDER}")
     results = []
+    null_cells = None
     for checkpoint in checkpoints:
         record = known.get(str(checkpoint))
         if record is None:
-            record = validate_checkpoint(checkpoint, config, model_ids=model_ids)
+            if config.validation:
+                from metaprune.training.metanet_select import validation_score
+
+                record = validation_score(checkpoint, config.validation, null_cells=null_cells)
+                null_cells = record["null_cells"]
+            else:
+                record = validate_checkpoint(checkpoint, config, model_ids=model_ids)
             _append_json(results_path, record)
         results.append(record)
-    best = max(results, key=lambda record: (record["score"], record["checkpoint"]))
+    # a checkpoint whose rewrite alone breaks a validation model is never chosen over one
+    # that does not (the guard; records of the older protocol have no guard and all pass)
+    eligible = [r for r in results if r.get("passes_guard", True)] or results
+    best = max(eligible, key=lambda record: (record["score"], record["checkpoint"]))
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InvalidTargetError(f"--out must end in .safetensors, got {str(out)!r}")

@@ -22,12 +22,14 @@ from metaprune.training.corpus_store import finished_metadata
 class _Task:
     """One corpus model ready for meta-training steps."""
 
-    def __init__(self, model, example_inputs, graph, regularizer, reg_scale, batches):
+    def __init__(self, model, example_inputs, graph, regularizer, reg_scale, batches,
+                 sparse_scale=1.0):
         self.model = model
         self.example_inputs = example_inputs
         self.graph = graph
         self.regularizer = regularizer
         self.reg_scale = reg_scale  # the regulariser on the original weights
+        self.sparse_scale = sparse_scale  # the sparse-learning penalty on the original weights
         self._batches = batches  # an endless iterator over the training loader
 
     def next_batch(self):
@@ -104,10 +106,12 @@ class CorpusTasks:
             graph = to_graph(model, example_inputs)
             regularizer = GroupSparsity(graph)
             with torch.no_grad():
-                scale = float(regularizer(graph.data.x, graph.data.edge_attr))
+                norms = regularizer.group_norms(graph.data.x, graph.data.edge_attr)
+                scale = float(norms.sum())
+                sparse_scale = float(regularizer.sparse_learning_penalty(norms))
             batches = _endless(self.loaders(model_id)[0])
             self._tasks[model_id] = _Task(model, example_inputs, graph, regularizer,
-                                          max(scale, 1e-12), batches)
+                                          max(scale, 1e-12), batches, max(sparse_scale, 1e-12))
         return self._tasks[model_id]
 
 
@@ -120,10 +124,12 @@ def dropped_fraction(speedup: float) -> float:
 
 
 def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: float,
-              prune_weight: float = 0.0):
+              prune_weight: float = 0.0, *, sparse_weight: float = 0.0,
+              distill_weight: float = 0.0, prune_allocation: str = "uniform"):
     """One batch's meta-training loss; returns (loss, task_loss, reg, pruned_loss).
 
-    ``loss = task_loss + lam * reg + prune_weight * pruned_loss``, differentiable:
+    ``loss = task_loss + lam * reg + prune_weight * pruned_loss + sparse_weight * sparse
+    + distill_weight * distill``, differentiable:
     - ``task_loss``: cross-entropy of the rewritten model;
     - ``reg``: the group lasso of the rewritten weights divided by its value on the original
       weights (1.0 means "as sparse as before"), so `lam` weighs it alike on every model;
@@ -132,7 +138,13 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
       if pruned. It teaches the metanetwork to move what the network computes into the
       channels that pruning keeps, and (through `GroupSparsity.keep_gates`' straight-through
       gradient) to give the norms that make L2 keep the right channels. Skipped (zero) when
-      `prune_weight` is 0.
+      `prune_weight` is 0. `prune_allocation` ``"global"`` drops the groups the engine's
+      global allocation would (what `prune(method="metanet")` uses without a trained head).
+    - ``sparse``: torch-pruning's sparse-learning penalty on the rewritten group norms
+      (`GroupSparsity.sparse_learning_penalty`), divided by its value on the original weights;
+    - ``distill``: KL divergence of the rewritten model's predictions from the original
+      model's on the batch — the dense-accuracy guard: the rewrite alone must not change what
+      the network predicts.
     """
     task = tasks.task(model_id)
     inputs, labels = task.next_batch()
@@ -144,10 +156,20 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     reg = norms.sum() / task.reg_scale
     pruned_loss = torch.zeros((), dtype=task_loss.dtype)
     if prune_weight:
-        keep = task.regularizer.keep_gates(norms, dropped_fraction(speedup))
+        keep = task.regularizer.keep_gates(norms, dropped_fraction(speedup),
+                                           allocation=prune_allocation)
         pruned_x, pruned_edge_attr = task.regularizer.drop_groups(new_x, new_edge_attr, keep)
         pruned_params = parameters_from_features(task.graph, pruned_x, pruned_edge_attr)
         pruned_logits = torch.func.functional_call(task.model, pruned_params, (inputs,))
         pruned_loss = F.cross_entropy(pruned_logits, labels)
     loss = task_loss + lam * reg + prune_weight * pruned_loss
+    if sparse_weight:
+        sparse = task.regularizer.sparse_learning_penalty(norms) / task.sparse_scale
+        loss = loss + sparse_weight * sparse
+    if distill_weight:
+        with torch.no_grad():
+            reference = F.log_softmax(task.model(inputs), dim=-1)
+        distill = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True,
+                           reduction="batchmean")
+        loss = loss + distill_weight * distill
     return loss, task_loss, reg, pruned_loss

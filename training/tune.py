@@ -43,14 +43,21 @@ from pathlib import Path
 import torch
 
 from metaprune.data import load_dataset
+from metaprune.data.adapt import adapt_loaders
 from metaprune.errors import InvalidTargetError
 from metaprune.finetune import evaluate, train
 from metaprune.formats import load_model
 from metaprune.measure import count_macs
 from metaprune.metanet.policy import group_policy
-from metaprune.pruning import prune
-from metaprune.pruning.targets import TOLERANCE
+from metaprune.pruning import prune_request
 from metaprune.pruning.training_bridge import DATA_BATCH_SIZE
+from metaprune.vocabulary import (
+    TOLERANCE,
+    PruneRequest,
+    Recipe,
+    check_latency_batch,
+    check_speedup,
+)
 
 from .corpus import print_line, start_ray
 from .tune_pareto import pareto_front, plot_trials
@@ -60,6 +67,10 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 SEARCHES = ("random", "optuna")
+# A trial prunes to MACs, or to a latency measured on the machine it runs on (trials take turns
+# timing: the measurement lock in the cache folder serialises them across processes).
+TARGET_KINDS = ("speedup", "latency_speedup")
+LATENCY_WINDOW_LOW = 0.95  # a measured latency speed-up at or above 0.95 x meets its target
 SCHEDULERS = ("asha",)
 # Objective names on the command line -> the metric a trial reports.
 OBJECTIVE_METRICS = {"acc": "accuracy", "accuracy": "accuracy", "flops": "macs", "macs": "macs"}
@@ -77,7 +88,6 @@ DATA_SEED = 0
 PRUNE_METHOD = "l2"  # `metaprune prune`'s default criterion, so the recipe needs no --method
 RECIPE_FILE = "recipe.json"
 TRIALS_JSON, TRIALS_CSV, TRIALS_PNG = "trials.json", "trials.csv", "trials.png"
-RECIPE_FORMAT = "metaprune-tune-recipe/1"
 
 
 @dataclass
@@ -92,7 +102,8 @@ class TuneSettings:
 
     model: str  # INPUT: a .pt2, or a .safetensors with its .json spec beside it
     dataset: str  # dataset id the trials fine-tune and evaluate on
-    speedup: float  # MACs before / MACs after every trial must reach (within 2 %)
+    speedup: float  # the speed-up every trial must reach: MACs (within 2 %) or, with
+    # target_kind "latency_speedup", latency measured at latency_batch (within [0.95, 1.1] x)
     samples: int = 16  # trials in all
     scheduler: str | None = None  # None (every trial runs every epoch) or "asha"
     search: str = "random"  # "random" or "optuna"
@@ -103,11 +114,16 @@ class TuneSettings:
     ray_address: str | None = None  # join this cluster instead of starting a local one
     out_dir: str = "tune-out"  # recipe, trials, figure and Ray's results go here
     cache: str | None = field(default=None, repr=False)  # $METAPRUNE_CACHE for the trials
+    target_kind: str = "speedup"  # "speedup" (MACs) or "latency_speedup" (measured latency)
+    latency_batch: int = 1  # batch of the latency measurements of a latency target
 
     def __post_init__(self) -> None:
         self.objectives = tuple(self.objectives)
-        if not (isinstance(self.speedup, (int, float)) and self.speedup > 1.0):
-            raise InvalidTargetError(f"speedup must be a number above 1, got {self.speedup!r}")
+        self.speedup = check_speedup(self.speedup)
+        if self.target_kind not in TARGET_KINDS:
+            raise InvalidTargetError(f"target_kind must be one of {', '.join(TARGET_KINDS)}, "
+                                     f"got {self.target_kind!r}")
+        self.latency_batch = check_latency_batch(self.latency_batch)
         if self.samples < 1:
             raise InvalidTargetError(f"samples must be at least 1, got {self.samples}")
         if self.finetune_epochs < 0:
@@ -175,7 +191,8 @@ def trial_target(config: dict, settings_speedup: float) -> float:
 
 
 def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup: float, *,
-              finetune_epochs: int, report: Callable[[dict], None] | None = None) -> dict:
+              finetune_epochs: int, report: Callable[[dict], None] | None = None,
+              target_kind: str = "speedup", latency_batch: int = 1) -> dict:
     """Prune `model` with `policy` to `speedup`, fine-tune, and return the last metrics.
 
     The same as ``prune(model, example_inputs, policy=policy, speedup=speedup, data=loaders,
@@ -186,8 +203,9 @@ def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup:
     ``metaprune prune`` sees.
 
     Returns (and passes to `report` once per epoch, or once with 0 epochs): ``accuracy``,
-    ``macs``, ``params``, ``speedup`` (achieved), ``target_speedup``, ``epoch``,
-    ``train_loss`` (None with 0 epochs), ``seconds`` (since the trial began).
+    ``macs``, ``params``, ``speedup`` (achieved: MACs, or measured latency with
+    ``target_kind="latency_speedup"``), ``target_speedup``, ``epoch``, ``train_loss`` (None
+    with 0 epochs), ``seconds`` (since the trial began).
 
     Example::
 
@@ -197,10 +215,16 @@ def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup:
     """
     started = time.perf_counter()
     train_loader, test_loader = loaders
-    result = prune(model, example_inputs, method=PRUNE_METHOD, policy=policy, speedup=speedup)
+    # latency is not a MACs trial's objective: skipping its measurement saves every trial that
+    # time; a latency target measures it anyway (that is how the target is met)
+    latency = target_kind == "latency_speedup"
+    request = PruneRequest(method=PRUNE_METHOD, policy=policy, latency=latency,
+                           latency_batch=latency_batch, **{target_kind: speedup})
+    result = prune_request(model, example_inputs, request)
     pruned = result.model
-    figures = {"macs": result.report["flops_after"], "params": result.report["params_after"],
-               "speedup": result.report["speedup"], "target_speedup": speedup}
+    achieved = result.report["latency_speedup"] if latency else result.report["speedup"]
+    figures = {"macs": result.report["macs_after"], "params": result.report["params_after"],
+               "speedup": achieved, "target_speedup": speedup}
     reported = []
 
     def on_epoch(history_entry: dict) -> None:
@@ -218,6 +242,19 @@ def run_trial(model, example_inputs, loaders, policy: dict[str, float], speedup:
         on_epoch({"test_accuracy": evaluate(pruned, test_loader), "epoch": 0,
                   "train_loss": None})
     return reported[-1]
+
+
+def trial_loaders(dataset: str, example_inputs):
+    """``((train, test), note)``: the dataset's loaders as `metaprune prune --dataset` builds
+    them, samples fitted to the model's input by size-1 dimensions (`note` says how, or None).
+
+    Example::
+
+        (train, test), note = trial_loaders("mnist1d", (torch.randn(1, 40),))
+        note   # "samples [1, 40] reshaped to the model's [40] (size-1 dimensions removed)"
+    """
+    loaders = load_dataset(dataset).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)
+    return adapt_loaders(loaders, example_inputs)
 
 
 def _model_files(path: Path) -> dict[str, bytes]:
@@ -244,11 +281,12 @@ def _trainable(config: dict, *, model_files: dict[str, bytes], model_name: str,
     if options["cache"]:
         os.environ["METAPRUNE_CACHE"] = options["cache"]
     model, example_inputs = _load_shipped_model(model_files, model_name)
-    loaders = load_dataset(options["dataset"]).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)
+    loaders, _ = trial_loaders(options["dataset"], example_inputs)
     target = trial_target(config, options["speedup"])
     try:
         run_trial(model, example_inputs, loaders, dict(config["keep"]), target,
-                  finetune_epochs=options["finetune_epochs"], report=tune.report)
+                  finetune_epochs=options["finetune_epochs"], report=tune.report,
+                  target_kind=options["target_kind"], latency_batch=options["latency_batch"])
     except InvalidTargetError as error:
         # Narrow layers can make a target unreachable within 2 % for some policies. That is a
         # finding about the policy, not a crash: one report, NaN objectives (Optuna records
@@ -365,7 +403,8 @@ def _trial_record(result, settings: TuneSettings, groups: list[str]) -> dict:
         "macs": None if status == "infeasible" else metrics.get("macs"),
         "params": metrics.get("params"),
         "speedup": achieved,
-        "meets_target": achieved is not None and achieved >= settings.speedup * (1 - TOLERANCE),
+        "meets_target": achieved is not None and achieved >= settings.speedup * (
+            LATENCY_WINDOW_LOW if settings.target_kind == "latency_speedup" else 1 - TOLERANCE),
         "seconds": metrics.get("seconds"),
         "error": _error_line(result.error) if result.error is not None
         else metrics.get("infeasible"),
@@ -398,25 +437,29 @@ def recipe_document(trial: dict, settings: TuneSettings) -> dict:
         recipe_document(best, settings)["policy"]   # {'features.0.unit.conv': 0.83, ...}
     """
     model = Path(settings.model)
-    return {
-        "format": RECIPE_FORMAT,
-        "policy": trial["policy"],
-        "speedup": trial["target_speedup"],
-        "method": PRUNE_METHOD,
-        "dataset": settings.dataset,
-        "finetune_epochs": settings.finetune_epochs,
-        "model": str(model),
-        "tuned": {key: trial[key] for key in ("trial", "accuracy", "macs", "params", "speedup")},
-        "command": apply_command(settings, trial["target_speedup"],
-                                 model.with_name(model.stem + "-tuned" + model.suffix),
-                                 Path(settings.out_dir) / RECIPE_FILE),
-    }
+    latency = settings.target_kind == "latency_speedup"
+    return Recipe(
+        policy=trial["policy"],
+        speedup=None if latency else trial["target_speedup"],
+        method=PRUNE_METHOD,
+        dataset=settings.dataset,
+        finetune_epochs=settings.finetune_epochs,
+        model=str(model),
+        tuned={**{key: trial[key] for key in ("trial", "accuracy", "macs", "params", "speedup")},
+               **({"latency_speedup_target": trial["target_speedup"],
+                   "latency_batch": settings.latency_batch} if latency else {})},
+        command=apply_command(settings, trial["target_speedup"],
+                              model.with_name(model.stem + "-tuned" + model.suffix),
+                              Path(settings.out_dir) / RECIPE_FILE),
+    ).to_dict()
 
 
 def apply_command(settings: TuneSettings, speedup: float, out: Path, recipe: Path) -> str:
     """The ``metaprune prune`` command line that applies a recipe to the tuned model."""
+    target = f"--speedup {speedup:g}" if settings.target_kind == "speedup" else \
+        f"--latency-speedup {speedup:g} --latency-batch {settings.latency_batch}"
     return (f"metaprune prune {settings.model} --out {out} --policy {recipe} "
-            f"--speedup {speedup:g} --dataset {settings.dataset} "
+            f"{target} --dataset {settings.dataset} "
             f"--finetune-epochs {settings.finetune_epochs}")
 
 
@@ -456,8 +499,11 @@ def run_search(settings: TuneSettings, *, log: Callable[[str], None] | None = No
     groups = prunable_groups(model, example_inputs)
     if not groups:
         raise InvalidTargetError("the model has no prunable channel group to search over")
-    # Loaded here first: a missing dataset fails now, with its fetch hint, not in every trial.
-    test_loader = load_dataset(settings.dataset).loaders(DATA_BATCH_SIZE, seed=DATA_SEED)[1]
+    # Loaded here first: a missing dataset or samples that do not fit the model fail now, with
+    # their hint, not in every trial.
+    (_, test_loader), adaptation = trial_loaders(settings.dataset, example_inputs)
+    if adaptation:
+        log(f"input: {adaptation}")
     macs_before = count_macs(model, example_inputs)
     accuracy_before = evaluate(model, test_loader)
     log(f"tune {model_path.name} on {settings.dataset}: {len(groups)} groups, "
@@ -483,7 +529,7 @@ def run_search(settings: TuneSettings, *, log: Callable[[str], None] | None = No
         files["recipe"] = recipe
     summary = {
         "settings": settings.to_dict(), "groups": groups, "macs_before": macs_before,
-        "accuracy_before": accuracy_before, "trials": trials, "front": front,
+        "input_adaptation": adaptation, "accuracy_before": accuracy_before, "trials": trials, "front": front,
         "best": None if best is None else trials[best], "best_index": best,
         "recipe": None if recipe is None else str(recipe),
         "files": {key: str(path) for key, path in files.items()},
@@ -501,7 +547,9 @@ def _fit(settings: TuneSettings, model_path: Path, space: dict, out_dir: Path, l
         tune.with_parameters(
             _trainable, model_files=_model_files(model_path), model_name=model_path.name,
             options={"dataset": settings.dataset, "speedup": settings.speedup,
-                     "finetune_epochs": settings.finetune_epochs, "cache": settings.cache}),
+                     "finetune_epochs": settings.finetune_epochs, "cache": settings.cache,
+                     "target_kind": settings.target_kind,
+                     "latency_batch": settings.latency_batch}),
         {"cpu": 1})
     started_here = not ray.is_initialized()
     if started_here:

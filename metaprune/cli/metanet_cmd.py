@@ -36,6 +36,17 @@ def register(subparsers) -> None:
     train.add_argument("--prune-weight", type=float, default=1.0,
                        help="weight of the loss with each layer's weakest groups zeroed "
                        "(default 1.0)")
+    train.add_argument("--sparse-weight", type=float, default=0.0,
+                       help="weight of torch-pruning's sparse-learning penalty on the "
+                       "rewritten weights, normalised (default 0)")
+    train.add_argument("--distill-weight", type=float, default=0.0,
+                       help="weight of the KL to the original model's predictions, the dense "
+                       "guard (default 0)")
+    train.add_argument("--prune-allocation", choices=("uniform", "global"), default="uniform",
+                       help="groups the pruned-network loss drops: each layer's weakest share "
+                       "(uniform) or the engine's global ranking (default uniform)")
+    train.add_argument("--gate-range", type=float, default=3.0,
+                       help="channel gates shrink by up to exp(-R), new runs only (default 3)")
     train.add_argument("--residual-scale", type=float, default=1e-3,
                        help="the metanetwork's delta multiplier, new runs only (default 1e-3)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -43,6 +54,10 @@ def register(subparsers) -> None:
     train.add_argument("--datasets", default="", help="comma-separated datasets (default all)")
     train.add_argument("--validate-on", type=int, default=2, metavar="K",
                        help="held-out models used to pick the best checkpoint (default 2)")
+    train.add_argument("--validation", metavar="DIR",
+                       help="corpus folder of validation models: select the checkpoint there "
+                       "with the bench protocol on a validation split of their data, instead "
+                       "of --validate-on")
     train.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     train.add_argument("--no-ray", action="store_true",
                        help="train in this process (one worker, no Ray)")
@@ -105,6 +120,9 @@ def _train(args) -> int:
         corpus=args.corpus, out_dir=str(run_dir), epochs=args.epochs,
         steps_per_epoch=args.steps_per_epoch, lr=args.lr, lam=args.lam, seed=args.seed,
         prune_weight=args.prune_weight, residual_scale=args.residual_scale,
+        sparse_weight=args.sparse_weight, distill_weight=args.distill_weight,
+        gate_range=args.gate_range, validation=args.validation,
+        prune_allocation=args.prune_allocation,
         families=_names(args.families), datasets=_names(args.datasets))
     if args.no_ray:
         train_locally(config)
@@ -114,8 +132,11 @@ def _train(args) -> int:
                            datasets=config.datasets).held_out_ids[:args.validate_on]
     selection = select_best(config, out, model_ids=held_out)
     for record in selection["validated"]:
+        detail = (f"(null metanetwork {record['null']:.4f}; rewrite alone "
+                  f"{100 * record['guard']:+.2f} pts at worst)") if "null" in record \
+            else json.dumps(record["accuracies"])
         print(f"validated {Path(record['checkpoint']).name}: mean accuracy "
-              f"{record['score']:.4f} {json.dumps(record['accuracies'])}")
+              f"{record['score']:.4f} {detail}")
     print(f"best {Path(selection['best']['checkpoint']).name} -> {selection['out']}")
     return 0
 
@@ -165,7 +186,16 @@ def _evaluate(args) -> int:
 
 
 def _register_policy_head(actions) -> None:
-    """labels, train-head, compare-policies: the sparsity head trained on tuned policies."""
+    """labels, train-head, compare-policies, head-only: the sparsity head trained on tuned
+    policies."""
+    head_only = actions.add_parser(
+        "head-only", help="a checkpoint with its weight rewrite switched off (exact identity)",
+        description="Copy --metanet to --out with the rewrite switched off (its decoders' last "
+        "layers zeroed): transform() returns the model unchanged, the sparsity head still "
+        "allocates.")
+    head_only.add_argument("--metanet", required=True, metavar="CKPT")
+    head_only.add_argument("--out", required=True, metavar="CKPT")
+    head_only.set_defaults(handler=_head_only)
     labels = actions.add_parser(
         "labels", help="tuned policies of corpus training models: the sparsity head's labels",
         description="Run the Ray Tune policy search on corpus training models at each speed-up "
@@ -299,3 +329,11 @@ def _print_evidence(evidence: list) -> None:
                 "dropped_energy", "dropped_energy_rewritten"):
         mean, error = mean_and_error([row[key] for row in evidence])
         print(f"mean {key}: {mean:.4f} ± {error:.4f}")
+
+
+def _head_only(args) -> int:
+    from metaprune.training.head_train import head_only_checkpoint
+
+    head_only_checkpoint(args.metanet, args.out)
+    print(f"wrote {args.out} (rewrite off, sparsity head kept)")
+    return 0

@@ -29,6 +29,10 @@ def register(subparsers) -> None:
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--ray-address", default=None, help="run jobs on Ray: 'local' starts a private cluster on 127.0.0.1; "
                         "or 'auto', HOST:PORT, ray://HOST:PORT")
+    parser.add_argument("--metanet-dir", type=Path, default=None,
+                        help="serve the metanetwork checkpoints in this folder (NAME.safetensors + "
+                        "NAME.json each); 'default' picks the one whose scope fits the model "
+                        "(default: the checkpoints the package ships)")
     parser.add_argument("--tokens", type=Path, default=None, help="file of 'TOKEN TENANT' lines")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
@@ -41,6 +45,19 @@ def register(subparsers) -> None:
     limits.add_argument("--max-finetune-epochs", type=int, default=1000, help="epochs one job may ask for")
     limits.add_argument("--upload-time-s", type=float, default=600,
                         help="wall time to receive one upload; slower ones are cancelled (default 600)")
+    storage = parser.add_argument_group("storage and streams")
+    storage.add_argument("--tenant-quota-mb", type=float, default=10240,
+                         help="uploads + results one tenant may store (default 10240 MiB)")
+    storage.add_argument("--upload-expiry-s", type=float, default=7 * 86400,
+                         help="uploads are deleted this long after upload, unless a queued or running "
+                         "job uses them (default 7 days)")
+    storage.add_argument("--result-expiry-s", type=float, default=7 * 86400,
+                         help="finished jobs and their results are deleted this long after they "
+                         "finished (default 7 days)")
+    storage.add_argument("--max-streams-per-tenant", type=int, default=128,
+                         help="open WatchJob/DownloadResult/upload streams of one tenant (default 128)")
+    storage.add_argument("--max-streams", type=int, default=2048,
+                         help="open streams of all tenants together (default 2048)")
     parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
     parser.set_defaults(handler=run)
 
@@ -50,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from metaprune.serving.server import PruningServer, ServerConfig
 
     for name in ("max_upload_mb", "worker_memory_mb", "job_time_s", "max_parameters",
-                 "max_queued_jobs", "upload_time_s"):
+                 "max_queued_jobs", "upload_time_s", "tenant_quota_mb", "upload_expiry_s",
+                 "result_expiry_s", "max_streams_per_tenant", "max_streams"):
         if getattr(args, name) <= 0:
             print(f"metaprune serve: error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2
@@ -58,15 +76,24 @@ def run(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * MiB), max_parameters=args.max_parameters,
         max_queued_jobs=args.max_queued_jobs, worker_memory_bytes=int(args.worker_memory_mb * MiB),
         job_time_seconds=args.job_time_s, max_finetune_epochs=args.max_finetune_epochs,
-        upload_time_seconds=args.upload_time_s,
+        upload_time_seconds=args.upload_time_s, tenant_quota_bytes=int(args.tenant_quota_mb * MiB),
+        upload_expiry_seconds=args.upload_expiry_s, result_expiry_seconds=args.result_expiry_s,
+        max_streams_per_tenant=args.max_streams_per_tenant, max_streams=args.max_streams,
     )
     config = ServerConfig(
         state_dir=args.state_dir or _default_state_dir(), host=args.host, port=args.port,
         workers=args.workers, worker_threads=args.worker_threads, ray_address=args.ray_address,
-        tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key, limits=limits,
+        tokens_file=args.tokens, metanet_dir=args.metanet_dir, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, limits=limits,
     )
-    server = PruningServer(config)
-    port = server.start()
+    from metaprune.errors import MetaPruneError
+
+    try:  # e.g. a Ray cluster that is not there or refuses our token: one line, no traceback
+        server = PruningServer(config)
+        port = server.start()
+    except MetaPruneError as error:
+        print(f"metaprune serve: error: {error}", file=sys.stderr)
+        return 2
     print(f"metaprune serve: listening on {args.host}:{port} (state {config.state_dir}, "
           f"{'tokens' if server.auth.required else 'open'}, {server.scheduler.backend.name} backend)",
           flush=True)

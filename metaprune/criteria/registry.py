@@ -14,9 +14,8 @@ from torch import nn
 
 from metaprune.criteria.gradients import LossFn, collect_gradient_statistics
 from metaprune.errors import InvalidTargetError, MetaPruneError
+from metaprune.vocabulary import CRITERIA, DATA_FREE_CRITERIA  # noqa: F401  (the names, once)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "fpgm", "random")
-DATA_FREE_CRITERIA = tuple(name for name in CRITERIA if name not in ("taylor", "hessian"))
 NORMALIZERS = ("mean", "max", "none")
 
 

@@ -4,9 +4,7 @@ from dataclasses import asdict, dataclass, fields
 from numbers import Real
 
 from metaprune.errors import InvalidTargetError
-
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+from metaprune.vocabulary import OPTIMIZERS, SCHEDULES
 # Defaults that suit fine-tuning a pruned network (and training the small zoo models from
 # scratch): SGD with momentum at 0.01, AdamW at 1e-3 with its usual decoupled decay.
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-3}

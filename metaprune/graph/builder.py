@@ -103,7 +103,7 @@ class GraphBuilder:
         # (attention contractions, heads, groups), and nodes that can never be removed.
         self.couplings: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pinned: list[torch.Tensor] = []
-        # (module path, [heads, nodes per head]) of every reshape that split channels into heads
+        # (module path, one node per head) of every attention product's head axis
         self.head_splits: list[tuple[str, torch.Tensor]] = []
 
     # -- nodes ---------------------------------------------------------------------------

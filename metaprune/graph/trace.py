@@ -362,10 +362,9 @@ class ChannelTracer(TorchFunctionMode):
         if name in SPLITTING:
             for plane in (p for leaf in per_output for p in leaf):
                 varying = signature(plane)
-                if len(varying) > 1:  # one channel axis became (heads, head_dim)
-                    per_head = plane.movedim(varying[0], 0).reshape(plane.shape[varying[0]], -1)
+                if len(varying) > 1:  # one channel axis became ([3,] heads, head_dim)
+                    per_head = plane.reshape(-1, plane.shape[varying[-1]])
                     self.builder.couple(per_head[:, :1], per_head)
-                    self.builder.head_splits.append((self.where, per_head))
 
     def _concat(self, name, args, kwargs, out):
         tensors = list(args[0] if args else kwargs["tensors"])
@@ -531,6 +530,7 @@ class ChannelTracer(TorchFunctionMode):
                 self.builder.couple(reps[0], other)
             if reps:
                 heads.append(along(nb + 2, axis, reps[0]))
+                self.builder.head_splits.append((self.where, reps[0]))
         return heads
 
     def _einsum(self, args, operands, out):

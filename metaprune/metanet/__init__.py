@@ -30,9 +30,16 @@ from metaprune.metanet.network import (
 )
 from metaprune.metanet.policy import group_policy, policy_targets
 from metaprune.metanet.regularizer import GroupSparsity, group_sparsity
+from metaprune.metanet.scope import (
+    CheckpointInfo,
+    choose_checkpoint,
+    discover_checkpoints,
+    scope_of,
+)
 from metaprune.metanet.seam import LoadedMetanet, load_metanet
 
 __all__ = [
+    "CheckpointInfo",
     "DEFAULT_SPEEDUP",
     "GroupSparsity",
     "LoadedMetanet",
@@ -40,10 +47,13 @@ __all__ = [
     "group_policy",
     "group_sparsity",
     "load_metanet",
+    "choose_checkpoint",
+    "discover_checkpoints",
     "metanet_parameters",
     "parameters_from_features",
     "policy_targets",
     "read_metanet",
     "save_metanet",
+    "scope_of",
     "validate_config",
 ]

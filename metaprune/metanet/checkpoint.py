@@ -1,9 +1,10 @@
 """Metanetwork checkpoints: safetensors weights + a sibling JSON config, checked on load.
 
 ``NAME.safetensors`` holds the weights (no pickle anywhere); ``NAME.json`` holds
-``{"format": "metaprune-metanet", "version": 1, "config": {...}, "training": {...},
-"num_parameters": N}``: the architecture hyper-parameters (`MetaNetwork`'s constructor
-arguments) and free-form training metadata. Loading validates every config value and every
+``{"format": "metaprune-metanet", "version": 1, "config": {...}, "scope": {...},
+"training": {...}, "num_parameters": N}``: the architecture hyper-parameters (`MetaNetwork`'s
+constructor arguments), the families and datasets it serves (`metaprune.metanet.scope`) and
+free-form training metadata, with machine paths cut to their last component. Loading validates every config value and every
 tensor name, shape and dtype before any of it reaches the network; whatever is wrong raises
 `ModelFormatError`.
 """
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from metaprune.errors import ModelFormatError
 from metaprune.metanet.network import MetaNetwork
+from metaprune.metanet.scope import portable_record, scope_of
 
 FORMAT = "metaprune-metanet"
 VERSION = 1
@@ -33,13 +35,17 @@ def config_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def save_metanet(metanet: MetaNetwork, path: str | Path, training: dict | None = None) -> Path:
+def save_metanet(metanet: MetaNetwork, path: str | Path, training: dict | None = None,
+                 scope: dict | None = None) -> Path:
     """Writes `metanet`'s weights to `path` (``.safetensors``) and its config beside it.
 
     Args:
         metanet: the network to save.
         path: target file; must end in ``.safetensors``.
-        training: JSON-serialisable training metadata (corpus, steps, losses, ...).
+        training: JSON-serialisable training metadata (corpus, steps, losses, ...); absolute
+            paths in it are cut to their last component.
+        scope: ``{"families": [...], "datasets": [...], "universal": bool}``, what the
+            checkpoint serves (None: universal, unscoped).
 
     Example::
 
@@ -54,7 +60,8 @@ def save_metanet(metanet: MetaNetwork, path: str | Path, training: dict | None =
              for name, value in metanet.state_dict().items()}
     document = {
         "format": FORMAT, "version": VERSION, "config": metanet.config,
-        "training": dict(training or {}), "num_parameters": metanet.num_parameters,
+        "scope": scope_of({"scope": scope}), "training": portable_record(dict(training or {})),
+        "num_parameters": metanet.num_parameters,
     }
     text = json.dumps(document, indent=2, sort_keys=True)  # fails early on unserialisable data
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +133,7 @@ def _read_document(path: Path) -> dict:
                                f"supported (this build reads version {VERSION})")
     if not isinstance(document.get("training", {}), dict):
         raise ModelFormatError("metanetwork config 'training' must be a JSON object")
+    scope_of(document)  # a malformed scope fails here, not when a model is matched to it
     return document
 
 

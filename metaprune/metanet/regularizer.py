@@ -81,14 +81,28 @@ class GroupSparsity:
         """The group lasso: the sum of `group_norms`."""
         return self.group_norms(x, edge_attr).sum()
 
-    def weakest_groups(self, norms: torch.Tensor, fraction: float) -> torch.Tensor:
-        """[num_groups] bool: in every layer, the `fraction` of its groups with the least norm.
+    def sparse_learning_penalty(self, norms: torch.Tensor, alpha: float = 16.0) -> torch.Tensor:
+        """Torch-pruning's sparse-learning penalty on group norms, differentiable in `norms`.
 
-        What L2 pruning with a uniform per-layer ratio would remove (rounded down, so a layer
-        never loses all its groups while `fraction` < 1).
+        Within each layer the importance is the group norm over the layer's largest (the max
+        normaliser) and every group is weighed ``alpha ** ((1 - imp) / (1 - imp_min))``: the
+        weakest group of a layer by ``alpha``, the strongest by 1. The penalty is
+        ``sum(weight * norm ** 2) / 2``, whose gradient ``weight * w`` on every weight of a
+        group is what `GroupNormPruner.regularize` adds (DepGraph's sparse learning), so weak
+        groups are pushed to zero much harder than strong ones.
         """
-        if not 0 <= fraction < 1:
-            raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+        layer = self._group_layer
+        num_layers = int(layer.max()) + 1 if layer.numel() else 0
+        detached = norms.detach()
+        top = scatter(detached, layer, 0, num_layers, "max")[layer].clamp_min(1e-12)
+        importance = detached / top
+        low = scatter(importance, layer, 0, num_layers, "min")[layer]
+        spread = (1 - low).clamp_min(1e-12)
+        weight = alpha ** ((1 - importance) / spread)
+        return (weight * norms.square()).sum() / 2
+
+    def _rank_in_layer(self, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank of every group among its layer's groups by norm, groups per layer)."""
         layer = self._group_layer
         by_norm = torch.argsort(norms.detach(), stable=True)
         order = by_norm[torch.argsort(layer[by_norm], stable=True)]  # by layer, then by norm
@@ -96,12 +110,40 @@ class GroupSparsity:
         first = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
-        rank = rank - first[layer]
-        return rank < torch.floor(counts[layer] * fraction)
+        return rank - first[layer], counts
+
+    def weakest_groups(self, norms: torch.Tensor, fraction: float,
+                       allocation: str = "uniform", min_keep: float = 0.1) -> torch.Tensor:
+        """[num_groups] bool: the groups an L2 prune removing `fraction` of them would drop.
+
+        ``"uniform"``: in every layer, the `fraction` of its groups with the least norm (what a
+        uniform per-layer ratio removes; rounded down, so a layer never loses all its groups
+        while `fraction` < 1). ``"global"``: the engine's global allocation — squared group
+        norms over their layer's mean (the mean normaliser) ranked across layers, the weakest
+        `fraction` of all groups dropped, every layer keeping at least `min_keep` of its groups.
+        """
+        if not 0 <= fraction < 1:
+            raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+        rank, counts = self._rank_in_layer(norms)
+        layer = self._group_layer
+        if allocation == "uniform":
+            return rank < torch.floor(counts[layer] * fraction)
+        if allocation != "global":
+            raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+        squares = norms.detach().square()
+        mean = scatter(squares, layer, 0, counts.numel(), "mean")[layer].clamp_min(1e-12)
+        most = counts - torch.ceil(counts * min_keep).long()
+        droppable = rank < most[layer]
+        score = torch.where(droppable, squares / mean, torch.full_like(squares, float("inf")))
+        take = min(int(layer.numel() * fraction), int(droppable.sum()))
+        dropped = torch.zeros_like(droppable)
+        dropped[torch.argsort(score, stable=True)[:take]] = True
+        return dropped
 
     def keep_gates(self, norms: torch.Tensor, fraction: float,
-                   temperature: float = 0.1) -> torch.Tensor:
-        """[num_groups] 0/1 keep gates of a uniform `fraction` L2 prune, with soft gradients.
+                   temperature: float = 0.1, allocation: str = "uniform") -> torch.Tensor:
+        """[num_groups] 0/1 keep gates of an L2 prune of `fraction` of the groups (allocated
+        as `weakest_groups` does), with soft gradients.
 
         The forward value is ``~weakest_groups(norms, fraction)`` (to rounding); the gradient
         is the one of ``sigmoid((norm - threshold) / (temperature * layer mean norm))``
@@ -110,7 +152,7 @@ class GroupSparsity:
         been kept: raising their norms above the threshold, or lowering others below it, is
         rewarded.
         """
-        dropped = self.weakest_groups(norms, fraction)
+        dropped = self.weakest_groups(norms, fraction, allocation)
         layer = self._group_layer
         num_layers = int(layer.max()) + 1 if layer.numel() else 0
         detached = norms.detach()

@@ -7,9 +7,9 @@ Example::
     pruned, report = result.model, result.report
 """
 
-from metaprune.pruning.allocation import ALLOCATIONS, MIN_KEEP_FRACTION, load_policy
-from metaprune.pruning.engine import PruneResult, prune
-from metaprune.pruning.options import METHODS
+from metaprune.pruning.allocation import MIN_KEEP_FRACTION, load_policy
+from metaprune.vocabulary import ALLOCATIONS, METHODS
+from metaprune.pruning.engine import PruneResult, prune, prune_request
 from metaprune.pruning.unstructured import mask_density, prune_unstructured
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PruneResult",
     "load_policy",
     "prune",
+    "prune_request",
     "mask_density",
     "prune_unstructured",
 ]

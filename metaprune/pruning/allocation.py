@@ -6,17 +6,15 @@ policy's keep ratios), so a MACs or params target is met by bisecting that param
 the analytic cost model.
 """
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from metaprune.errors import InvalidTargetError
-from metaprune.pruning.groups import ChannelGroup, minimum_kept
+from metaprune.pruning.groups import ChannelGroup, minimum_kept, snap_removal
+from metaprune.vocabulary import parse_policy
 
-ALLOCATIONS = ("global", "uniform", "metanet")
 MIN_KEEP_FRACTION = 0.1  # each layer keeps at least this share of its channels
 
 
@@ -42,10 +40,6 @@ def removal_order(group: ChannelGroup, scores: torch.Tensor) -> tuple[torch.Tens
         keys.append(scores[round_idx].max().repeat(len(round_idx)))
     keys = torch.cummax(torch.cat(keys), 0).values
     return torch.cat(order), keys
-
-
-def _round_down(count: float, step: int, limit: int) -> int:
-    return min(limit, int(math.floor(count / step + 1e-9)) * step)
 
 
 class Allocation:
@@ -101,7 +95,7 @@ def global_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
 
     def counts_at(theta, group, group_keys, max_removed):
         removed = int(torch.searchsorted(ranks[index_of[id(group)]], int(theta)))
-        return _round_down(removed, group.step, max_removed)
+        return snap_removal(removed, group.size, group.step, max_removed)
 
     return Allocation(groups, keys, counts_at, 0.0, float(len(ranking)))
 
@@ -110,7 +104,7 @@ def uniform_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
     """Removes the same fraction theta of every group's channels."""
 
     def counts_at(theta, group, group_keys, max_removed):
-        return _round_down(round(theta * group.size, 6), group.step, max_removed)
+        return snap_removal(round(theta * group.size, 6), group.size, group.step, max_removed)
 
     return Allocation(groups, keys, counts_at, 0.0, 1.0)
 
@@ -123,7 +117,8 @@ def policy_allocation(groups: list[ChannelGroup], keys: list,
 
     def counts_at(theta, group, group_keys, max_removed):
         keep = ratio_of[id(group)] ** theta
-        return _round_down(round((1.0 - keep) * group.size, 6), group.step, max_removed)
+        return snap_removal(round((1.0 - keep) * group.size, 6), group.size, group.step,
+                            max_removed)
 
     # theta at which even the mildest pruned layer has fallen to its floor
     mildest = max([r for r in keep_ratio_of_group if r < 1.0] or [0.5])
@@ -132,39 +127,15 @@ def policy_allocation(groups: list[ChannelGroup], keys: list,
 
 
 def load_policy(policy) -> dict[str, float]:
-    """A policy from a dict or a JSON file path: module name -> keep ratio in (0, 1].
-
-    Either the mapping itself, or a recipe document holding it under ``"policy"`` beside other
-    keys (as ``metaprune tune`` writes: speed-up, dataset, how it scored), which are ignored
-    here. A module's ratio is a number, so a mapping under ``"policy"`` is never a ratio.
+    """A policy from a dict, a `metaprune tune` recipe, or a JSON file of either: module name
+    -> keep ratio in (0, 1] (`metaprune.vocabulary.parse_policy`).
 
     Example::
 
         load_policy({"conv1": 0.5, "conv2": 0.7})               # {'conv1': 0.5, 'conv2': 0.7}
         load_policy({"policy": {"conv1": 0.5}, "speedup": 2.0})  # {'conv1': 0.5}
     """
-    if isinstance(policy, (str, Path)):
-        path = Path(policy)
-        if not path.is_file():
-            raise InvalidTargetError(f"policy file {str(path)!r} does not exist")
-        try:
-            policy = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise InvalidTargetError(f"policy file {str(path)!r} is not valid JSON: {error}") \
-                from error
-    if isinstance(policy, dict) and isinstance(policy.get("policy"), dict):
-        policy = policy["policy"]
-    if not isinstance(policy, dict) or not policy:
-        raise InvalidTargetError("a policy must be a non-empty mapping: module name -> keep ratio")
-    checked = {}
-    for name, ratio in policy.items():
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) \
-                or not 0.0 < float(ratio) <= 1.0:
-            raise InvalidTargetError(
-                f"policy keep ratio of {name!r} must be a number in (0, 1], got {ratio!r}"
-            )
-        checked[str(name)] = float(ratio)
-    return checked
+    return parse_policy(policy)
 
 
 def policy_to_groups(policy: dict[str, float], groups: list[ChannelGroup],

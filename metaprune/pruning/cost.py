@@ -150,6 +150,15 @@ class CostModel:
 
     def evaluate(self, removed: Sequence[int]) -> tuple[float, float]:
         """(MACs, params) when group i loses its first `removed[i]` channels of its order."""
+        macs, params = self.constant_macs, self.constant_params
+        for name, (keep_in, keep_out) in self.unit_keeps(removed).items():
+            unit = self.units[name]
+            macs += unit.macs_both * keep_in * keep_out + unit.macs_out * keep_out
+            params += unit.params_both * keep_in * keep_out + unit.params_out * keep_out
+        return macs, params
+
+    def unit_keeps(self, removed: Sequence[int]) -> dict[str, tuple[float, float]]:
+        """Unit name -> (kept fraction of its input channels, of its output channels)."""
         removed_out: dict[str, float] = {}
         removed_in: dict[str, float] = {}
         for count, uses in zip(removed, self._cumulative):
@@ -158,13 +167,12 @@ class CostModel:
             for unit, side, cumulative in uses:
                 target = removed_out if side == "out" else removed_in
                 target[unit] = target.get(unit, 0.0) + float(cumulative[count])
-        macs, params = self.constant_macs, self.constant_params
+        keeps = {}
         for name, unit in self.units.items():
             keep_out = 1.0 - removed_out.get(name, 0.0) / unit.out_total if unit.out_total else 1.0
             if unit.tied:
                 keep_in = keep_out
             else:
                 keep_in = 1.0 - removed_in.get(name, 0.0) / unit.in_total if unit.in_total else 1.0
-            macs += unit.macs_both * keep_in * keep_out + unit.macs_out * keep_out
-            params += unit.params_both * keep_in * keep_out + unit.params_out * keep_out
-        return macs, params
+            keeps[name] = (keep_in, keep_out)
+        return keeps

@@ -1,11 +1,22 @@
-"""`prune()`: structured pruning of any traceable model to an exact MACs or params target.
+"""`prune()`: structured pruning of any traceable model to a MACs, params or latency target.
 
-The run, in order: (optional) metanetwork weight rewrite; channel groups from Torch-Pruning's
-DependencyGraph; importance of every channel, computed once; per-group removal counts from the
-allocation, bisected against the analytic cost model; one physical removal; a real MACs/params
-count, and — if the analytic model missed by more than a fraction of the tolerance — a
-corrected goal and one more removal from the dense copy; BatchNorm recalibration and
-fine-tuning when data is given; the report.
+`prune` checks its keywords into a `PruneRequest` (torch-free, shared with the CLI, the
+service and `tune`) and hands it to `prune_request`, which runs these named steps of a `_Run`:
+
+1. `prepare`: check the fine-tune settings, load the metanetwork and the data (samples adapted
+   to the model's input shape by size-1 dimensions only), check `exclude` names — all before
+   any work;
+2. `measure_dense`: MACs, params and accuracy of the dense model;
+3. `rewrite_with_metanet`: the metanetwork's weight rewrite (+ its share of fine-tuning);
+4. `plan`: channel groups from Torch-Pruning's DependencyGraph, importance of every channel
+   (computed once), the analytic cost model, `round_to` applied to the groups;
+5. `prune_to_target`: the one retry loop — allocate, remove, count for real; a miss beyond a
+   fraction of the tolerance asks the cost model for proportionally less, and a removal that
+   breaks a block's shapes blocks the groups responsible and tries again. A latency target
+   instead asks the measured latency model, times the result and corrects
+   (`latency_target`);
+6. `finetune_pruned`: BatchNorm recalibration and fine-tuning when data is given;
+7. `measure_pruned` (dense and pruned latency timed together, interleaved) and `report`.
 """
 
 import copy
@@ -17,9 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import metaprune
 from metaprune.criteria import build_criterion
 from metaprune.errors import InvalidTargetError, UnsupportedModelError
-from metaprune.measure import count_macs, count_params, measure_latency_ms
+from metaprune.measure import count_macs, count_params
 from metaprune.pruning import training_bridge
 from metaprune.pruning.allocation import (
     global_allocation,
@@ -29,17 +41,19 @@ from metaprune.pruning.allocation import (
     uniform_allocation,
 )
 from metaprune.pruning.cost import CostModel
+from metaprune.pruning.latency_cost import latency_allocation
+from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
 from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
-from metaprune.pruning.options import PruneOptions, resolve_options
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
     forward_outputs,
     remove_channels,
 )
-from metaprune.pruning.targets import TOLERANCE, solve_counts
+from metaprune.pruning.targets import TOLERANCE, Target, solve_counts
 from metaprune.report import build_report
+from metaprune.vocabulary import PruneRequest
 
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
 _RECOUNT_TOLERANCE = TOLERANCE / 4
@@ -52,7 +66,7 @@ class PruneResult:
 
     Attributes:
         model: the pruned module (a new object; the input is left untouched).
-        report: JSON-serialisable figures, see `metaprune.report.build_report`.
+        report: JSON-serialisable figures, see `metaprune.report.schema`.
     """
 
     model: nn.Module
@@ -98,86 +112,339 @@ def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
     return kept
 
 
-def _plan(work: nn.Module, example_inputs, settings: PruneOptions, criterion, loaders, timer):
-    """Groups, removal orders, ranking keys and the cost model of the dense model `work`."""
-    with timer.phase("graph"):
-        DG, groups = plan_channel_groups(work, example_inputs)
-    if not any(g.blocked is None for g in groups):
-        raise UnsupportedModelError("the model has no prunable channel group (every group reaches "
-                                    "the output or holds a layer that cannot be pruned)")
-    with timer.phase("score"):
-        if criterion.needs_data:
-            criterion.prepare(work, loaders[0])
-        orders, keys = [], []
+def _in_excluded(unit: str, excluded: tuple[str, ...]) -> bool:
+    return any(unit == name or unit.startswith(name + ".") for name in excluded)
+
+
+class _Run:
+    """One pruning run: the request, the models and the figures, step by step."""
+
+    def __init__(self, module: nn.Module, example_inputs, request: PruneRequest) -> None:
+        self.module = module  # the caller's model, never modified
+        # a lone tensor is one input, not a sequence of rows
+        self.example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+            else tuple(example_inputs)
+        self.request = request
+        self.timer = _Timer()
+        self.target = Target(*request.target) if request.target is not None else None
+        self.allocation_used = request.resolved_allocation
+        self.figures: dict = {}  # report values gathered along the way
+        self.finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0,
+                                "history": []}
+        self.policy_from_metanet = None
+        self.latency_steps = LatencySteps(LatencySettings(batch=request.latency_batch),
+                                          request.round_to, measure=request.latency)
+
+    # 1 --------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Everything that can fail on the request, checked before any work."""
+        request = self.request
+        if request.finetune is not None or request.data is not None:
+            training_bridge.finetune_config(request.finetune)
+        names = {name for name, _ in self.module.named_modules()}
+        unknown = [name for name in request.exclude if name not in names]
+        if unknown:
+            raise InvalidTargetError(f"exclude names module {unknown[0]!r}, which the model does "
+                                     "not have")
+        self.criterion = build_criterion(request.resolved_criterion)
+        with self.timer.phase("load"):
+            self.metanet, self.metanet_entry = None, None
+            if request.resolved_metanet is not None:
+                # imported here: the metanetwork package pulls in torch-geometric (~3 s), which
+                # a classic-criterion prune never needs
+                from metaprune.metanet.scope import select_metanet
+
+                # the checkpoint whose scope fits this model and data, and the report's entry
+                chosen, self.metanet_entry = select_metanet(request.resolved_metanet,
+                                                            self.module, request.data)
+                self.metanet = load_metanet(chosen)
+            self.loaders, self.figures["input_adaptation"] = training_bridge.resolve_data(
+                request.data, self.example_inputs)
+        finetune_epochs = request.finetune_epochs
+        self.after_metanet = training_bridge.metanet_epochs(finetune_epochs, request.finetune) \
+            if self.metanet is not None else 0
+        self.after_prune = finetune_epochs - self.after_metanet
+
+    # 2 --------------------------------------------------------------------------------------
+    def measure_dense(self) -> None:
+        self.work = copy.deepcopy(self.module)
+        with self.timer.phase("measure"):
+            self.figures["macs_before"] = count_macs(self.work, self.example_inputs)
+            self.figures["params_before"] = count_params(self.work)
+        with self.timer.phase("evaluate"):
+            self.figures["accuracy_before"] = training_bridge.evaluate(
+                self.work, self.loaders[1]) if self.loaders else None
+
+    # 3 --------------------------------------------------------------------------------------
+    def rewrite_with_metanet(self) -> None:
+        if self.metanet is None:
+            return
+        request = self.request
+        with self.timer.phase("metanet"):
+            self.work, self.policy_from_metanet = apply_metanet(
+                self.metanet, self.work, self.example_inputs, speedup=request.speedup,
+                params_ratio=request.params_ratio)
+            if request.resolved_allocation != "metanet":
+                self.policy_from_metanet = None
+            elif self.policy_from_metanet is None:
+                self.allocation_used = "global"  # the metanetwork's sparsity head is untrained
+        if self.after_metanet:
+            with self.timer.phase("finetune"):
+                self.finetune_record["history"] += training_bridge.finetune(
+                    self.work, self.loaders[0], epochs=self.after_metanet,
+                    config=request.finetune, eval_loader=self.loaders[1], teacher=self.module)
+            self.finetune_record["epochs_after_metanet"] = self.after_metanet
+
+    # 4 --------------------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Groups, removal orders, ranking keys and the cost model of the dense model."""
+        work, timer, criterion = self.work, self.timer, self.criterion
+        with timer.phase("graph"):
+            DG, groups = plan_channel_groups(work, self.example_inputs)
+            self.heads_before = attention_heads(work, self.example_inputs)
         for group in groups:
-            if group.blocked:
-                scores = None
-            elif group.plan is not None:  # a group read from the channel graph
-                scores = group.plan.score(group, criterion, work)
-            else:
-                scores = criterion(group.dependency_group)
-            if scores is None:
-                scores = torch.zeros(group.size)
-                if not group.blocked:
-                    group.blocked = f"criterion {criterion.name!r} cannot score it"
-            order, group_keys = removal_order(group, scores)
-            orders.append(order)
-            keys.append(group_keys)
-            group.dependency_group = None  # frees the traced graph once scored
-        work.zero_grad(set_to_none=True)
-    with timer.phase("allocate"):
-        cost = CostModel(work, example_inputs, DG, groups)
-        cost.set_orders(orders)
-    return groups, orders, keys, cost
-
-
-def _allocation(work: nn.Module, settings: PruneOptions, groups, keys, policy_ratios_from_metanet):
-    """The allocation family the target is bisected over (built after groups are final)."""
-    names = {name for name, _ in work.named_modules()}
-    policy = policy_ratios_from_metanet or settings.policy
-    if policy is not None:
-        return policy_allocation(groups, keys, policy_to_groups(policy, groups, names))
-    if settings.allocation == "uniform":
-        return uniform_allocation(groups, keys)
-    return global_allocation(groups, keys)
-
-
-def _prune_to_target(work, example_inputs, settings, groups, orders, cost, allocation, timer):
-    """Physically pruned model whose real MACs/params meet the target (or the policy as is)."""
-    reference_shapes = [tuple(t.shape) for t in forward_outputs(work, example_inputs)]
-    target = settings.target
-    if target is None:
-        with timer.phase("prune"):
-            pruned = remove_channels(work, example_inputs, groups, orders, allocation.counts(1.0))
-            check_pruned(pruned, example_inputs, reference_shapes)
-        return pruned
-    goal = target.goal(cost)
-    best, best_miss = None, float("inf")
-    for _ in range(_MAX_CORRECTIONS + 1):
+            if group.blocked is None and any(_in_excluded(use.unit, self.request.exclude)
+                                             for use in group.uses):
+                group.blocked = "excluded by the request"
+        if not any(g.blocked is None for g in groups):
+            raise UnsupportedModelError("the model has no prunable channel group (every group "
+                                        "reaches the output, is excluded, or holds a layer that "
+                                        "cannot be pruned)")
+        with timer.phase("score"):
+            if criterion.needs_data:
+                criterion.prepare(work, self.loaders[0])
+            orders, keys = [], []
+            for group in groups:
+                if group.blocked:
+                    scores = None
+                elif group.plan is not None:  # a group read from the channel graph
+                    scores = group.plan.score(group, criterion, work)
+                else:
+                    scores = criterion(group.dependency_group)
+                if scores is None:
+                    scores = torch.zeros(group.size)
+                    if not group.blocked:
+                        group.blocked = f"criterion {criterion.name!r} cannot score it"
+                order, group_keys = removal_order(group, scores)
+                orders.append(order)
+                keys.append(group_keys)
+                group.dependency_group = None  # frees the traced graph once scored
+            work.zero_grad(set_to_none=True)
         with timer.phase("allocate"):
-            counts = solve_counts(allocation, cost, target, goal)
+            cost = CostModel(work, self.example_inputs, DG, groups)
+            cost.set_orders(orders)
+        self.groups, self.orders, self.keys, self.cost = groups, orders, keys, cost
+        with timer.phase("latency"):
+            self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
+
+    def _latency_model(self):
+        with self.timer.phase("latency"):
+            return self.latency_steps.model(self.work, self.example_inputs, self.cost)
+
+    def _allocation(self):
+        """The allocation family the target is bisected over (built after groups are final)."""
+        names = {name for name, _ in self.work.named_modules()}
+        policy = self.policy_from_metanet or self.request.policy
+        if policy is not None:
+            return policy_allocation(self.groups, self.keys,
+                                     policy_to_groups(policy, self.groups, names))
+        if self.request.resolved_allocation == "uniform":
+            return uniform_allocation(self.groups, self.keys)
+        if self.request.resolved_allocation == "latency":
+            return latency_allocation(self.groups, self.keys, self._latency_model())
+        return global_allocation(self.groups, self.keys)
+
+    # 5 --------------------------------------------------------------------------------------
+    def prune_to_target(self) -> None:
+        """The one retry loop: allocate, remove, count; correct the goal or block and retry."""
+        work, inputs, groups, orders, cost = (self.work, self.example_inputs, self.groups,
+                                              self.orders, self.cost)
+        timer, target = self.timer, self.target
+        reference_shapes = [tuple(t.shape) for t in forward_outputs(work, inputs)]
+        if target is not None and target.kind == "latency_speedup":
+            self._prune_to_latency(reference_shapes)
+            return
+        goal = target.goal(cost) if target is not None else None
+        allocation, probed, corrections = None, False, 0
+        best, best_miss = None, float("inf")
+        while corrections <= _MAX_CORRECTIONS:
+            try:
+                with timer.phase("allocate"):
+                    allocation = allocation or self._allocation()
+                    counts = allocation.counts(1.0) if target is None \
+                        else self._solve(allocation, target, goal)
+                with timer.phase("prune"):
+                    pruned = remove_channels(work, inputs, groups, orders, counts)
+                    check_pruned(pruned, inputs, reference_shapes)
+            except UnsupportedModelError:
+                # A removal broke a block's baked shapes: block the groups that do it, once.
+                if probed:
+                    raise
+                probed = True
+                with timer.phase("probe"):
+                    if not block_breaking_groups(work, inputs, groups, orders) or \
+                            all(g.blocked for g in groups):
+                        raise
+                allocation, best, best_miss = None, None, float("inf")
+                continue
+            if target is None:
+                self.pruned = pruned  # a policy applied as is
+                return
+            with timer.phase("verify"):
+                real = count_macs(pruned, inputs) if target.kind == "speedup" \
+                    else count_params(pruned)
+            miss = abs(real / target.goal(cost) - 1.0)
+            if miss < best_miss:
+                best, best_miss = pruned, miss
+            if miss <= _RECOUNT_TOLERANCE:
+                break
+            # The analytic model is off by real/predicted here; ask it for proportionally less.
             predicted = cost.evaluate(counts)[0 if target.kind == "speedup" else 1]
-        with timer.phase("prune"):
-            pruned = remove_channels(work, example_inputs, groups, orders, counts)
-            check_pruned(pruned, example_inputs, reference_shapes)
-        with timer.phase("verify"):
-            real = count_macs(pruned, example_inputs) if target.kind == "speedup" \
-                else count_params(pruned)
-        miss = abs(real / target.goal(cost) - 1.0)
-        if miss < best_miss:
-            best, best_miss = pruned, miss
-        if miss <= _RECOUNT_TOLERANCE:
-            break
-        # The analytic model is off by real/predicted here; ask it for proportionally less.
-        goal = target.goal(cost) * predicted / real
-    achieved = target.achieved(cost.macs_before, count_macs(best, example_inputs),
-                               cost.params_before, count_params(best))
-    if target.error(achieved) > TOLERANCE:
-        raise InvalidTargetError(
-            f"{target.kind} {target.value:g} cannot be met within {TOLERANCE:.0%}: the closest "
-            f"channel counts give {achieved:.4g} (the model's layers are too narrow for a finer step)"
+            goal = target.goal(cost) * predicted / real
+            corrections += 1
+        achieved = target.achieved(cost.macs_before, count_macs(best, inputs),
+                                   cost.params_before, count_params(best))
+        rounded_to = self.latency_steps.rounded_to
+        if target.error(achieved) > TOLERANCE and rounded_to:
+            self.latency_steps.target_note = {
+                "kind": target.kind, "value": target.value, "achieved": achieved,
+                "reached": False, "why": f"round_to={rounded_to} leaves no kept widths closer to "
+                                         f"the target than {achieved:.4g}"}
+        elif target.error(achieved) > TOLERANCE:
+            raise InvalidTargetError(
+                f"{target.kind} {target.value:g} cannot be met within {TOLERANCE:.0%}: the "
+                f"closest channel counts give {achieved:.6g}, {achieved / target.value - 1:+.2%} "
+                "off the target (the model's layers are too narrow for a finer step)")
+        self.pruned = best
+
+    def _solve(self, allocation, target, goal) -> list[int]:
+        """Counts meeting `goal`; with `round_to`, as close as the rounded widths allow."""
+        try:
+            return solve_counts(allocation, self.cost, target, goal)
+        except InvalidTargetError:
+            if not self.latency_steps.rounded_to:
+                raise
+            return allocation.counts(allocation.high)  # the report says what was reached
+
+    def _prune_to_latency(self, reference_shapes) -> None:
+        """A measured latency target: the latency model's counts, timed and corrected."""
+        work, inputs, groups, orders, timer = (self.work, self.example_inputs, self.groups,
+                                               self.orders, self.timer)
+
+        def remove(counts):
+            with timer.phase("prune"):
+                pruned = remove_channels(work, inputs, groups, orders, counts)
+                check_pruned(pruned, inputs, reference_shapes)
+            return pruned
+
+        for probed in (False, True):
+            try:
+                allocation = self._allocation()
+                with timer.phase("latency"):
+                    self.pruned = self.latency_steps.prune_to_latency(
+                        self.module, inputs, allocation, self.cost, work, self.target, remove)
+                return
+            except UnsupportedModelError:
+                # A removal broke a block's baked shapes: block the groups that do it, once.
+                with timer.phase("probe"):
+                    if probed or not block_breaking_groups(work, inputs, groups, orders) or \
+                            all(g.blocked for g in groups):
+                        raise
+
+    # 6 --------------------------------------------------------------------------------------
+    def finetune_pruned(self) -> None:
+        if self.loaders is None:
+            return
+        # With 0 epochs this only recalibrates BatchNorm statistics (if the config says so).
+        with self.timer.phase("finetune"):
+            self.finetune_record["history"] += training_bridge.finetune(
+                self.pruned, self.loaders[0], epochs=self.after_prune,
+                config=self.request.finetune,
+                eval_loader=self.loaders[1] if self.after_prune else None, teacher=self.module)
+            self.finetune_record["epochs_after_prune"] = self.after_prune
+
+    def _skipped_reason(self) -> str | None:
+        if self.loaders is None:
+            return "no data was given, so the pruned model was not fine-tuned"
+        if self.after_prune == 0:
+            return "finetune_epochs is 0" if self.request.finetune_epochs == 0 else \
+                "the whole fine-tune budget was spent after the metanetwork"
+        return None
+
+    # 7 --------------------------------------------------------------------------------------
+    def measure_pruned(self) -> None:
+        pruned, inputs = self.pruned, self.example_inputs
+        with self.timer.phase("evaluate"):
+            self.figures["accuracy_after"] = training_bridge.evaluate(
+                pruned, self.loaders[1]) if self.loaders else None
+        with self.timer.phase("measure"):
+            self.figures["macs_after"] = count_macs(pruned, inputs)
+            self.figures["params_after"] = count_params(pruned)
+        with self.timer.phase("latency"):
+            self.figures.update(self.latency_steps.report_keys(self.module, pruned, inputs))
+        pruned.train(self.module.training)
+
+    def report(self) -> dict:
+        request = self.request
+        skipped = self._skipped_reason()
+        return build_report(
+            **self.figures,
+            version=metaprune.__version__,
+            kept=_kept_channels(self.module, self.pruned),
+            kept_heads=_kept_heads(self.heads_before,
+                                   attention_heads(self.pruned, self.example_inputs)),
+            left_alone=_left_alone(self.groups),
+            excluded=list(request.exclude),
+            round_to=self.latency_steps.rounded_to,
+            target=self.latency_steps.target_note,
+            finetune=None if skipped and not self.finetune_record["epochs_after_metanet"]
+            else self.finetune_record,
+            finetune_skipped_reason=skipped,
+            method=request.method, criterion=request.resolved_criterion,
+            allocation=self.allocation_used,
+            metanet=self.metanet_entry,
+            seed=training_bridge.seed_of(request.finetune),
+            seconds=self.timer.seconds,
         )
-    return best
+
+
+def _kept_heads(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
+    """Attention module -> [kept, total] heads (whole heads only: a head split counts heads)."""
+    return {name: [int(after.get(name, 0)), int(total)] for name, total in before.items()}
+
+
+def _left_alone(groups) -> dict[str, str]:
+    """Layers whose channels stayed because their group could not be pruned, and why
+    (groups that merely reach the model's output or are single channels are not listed)."""
+    quiet = ("reaches the model output", "a single channel", "a vocabulary",
+             "the model's input", "excluded by the request")
+    left = {}
+    for group in groups or ():
+        if group.blocked and not group.blocked.startswith(quiet):
+            for use in group.uses:
+                left.setdefault(use.unit, group.blocked)
+    return left
+
+
+def prune_request(module: nn.Module, example_inputs: Sequence[torch.Tensor],
+                  request: PruneRequest) -> PruneResult:
+    """`prune` for an already checked `PruneRequest` (what the CLI, service and `tune` hold).
+
+    Example::
+
+        from metaprune.vocabulary import PruneRequest
+        request = PruneRequest(criterion="l1", speedup=2.0, latency=False)
+        result = prune_request(model, (torch.randn(1, 3, 32, 32),), request)
+    """
+    run = _Run(module, example_inputs, request)
+    run.prepare()
+    run.measure_dense()
+    run.rewrite_with_metanet()
+    run.plan()
+    run.prune_to_target()
+    run.finetune_pruned()
+    run.measure_pruned()
+    return PruneResult(run.pruned, run.report())
 
 
 def prune(
@@ -194,8 +461,13 @@ def prune(
     data=None,
     finetune_epochs: int = 0,
     finetune: dict | None = None,
+    latency_speedup: float | None = None,
+    latency_batch: int = 1,
+    round_to: int | str | None = None,
+    latency: bool = True,
+    exclude: Sequence[str] = (),
 ) -> PruneResult:
-    """Prunes whole channels of `module` to a MACs or params target.
+    """Prunes whole channels of `module` to a MACs, params or measured latency target.
 
     Args:
         module: the network (left untouched; the result is a pruned deep copy).
@@ -207,18 +479,32 @@ def prune(
         metanet: None, `"default"`, a checkpoint path, or a loaded metanetwork.
         allocation: `"global"` (normalised importance ranked across layers, each layer keeps at
             least 10 %), `"uniform"`, `"metanet"` (the sparsity head's keep ratios; `"global"`
-            when the checkpoint's head is untrained), or a policy (dict or JSON path).
-        speedup: MACs before / MACs after to reach (within 2 %).
-        params_ratio: params after / params before to reach (within 2 %); not with `speedup`.
-        policy: module name -> keep ratio (dict or JSON path); applied as is without a target,
-            rescaled to the target with one.
+            when the checkpoint's head is untrained), `"latency"` (channels that cost the most
+            measured time per unit of importance go first; tables per layer measured on this
+            CPU and cached), or a policy.
+        speedup: MACs before / MACs after to reach (within 2 %), above 1.
+        params_ratio: params after / params before to reach (within 2 %), in (0, 1).
+        policy: module name -> keep ratio: a dict, a recipe written by `metaprune tune`, or a
+            JSON path of either; applied as is without a target, rescaled to the target with one.
         data: a dataset id, a folder, or a `(train_loader, test_loader)` pair; enables
-            accuracy figures, gradient criteria, BN recalibration and fine-tuning.
+            accuracy figures, gradient criteria, BN recalibration and fine-tuning. Samples whose
+            shape differs from the model's example input only by size-1 dimensions are reshaped
+            (the report says so); any other mismatch is an error before any work.
         finetune_epochs: epochs of fine-tuning in all (needs `data`). Without a metanetwork
             they all follow pruning; with one they are split: ``finetune["metanet_epochs"]``
             (default half, rounded down) right after the rewrite, the rest after pruning.
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
-            `bn_recalibration`).
+            `bn_recalibration`, `seed`).
+        latency_speedup: latency before / after to reach, measured on this machine at
+            `latency_batch` (one torch thread); reached when the measured speed-up lies in
+            [0.95, 1.1] x the target (the report's `target` says how it went).
+        latency_batch: batch size of every latency measurement (default 1).
+        round_to: every pruned group keeps a multiple of this many channels, for any target;
+            `"auto"` measures the multiple this CPU rewards. A MACs or params target is met
+            within 2 % where the rounded widths allow, else the report's `target` says what
+            was reached.
+        latency: False skips the report's latency measurement (its keys are null).
+        exclude: module names left unpruned, each with its submodules.
 
     Example::
 
@@ -230,92 +516,9 @@ def prune(
         result.report["speedup"]      # 2.0 ± 2 %
         result.model(*example_inputs)  # runs, with fewer channels
     """
-    timer = _Timer()
-    settings = resolve_options(method, criterion, metanet, allocation, speedup, params_ratio, policy,
-                         data)
-    finetune_epochs = int(finetune_epochs or 0)
-    if finetune_epochs < 0:
-        raise InvalidTargetError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
-    if finetune is not None or data is not None:
-        training_bridge.finetune_config(finetune)
-    # a lone tensor is one input, not a sequence of rows
-    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
-        else tuple(example_inputs)
-    chosen = build_criterion(settings.criterion)
-    with timer.phase("load"):
-        metanet_object = load_metanet(settings.metanet)
-        loaders = training_bridge.resolve_data(data)
-    was_training = module.training
-    work = copy.deepcopy(module)
-    with timer.phase("measure"):
-        flops_before, params_before = count_macs(work, example_inputs), count_params(work)
-        latency_before = measure_latency_ms(work, example_inputs, batch=64)
-    with timer.phase("evaluate"):
-        accuracy_before = training_bridge.evaluate(work, loaders[1]) if loaders else None
-    policy_from_metanet = None
-    after_metanet = training_bridge.metanet_epochs(finetune_epochs, finetune) \
-        if metanet_object is not None else 0
-    after_prune = finetune_epochs - after_metanet
-    finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0, "history": []}
-    allocation_used = settings.allocation
-    if metanet_object is not None:
-        with timer.phase("metanet"):
-            work, policy_from_metanet = apply_metanet(
-                metanet_object, work, example_inputs, speedup=speedup, params_ratio=params_ratio)
-            if settings.allocation != "metanet":
-                policy_from_metanet = None
-            elif policy_from_metanet is None:
-                allocation_used = "global"  # the metanetwork's sparsity head is not trained
-        if after_metanet:
-            with timer.phase("finetune"):
-                finetune_record["history"] += training_bridge.finetune(
-                    work, loaders[0], epochs=after_metanet, config=finetune,
-                    eval_loader=loaders[1], teacher=module)
-            finetune_record["epochs_after_metanet"] = after_metanet
-    groups, orders, keys, cost = _plan(work, example_inputs, settings, chosen, loaders, timer)
-    try:
-        with timer.phase("allocate"):
-            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
-        pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
-                                  allocation_plan, timer)
-    except UnsupportedModelError:
-        with timer.phase("probe"):
-            if not block_breaking_groups(work, example_inputs, groups, orders) or \
-                    all(g.blocked for g in groups):
-                raise
-        with timer.phase("allocate"):
-            allocation_plan = _allocation(work, settings, groups, keys, policy_from_metanet)
-        pruned = _prune_to_target(work, example_inputs, settings, groups, orders, cost,
-                                  allocation_plan, timer)
-    skipped_reason = None
-    if loaders is None:
-        skipped_reason = "no data was given, so the pruned model was not fine-tuned"
-    elif after_prune == 0:
-        skipped_reason = "finetune_epochs is 0" if finetune_epochs == 0 else \
-            "the whole fine-tune budget was spent after the metanetwork"
-    if loaders is not None:
-        # With 0 epochs this only recalibrates BatchNorm statistics (if the config says so).
-        with timer.phase("finetune"):
-            finetune_record["history"] += training_bridge.finetune(
-                pruned, loaders[0], epochs=after_prune, config=finetune,
-                eval_loader=loaders[1] if after_prune else None, teacher=module)
-            finetune_record["epochs_after_prune"] = after_prune
-    with timer.phase("evaluate"):
-        accuracy_after = training_bridge.evaluate(pruned, loaders[1]) if loaders else None
-    with timer.phase("measure"):
-        flops_after, params_after = count_macs(pruned, example_inputs), count_params(pruned)
-        latency_after = measure_latency_ms(pruned, example_inputs, batch=64)
-    pruned.train(was_training)
-    report = build_report(
-        flops_before=flops_before, flops_after=flops_after,
-        params_before=params_before, params_after=params_after,
-        kept=_kept_channels(module, pruned),
-        accuracy_before=accuracy_before, accuracy_after=accuracy_after,
-        latency_ms_before=latency_before, latency_ms_after=latency_after,
-        finetune=None if skipped_reason and not finetune_record["epochs_after_metanet"]
-        else finetune_record,
-        finetune_skipped_reason=skipped_reason,
-        method=method, criterion=settings.criterion,
-        allocation=allocation_used, seconds=timer.seconds,
-    )
-    return PruneResult(pruned, report)
+    request = PruneRequest(
+        method=method, criterion=criterion, metanet=metanet, allocation=allocation,
+        speedup=speedup, params_ratio=params_ratio, latency_speedup=latency_speedup,
+        latency_batch=latency_batch, round_to=round_to, latency=latency, exclude=exclude,
+        policy=policy, data=data, finetune_epochs=finetune_epochs, finetune=finetune)
+    return prune_request(module, example_inputs, request)

@@ -215,10 +215,10 @@ class GraphPlan:
         for left, right in self.graph.couplings:
             src.append(left)
             dst.append(right)
-        if src:
-            a, b = torch.cat(src).numpy(), torch.cat(dst).numpy()
-        else:
-            a = b = np.zeros(0, dtype=np.int64)
+        a = torch.cat(src) if src else torch.zeros(0, dtype=torch.long)
+        b = torch.cat(dst) if dst else torch.zeros(0, dtype=torch.long)
+        valid = (a >= 0) & (b >= 0)  # couplings of dropped (unused) input labellings
+        a, b = a[valid].numpy(), b[valid].numpy()
         matrix = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)),
                             shape=(self.num_nodes, self.num_nodes))
         _, labels = connected_components(matrix, directed=False)
@@ -430,8 +430,9 @@ class GraphDims:
 
 
 def attention_heads(model: nn.Module, example_inputs) -> dict[str, int]:
-    """Module path -> attention heads (the widest head split traced there, or
-    ``nn.MultiheadAttention.num_heads``); {} when the model cannot be traced."""
+    """Module path -> attention heads: the size of the head axis of the attention products
+    traced there (``q @ k^T``, ``scaled_dot_product_attention``), or
+    ``nn.MultiheadAttention.num_heads``; {} when the model cannot be traced."""
     heads = {name: m.num_heads for name, m in model.named_modules()
              if isinstance(m, nn.MultiheadAttention)}
     try:
@@ -439,5 +440,5 @@ def attention_heads(model: nn.Module, example_inputs) -> dict[str, int]:
     except UnsupportedModelError:
         return heads
     for where, per_head in graph.head_splits:
-        heads[where] = max(heads.get(where, 0), int(per_head.shape[0]))
+        heads[where] = max(heads.get(where, 0), int(per_head.numel()))
     return heads

@@ -50,7 +50,8 @@ class ChannelGroup:
         handler: Torch-Pruning's out-channel pruning function of the root.
         size: number of root channels.
         uses: layers touched, see `LayerUse`.
-        step: channels are removed in multiples of this (attention heads must stay equal).
+        step: the group keeps a multiple of this many channels, or all of them (attention
+            heads must stay equal; `round_to` makes widths hardware-friendly).
         head_of_channel: for attention groups, the head each root channel belongs to, so that
             every head loses the same number of channels.
         blocked: why the group must not be pruned, or None.
@@ -204,7 +205,34 @@ def collect_groups(DG, protected: set[nn.Module]) -> list[ChannelGroup]:
 
 
 def minimum_kept(size: int, step: int, min_keep_fraction: float) -> int:
-    """Channels a group keeps at least: the floor fraction, rounded so removals fit `step`."""
+    """Channels a group keeps at least: the floor fraction, rounded up to a multiple of `step`."""
     keep = max(1, math.ceil(size * min_keep_fraction))
-    removable = ((size - keep) // step) * step
-    return size - removable
+    return min(size, math.ceil(keep / step) * step)
+
+
+def snap_removal(count: float, size: int, step: int, limit: int) -> int:
+    """The largest removal <= `count` and <= `limit` that leaves a multiple of `step` (or 0).
+
+    Example::
+
+        snap_removal(5, size=20, step=8, limit=16)   # 4: keeps 16
+        snap_removal(3, size=20, step=8, limit=16)   # 0: keeping 17..19 is not a multiple of 8
+    """
+    offset = size % step
+    count = min(float(count), float(limit))
+    if count + 1e-9 < max(offset, 1):
+        return 0
+    return int(offset + math.floor((count - offset) / step + 1e-9) * step)
+
+
+def removal_neighbours(count: int, size: int, step: int, limit: int) -> list[int]:
+    """The allowed removals one step below and above `count` (within 0..`limit`)."""
+    offset = size % step
+    below = 0 if count <= max(offset, step if offset == 0 else offset) else count - step
+    above = (offset or step) if count == 0 else count + step
+    return [r for r in (below, above) if r != count and 0 <= r <= limit]
+
+
+def first_removal(size: int, step: int) -> int:
+    """The smallest non-zero removal that leaves a multiple of `step`."""
+    return size % step or step

@@ -9,45 +9,39 @@ A loaded metanetwork is any object with two methods:
 - optionally `head_trained` (bool): False means the head is untrained, so the engine allocates
   with its global ranking instead.
 
-`metaprune.metanet.load_metanet(path)` returns such an object; the committed checkpoint lives in
-`metaprune/checkpoints/`. Until one is there, asking for the metanetwork is a clear error that
-names the classic criteria to fall back on.
+`metaprune.metanet.load_metanet(path)` returns such an object; checkpoints are found by
+`metaprune.vocabulary.resolve_checkpoint` (the committed one lives in `metaprune/checkpoints/`).
+Without one, asking for the metanetwork is a clear error that names the classic criteria.
 """
 
 from pathlib import Path
 
 from torch import nn
 
-from metaprune.criteria import DATA_FREE_CRITERIA
 from metaprune.errors import MetaPruneError
+from metaprune.vocabulary.checkpoints import (
+    CHECKPOINT_DIR,
+    fallback_hint,
+    resolve_checkpoint,
+)
+from metaprune.vocabulary.checkpoints import default_checkpoint as find_default_checkpoint
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
-
-
-def _fallback_hint() -> str:
-    return (f"prune with a classic criterion instead (method= one of "
-            f"{', '.join(DATA_FREE_CRITERIA)}, or taylor/hessian with data)")
+__all__ = ["CHECKPOINT_DIR", "apply_metanet", "default_checkpoint", "load_metanet"]
 
 
 def default_checkpoint() -> Path | None:
     """The committed metanetwork checkpoint, if any."""
-    if not CHECKPOINT_DIR.is_dir():
-        return None
-    found = sorted(CHECKPOINT_DIR.glob("metanet*.safetensors"))
-    return found[0] if found else None
+    return find_default_checkpoint(CHECKPOINT_DIR)
 
 
-def require_data_for_metanet(data) -> None:
-    """The metanetwork rewrites weights that only fine-tuning recovers: refuse without data."""
-    if data is None:
-        raise MetaPruneError(
-            "the metanetwork path needs data: its rewritten weights must be recovered by "
-            f"fine-tuning, so give a dataset; or {_fallback_hint()}"
-        )
+def _checkpoint_path(metanet) -> Path:
+    # CHECKPOINT_DIR is read at call time: tests point it at an empty folder (a build
+    # without a committed checkpoint).
+    return resolve_checkpoint(metanet, CHECKPOINT_DIR)
 
 
 def load_metanet(metanet):
-    """A loaded metanetwork from None, "default", a checkpoint path, or a loaded object."""
+    """A loaded metanetwork from None, "default", a checkpoint name or path, or a loaded object."""
     if metanet is None:
         return None
     if not isinstance(metanet, (str, Path)):
@@ -55,24 +49,13 @@ def load_metanet(metanet):
             raise MetaPruneError("a metanetwork object must provide transform() and "
                                  "layer_keep_ratios()")
         return metanet
-    if metanet == "default":
-        path = default_checkpoint()
-        if path is None:
-            raise MetaPruneError(
-                f"no metanetwork checkpoint is available (none committed under {CHECKPOINT_DIR}); "
-                + _fallback_hint()
-            )
-    else:
-        path = Path(metanet)
-        if not path.is_file():
-            raise MetaPruneError(f"metanetwork checkpoint {str(path)!r} does not exist; "
-                                 + _fallback_hint())
+    path = _checkpoint_path(metanet)
     try:
         from metaprune.metanet import load_metanet as load_checkpoint
     except ImportError as error:
         raise MetaPruneError(
             "this build cannot load metanetwork checkpoints (metaprune.metanet.load_metanet is "
-            f"missing); {_fallback_hint()}"
+            f"missing); {fallback_hint()}"
         ) from error
     return load_checkpoint(path)
 

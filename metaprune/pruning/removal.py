@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from metaprune.errors import UnsupportedModelError
-from metaprune.pruning.groups import build_dependency_graph
+from metaprune.pruning.groups import build_dependency_graph, first_removal
 
 
 def forward_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
@@ -88,7 +88,8 @@ def block_breaking_groups(work: nn.Module, example_inputs, groups, orders) -> in
     for index, group in enumerate(groups):
         if group.blocked:
             continue
-        counts = [group.step if i == index else 0 for i in range(len(groups))]
+        counts = [first_removal(group.size, group.step) if i == index else 0
+                  for i in range(len(groups))]
         try:
             probe = remove_channels(work, example_inputs, groups, orders, counts)
             check_pruned(probe, example_inputs, reference_shapes)

@@ -1,40 +1,38 @@
 """Targets (speed-up or params ratio) and the bisection that meets them analytically."""
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from metaprune.errors import InvalidTargetError
 from metaprune.pruning.allocation import MIN_KEEP_FRACTION, Allocation
 from metaprune.pruning.cost import CostModel
-
-TOLERANCE = 0.02  # |achieved / target - 1| allowed by DESIGN §5
+from metaprune.pruning.groups import removal_neighbours
+from metaprune.vocabulary import TOLERANCE, check_params_ratio, check_speedup
 
 
 @dataclass(frozen=True)
 class Target:
-    """A cost target: `kind` is "speedup" (MACs before / after) or "params_ratio" (after / before)."""
+    """A target: `kind` is "speedup" (MACs before / after), "params_ratio" (after / before) or
+    "latency_speedup" (measured latency before / after)."""
 
     kind: str
     value: float
 
     @classmethod
-    def from_arguments(cls, speedup: float | None, params_ratio: float | None) -> "Target | None":
-        if speedup is not None and params_ratio is not None:
-            raise InvalidTargetError("give at most one of speedup and params_ratio, not both")
+    def from_arguments(cls, speedup: float | None, params_ratio: float | None,
+                       latency_speedup: float | None = None) -> "Target | None":
+        """The one target given, its bounds checked by `metaprune.vocabulary`."""
+        given = [n for n, v in (("speedup", speedup), ("params_ratio", params_ratio),
+                                ("latency_speedup", latency_speedup)) if v is not None]
+        if len(given) > 1:
+            raise InvalidTargetError(f"give at most one target, not both {given[0]} and "
+                                     f"{given[1]}")
+        if latency_speedup is not None:
+            return cls("latency_speedup", check_speedup(latency_speedup, "latency_speedup"))
         if speedup is not None:
-            value = _number("speedup", speedup)
-            if value < 1.0:
-                raise InvalidTargetError(
-                    f"speedup must be at least 1 (MACs before / MACs after), got {value:g}"
-                )
-            return cls("speedup", value)
+            return cls("speedup", check_speedup(speedup))
         if params_ratio is not None:
-            value = _number("params_ratio", params_ratio)
-            if not 0.0 < value <= 1.0:
-                raise InvalidTargetError(
-                    f"params_ratio must be in (0, 1] (params after / params before), got {value:g}"
-                )
-            return cls("params_ratio", value)
+            return cls("params_ratio", check_params_ratio(params_ratio))
         return None
 
     def achieved(self, macs_before, macs_after, params_before, params_after) -> float:
@@ -53,32 +51,31 @@ class Target:
         return cost.params_before * self.value
 
 
-def _number(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as error:
-        raise InvalidTargetError(f"{name} must be a number, got {value!r}") from error
-    if not math.isfinite(number):
-        raise InvalidTargetError(f"{name} must be finite, got {value!r}")
-    return number
-
-
 def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: float,
-                 iterations: int = 60) -> list[int]:
+                 iterations: int = 60, evaluate: Callable[[list[int]], float] | None = None,
+                 ) -> list[int]:
     """Removal counts whose analytic MACs (or params) are closest to `goal`.
 
     Bisects the allocation parameter: cost falls as it grows. Raises InvalidTargetError when
-    even pruning every group to its floor does not get there.
+    even pruning every group to its floor does not get there. `evaluate` replaces the analytic
+    count (e.g. a predicted latency): counts -> the quantity `goal` is in.
     """
     index = 0 if target.kind == "speedup" else 1
+    if evaluate is None:
+        def evaluate(counts):
+            return cost.evaluate(counts)[index]
 
     def quantity(theta: float) -> tuple[float, list[int]]:
         counts = allocation.counts(theta)
-        return cost.evaluate(counts)[index], counts
+        return evaluate(counts), counts
 
     floor_value, floor_counts = quantity(allocation.high)
     if floor_value > goal * (1.0 + TOLERANCE):
-        best = target.achieved(cost.macs_before, floor_value, cost.params_before, floor_value)
+        if target.kind == "latency_speedup":
+            best = evaluate([0] * len(allocation.groups)) / floor_value
+        else:
+            best = target.achieved(cost.macs_before, floor_value, cost.params_before,
+                                   floor_value)
         raise InvalidTargetError(
             f"{target.kind} {target.value:g} cannot be reached: keeping at least "
             f"{MIN_KEEP_FRACTION:.0%} of every prunable layer's channels (and all channels of "
@@ -96,7 +93,7 @@ def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: 
             low = middle
         else:
             high = middle
-    return _refine(best_counts, allocation, cost, index, goal)
+    return _refine(best_counts, allocation, evaluate, goal)
 
 
 def _moves(counts: list[int], allocation: Allocation, pairs: bool):
@@ -105,9 +102,9 @@ def _moves(counts: list[int], allocation: Allocation, pairs: bool):
     for position, group in enumerate(allocation.groups):
         if group.blocked:
             continue
-        for change in (-group.step, group.step):
-            if 0 <= counts[position] + change <= allocation.max_removed[position]:
-                steps.append((position, change))
+        for moved in removal_neighbours(counts[position], group.size, group.step,
+                                        allocation.max_removed[position]):
+            steps.append((position, moved - counts[position]))
     for position, change in steps:
         yield {position: change}
     if pairs:
@@ -117,7 +114,7 @@ def _moves(counts: list[int], allocation: Allocation, pairs: bool):
                     yield {first: change, second: other}
 
 
-def _refine(counts: list[int], allocation: Allocation, cost: CostModel, index: int,
+def _refine(counts: list[int], allocation: Allocation, evaluate: Callable[[list[int]], float],
             goal: float, max_moves: int = 32) -> list[int]:
     """Closes the last gap left by coarse steps: moves one group by one step at a time.
 
@@ -127,7 +124,7 @@ def _refine(counts: list[int], allocation: Allocation, cost: CostModel, index: i
     group gives a step back while another takes one.
     """
     counts = list(counts)
-    miss = abs(cost.evaluate(counts)[index] / goal - 1.0)
+    miss = abs(evaluate(counts) / goal - 1.0)
     prunable = sum(1 for g in allocation.groups if not g.blocked)
     for _ in range(max_moves):
         if miss <= TOLERANCE / 8:
@@ -138,7 +135,7 @@ def _refine(counts: list[int], allocation: Allocation, cost: CostModel, index: i
             trial = list(counts)
             for position, change in move.items():
                 trial[position] += change
-            trial_miss = abs(cost.evaluate(trial)[index] / goal - 1.0)
+            trial_miss = abs(evaluate(trial) / goal - 1.0)
             if trial_miss < best_miss:
                 best_counts, best_miss = trial, trial_miss
         if best_counts is None:

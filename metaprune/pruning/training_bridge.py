@@ -22,12 +22,22 @@ def _component(module_name: str, attribute: str):
         ) from error
 
 
-def resolve_data(data, *, seed: int = 0):
-    """(train_loader, test_loader) from a dataset id, a folder, or a loader pair; None stays None."""
+def resolve_data(data, example_inputs, *, seed: int = 0):
+    """``((train_loader, test_loader), note)`` from a dataset id, a folder, or a loader pair,
+    with inputs fitted to the model's example input by size-1 dimensions (`note` says how, or
+    is None); ``(None, None)`` without data. A shape that does not fit raises before any work.
+    """
     if data is None:
-        return None
-    return _component("metaprune.data", "resolve_loaders")(data, batch_size=DATA_BATCH_SIZE,
-                                                           seed=seed)
+        return None, None
+    loaders = _component("metaprune.data", "resolve_loaders")(data, batch_size=DATA_BATCH_SIZE,
+                                                              seed=seed)
+    return _component("metaprune.data.adapt", "adapt_loaders")(loaders, example_inputs)
+
+
+def seed_of(config: dict | None) -> int:
+    """The seed of data order and fine-tuning (`FinetuneConfig.seed`; 0 by default)."""
+    seed = (config or {}).get("seed", 0)
+    return seed if isinstance(seed, int) else 0
 
 
 def evaluate(model: nn.Module, loader) -> float:

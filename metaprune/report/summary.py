@@ -1,15 +1,11 @@
-"""The pruning report: exactly the keys DESIGN §5 lists, JSON-serialisable."""
+"""The pruning report: the keys of `schema.REPORT_FIELDS`, JSON-serialisable."""
 
 import json
 import math
 import os
 from pathlib import Path
 
-REPORT_KEYS = (
-    "flops_before", "flops_after", "params_before", "params_after", "speedup", "kept",
-    "accuracy_before", "accuracy_after", "latency_ms_before", "latency_ms_after", "finetune",
-    "finetune_skipped_reason", "method", "criterion", "allocation", "seconds",
-)
+from metaprune.report.schema import DEPRECATED_ALIASES, REPORT_FIELDS, REPORT_FORMAT
 
 
 def _plain(value):
@@ -29,40 +25,35 @@ def _plain(value):
     return value
 
 
-def build_report(*, flops_before: int, flops_after: int, params_before: int, params_after: int,
-                 kept: dict, accuracy_before: float | None, accuracy_after: float | None,
-                 latency_ms_before: float, latency_ms_after: float, finetune: dict | None,
-                 finetune_skipped_reason: str | None, method: str, criterion: str,
-                 allocation: str, seconds: dict) -> dict:
-    """The report dict; `speedup` is derived (MACs before / after).
+def build_report(**values) -> dict:
+    """The report dict: every key of `REPORT_FIELDS`, in order (null when not given).
+
+    `speedup` is derived (MACs before / after) and `report_format` filled in; the deprecated
+    `flops_*` aliases repeat `macs_*`. A key outside the schema, or a missing required one,
+    is a TypeError: the schema is the one place a report key is defined.
 
     Example::
 
-        report = build_report(flops_before=2_000, flops_after=1_000, params_before=50,
-                              params_after=30, kept={"conv1": [8, 16]}, accuracy_before=None,
-                              accuracy_after=None, latency_ms_before=1.0, latency_ms_after=0.6,
-                              finetune=None, finetune_skipped_reason="no data",
+        report = build_report(version="0.1.0", macs_before=2_000, macs_after=1_000,
+                              params_before=50, params_after=30, kept={"conv1": [8, 16]},
                               method="l2", criterion="l2", allocation="global", seconds={})
-        report["speedup"]   # 2.0
+        report["speedup"], report["flops_after"]   # (2.0, 1000)
     """
-    report = {
-        "flops_before": int(flops_before),
-        "flops_after": int(flops_after),
-        "params_before": int(params_before),
-        "params_after": int(params_after),
-        "speedup": flops_before / flops_after if flops_after else None,
-        "kept": {name: [int(k), int(t)] for name, (k, t) in kept.items()},
-        "accuracy_before": None if accuracy_before is None else float(accuracy_before),
-        "accuracy_after": None if accuracy_after is None else float(accuracy_after),
-        "latency_ms_before": float(latency_ms_before),
-        "latency_ms_after": float(latency_ms_after),
-        "finetune": finetune,
-        "finetune_skipped_reason": finetune_skipped_reason,
-        "method": method,
-        "criterion": criterion,
-        "allocation": allocation,
-        "seconds": {phase: round(float(s), 4) for phase, s in seconds.items()},
-    }
+    names = {f.name for f in REPORT_FIELDS}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TypeError(f"build_report got keys outside the report schema: {unknown}")
+    missing = [f.name for f in REPORT_FIELDS if f.required and f.name not in values]
+    if missing:
+        raise TypeError(f"build_report is missing required keys: {missing}")
+    values["report_format"] = REPORT_FORMAT
+    macs_before, macs_after = int(values["macs_before"]), int(values["macs_after"])
+    values["speedup"] = macs_before / macs_after if macs_after else None
+    values["kept"] = {name: [int(k), int(t)] for name, (k, t) in values["kept"].items()}
+    values["seconds"] = {phase: round(float(s), 4) for phase, s in values["seconds"].items()}
+    report = {f.name: values.get(f.name) for f in REPORT_FIELDS}
+    for alias, key in DEPRECATED_ALIASES.items():
+        report[alias] = report[key]
     return _plain(report)
 
 
@@ -82,16 +73,30 @@ def format_summary(report: dict) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
     lines = [
-        f"MACs     {report['flops_before']:,} -> {report['flops_after']:,} "
+        f"MACs     {report['macs_before']:,} -> {report['macs_after']:,} "
         f"(speed-up {report['speedup']:.3f}x)",
         f"params   {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.3f} of dense)",
-        f"latency  {report['latency_ms_before']:.2f} ms -> {report['latency_ms_after']:.2f} ms "
-        "(batch 64, CPU)",
+        _latency_line(report),
         f"accuracy {percent(report['accuracy_before'])} -> {percent(report['accuracy_after'])}",
         f"method {report['method']}, criterion {report['criterion']}, "
         f"allocation {report['allocation']}",
     ]
+    if report.get("input_adaptation"):
+        lines.append(f"input    {report['input_adaptation']}")
     if report.get("finetune_skipped_reason"):
         lines.append(f"not fine-tuned: {report['finetune_skipped_reason']}")
     return "\n".join(lines)
+
+
+def _latency_line(report: dict) -> str:
+    if report.get("latency_ms_before") is None:
+        return "latency  not measured (latency=False)"
+    line = (f"latency  {report['latency_ms_before']:.2f} ms -> {report['latency_ms_after']:.2f} "
+            f"ms (batch {report.get('latency_batch') or 64}, CPU)")
+    if report.get("latency_speedup"):
+        line += f", measured speed-up {report['latency_speedup']:.2f}x (paired, interleaved)"
+    target = report.get("target")
+    if target and not target.get("reached"):
+        line += f"\ntarget   {target['kind']} {target['value']:g} not reached: {target.get('why')}"
+    return line

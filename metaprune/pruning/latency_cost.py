@@ -1,0 +1,202 @@
+"""Predicted latency of a pruned model, and the allocation that spends it.
+
+`LatencyModel` turns per-group removal counts into a forward time: the kept fractions of every
+layer (from the analytic `CostModel`) looked up in that layer's measured table
+(`metaprune.latency.measure_layer_times`), plus the part of the dense model's measured time no
+table accounts for (activations, adds, pooling, call overhead), which is assumed to shrink with
+the tabled layers' output activations (the measured correction in `latency_target` fixes the
+rest). `latency_allocation` prunes
+greedily by importance lost per millisecond saved: at each step the group whose next chunk of
+least important channels costs the most time per unit of importance gives it up (importance
+weighted by the MACs a channel carries, see `_macs_weights`, and growing as a layer thins). The path of
+count vectors it walks is a monotone family, so a MACs, params or latency target is met by
+bisecting along it like any other allocation.
+"""
+
+import heapq
+from collections.abc import Sequence
+
+from metaprune.latency.layer_model import LayerTimes, table_total
+from metaprune.pruning.allocation import Allocation
+from metaprune.pruning.cost import CostModel
+from metaprune.pruning.groups import ChannelGroup, removal_neighbours, snap_removal
+
+_CHUNKS_PER_GROUP = 24  # the greedy path removes about 1/24 of a group at a time
+
+
+class LatencyModel:
+    """Forward time (ms) of the model after removing channels, from per-layer tables.
+
+    Args:
+        cost: the model's analytic cost model (its removal orders set).
+        tables: layer name -> measured `LayerTimes`.
+        dense_ms: the dense model's measured latency; what the tables miss is kept constant,
+            and the prediction is scaled so the dense model predicts exactly this.
+
+    Example::
+
+        latency = LatencyModel(cost, measure_layer_times(model, inputs, cost.units), dense_ms=3.2)
+        latency.predict([0] * len(cost.groups))   # 3.2
+    """
+
+    def __init__(self, cost: CostModel, tables: dict[str, LayerTimes], dense_ms: float) -> None:
+        self.cost = cost
+        self.tables = {name: table for name, table in tables.items() if name in cost.units}
+        tabled = table_total(self.tables)
+        self.untabled_ms = max(0.0, dense_ms - tabled)
+        self.scale = dense_ms / (self.untabled_ms + tabled) if tabled > 0 else 1.0
+        self.dense_ms = dense_ms
+        activations = sum(t.activations for t in self.tables.values())
+        # untabled time per output element of a tabled layer (0: it stays constant)
+        self.ms_per_activation = self.untabled_ms / activations if activations else 0.0
+        self.fixed_ms = 0.0 if activations else self.untabled_ms
+
+    def unit_ms(self, name: str, removed_in: float, removed_out: float) -> float:
+        """Scaled time of one layer with that many input and output channels removed."""
+        table = self.tables.get(name)
+        if table is None:
+            return 0.0
+        unit = self.cost.units[name]
+        keep_out = 1.0 - removed_out / unit.out_total if unit.out_total else 1.0
+        keep_in = keep_out if unit.tied else (
+            1.0 - removed_in / unit.in_total if unit.in_total else 1.0)
+        return self._layer_ms(table, keep_in, keep_out)
+
+    def _layer_ms(self, table: LayerTimes, keep_in: float, keep_out: float) -> float:
+        own = table.at(keep_in, keep_out)
+        return self.scale * (own + self.ms_per_activation * table.activations * keep_out)
+
+    def predict(self, removed: Sequence[int]) -> float:
+        """Predicted latency (ms) when group i loses its first `removed[i]` channels."""
+        keeps = self.cost.unit_keeps(removed)
+        layers = sum(self._layer_ms(table, *keeps[name]) for name, table in self.tables.items())
+        return self.scale * self.fixed_ms + layers
+
+
+class _GreedyState:
+    """Removed input/output channels per layer while the greedy path is walked."""
+
+    def __init__(self, latency: LatencyModel) -> None:
+        self.latency = latency
+        self.cumulative = latency.cost._cumulative
+        self.removed = {name: [0.0, 0.0] for name in latency.cost.units}  # [in, out]
+
+    def changes(self, group_index: int, old: int, new: int) -> dict[str, tuple[float, float]]:
+        """Layer -> (extra removed inputs, extra removed outputs) when a group goes old -> new."""
+        delta: dict[str, list[float]] = {}
+        for unit, side, cumulative in self.cumulative[group_index]:
+            entry = delta.setdefault(unit, [0.0, 0.0])
+            entry[0 if side == "in" else 1] += float(cumulative[new] - cumulative[old])
+        return {unit: (d[0], d[1]) for unit, d in delta.items()}
+
+    def saving(self, changes: dict) -> float:
+        total = 0.0
+        for unit, (extra_in, extra_out) in changes.items():
+            now_in, now_out = self.removed[unit]
+            total += self.latency.unit_ms(unit, now_in, now_out) \
+                - self.latency.unit_ms(unit, now_in + extra_in, now_out + extra_out)
+        return total
+
+    def apply(self, changes: dict) -> None:
+        for unit, (extra_in, extra_out) in changes.items():
+            self.removed[unit][0] += extra_in
+            self.removed[unit][1] += extra_out
+
+
+def _next_removal(count: int, group: ChannelGroup, limit: int) -> int | None:
+    chunk = max(1, round(group.size / _CHUNKS_PER_GROUP))
+    target = snap_removal(count + chunk, group.size, group.step, limit)
+    if target > count:
+        return target
+    above = [r for r in removal_neighbours(count, group.size, group.step, limit) if r > count]
+    return above[0] if above else None
+
+
+def _macs_weights(groups: list[ChannelGroup], max_removed: list[int],
+                  cost: CostModel) -> list[float]:
+    """Per group, the MACs one of its channels carries, relative to the average group.
+
+    Criteria normalise importance within each group (mean 1), which makes a channel of a
+    residual stream coupled through ten layers look as cheap as one of a single convolution;
+    by time saved alone the former always wins. Weighting importance by the MACs a channel
+    takes with it restores what the normalisation dropped, so the allocation trades importance
+    per MAC (as the global ranking does) against time per MAC (what MACs miss).
+    """
+    dense_macs = cost.evaluate([0] * len(groups))[0]
+    per_channel = []
+    for index, group in enumerate(groups):
+        if group.blocked or not max_removed[index]:
+            per_channel.append(None)
+            continue
+        counts = [0] * len(groups)
+        counts[index] = max_removed[index]
+        per_channel.append((dense_macs - cost.evaluate(counts)[0]) / max_removed[index])
+    known = [value for value in per_channel if value]
+    mean = sum(known) / len(known) if known else 1.0
+    return [value / mean if value else 1.0 for value in per_channel]
+
+
+def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyModel) -> Allocation:
+    """Removal counts along a greedy path: least importance lost per millisecond saved first.
+
+    Args:
+        groups: the model's channel groups (blocked ones are never pruned).
+        keys: per group, the non-decreasing importance keys from `removal_order`.
+        latency: the model's `LatencyModel` (its cost model's removal orders set).
+
+    Example::
+
+        allocation = latency_allocation(groups, keys, latency)
+        counts = allocation.counts(allocation.high / 2)   # halfway along the path
+    """
+    path: list[tuple[int, ...]] = []
+
+    def counts_at(theta, group, group_keys, max_removed):
+        return path[min(int(theta), len(path) - 1)][position[id(group)]]
+
+    position = {id(group): index for index, group in enumerate(groups)}
+    allocation = Allocation(groups, keys, counts_at, 0.0, 0.0)
+    state = _GreedyState(latency)
+    sharing: dict[str, set[int]] = {}
+    for index, uses in enumerate(state.cumulative):
+        for unit, _side, _cumulative in uses:
+            sharing.setdefault(unit, set()).add(index)
+    counts = [0] * len(groups)
+    versions = [0] * len(groups)
+    heap: list = []
+
+    def push(index: int) -> None:
+        group = groups[index]
+        if group.blocked or keys[index] is None:
+            return
+        new = _next_removal(counts[index], group, allocation.max_removed[index])
+        if new is None:
+            return
+        changes = state.changes(index, counts[index], new)
+        # the last channels of a layer carry all it passes on: importance grows as it thins
+        thinning = group.size / (group.size - new)
+        importance = weight[index] * thinning * float(keys[index][counts[index]:new]
+                                                      .clamp(min=0).sum())
+        saving = state.saving(changes)
+        priority = importance / saving if saving > 1e-9 else float("inf")
+        # ties (e.g. equal importance) go to the bigger saving, then the lower index
+        heapq.heappush(heap, (priority, -saving, index, versions[index], new))
+
+    weight = _macs_weights(groups, allocation.max_removed, latency.cost)
+    for index in range(len(groups)):
+        push(index)
+    path.append(tuple(counts))
+    while heap:
+        _priority, _saving, index, version, new = heapq.heappop(heap)
+        if version != versions[index]:
+            continue
+        state.apply(state.changes(index, counts[index], new))
+        counts[index] = new
+        path.append(tuple(counts))
+        touched = {other for unit, _side, _c in state.cumulative[index]
+                   for other in sharing.get(unit, ())}
+        for other in touched:
+            versions[other] += 1
+            push(other)
+    allocation.high = float(len(path) - 1)
+    return allocation

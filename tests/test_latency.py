@@ -1,0 +1,179 @@
+"""Latency measurement, the per-layer latency model, rounding and the latency target."""
+
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from metaprune import zoo
+from metaprune.errors import InvalidTargetError
+from metaprune.latency.layer_model import FRACTIONS, LayerTimes, measure_layer_times
+from metaprune.latency.lock import measurement_lock
+from metaprune.latency.timing import LatencyComparison, compare_latency
+from metaprune.pruning.groups import minimum_kept, removal_neighbours, snap_removal
+from metaprune.vocabulary import check_round_to
+
+
+@pytest.fixture(autouse=True)
+def _short_measurements(monkeypatch):
+    """Timing budgets of a second or less: these tests check behaviour, not speed."""
+    from metaprune.pruning import latency_target
+
+    monkeypatch.setattr(latency_target, "REPORT_BUDGET_S", 0.5)
+    monkeypatch.setattr(latency_target, "_DENSE_BUDGET_S", 0.3)
+
+
+def _tiny_resnet():
+    torch.manual_seed(0)
+    config = zoo.default_config("resnet", input_shape=(1, 8, 8), num_classes=10, depth=8,
+                                stage_widths=[8, 16, 32], block_widths=[[8], [16], [32]])
+    return zoo.build("resnet", config).eval(), (torch.randn(2, 1, 8, 8),)
+
+
+def _hold_lock(queue, seconds):
+    with measurement_lock():
+        start = time.monotonic()
+        time.sleep(seconds)
+        queue.put((start, time.monotonic()))
+
+
+def test_the_measurement_lock_serialises_processes():
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=_hold_lock, args=(queue, 0.3)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    intervals = sorted(queue.get(timeout=5) for _ in workers)
+    for (_, first_end), (second_start, _) in zip(intervals, intervals[1:]):
+        assert second_start >= first_end
+
+
+def test_a_waiting_measurement_says_so():
+    heard = []
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    holder = context.Process(target=_hold_lock, args=(queue, 0.5))
+    holder.start()
+    time.sleep(0.2)  # let the holder take the lock first
+    with measurement_lock(progress=heard.append):
+        pass
+    holder.join(timeout=30)
+    assert any("waiting for another measurement" in line for line in heard)
+
+
+def test_compare_latency_is_paired_restores_threads_and_modes():
+    model, inputs = _tiny_resnet()
+    model.train()
+    torch.set_num_threads(2)
+    comparison = compare_latency([model, model], inputs, batch=3, threads=1, budget_s=0.3,
+                                 min_rounds=4, max_rounds=8)
+    assert isinstance(comparison, LatencyComparison)
+    assert torch.get_num_threads() == 2 and model.training
+    assert 4 <= comparison.rounds <= 8 and all(len(s) == comparison.rounds
+                                              for s in comparison.samples_ms)
+    assert comparison.speedups[0] == 1.0 and comparison.batch == 3 and comparison.threads == 1
+    low, high = comparison.quartiles_ms[1]
+    assert 0 < low <= comparison.median_ms[1] <= high
+    assert set(comparison.spread(1)) == {"before_ms", "after_ms", "speedup", "rounds", "clock"}
+    assert comparison.clock == "thread_cpu"  # one thread: time descheduled is not latency
+
+
+def test_layer_tables_cover_the_prunable_layers_and_come_from_the_cache_the_second_time():
+    model, inputs = _tiny_resnet()
+    names = [n for n, _ in model.named_modules() if n]
+    first = measure_layer_times(model, inputs, names, batch=1)
+    assert "stem.conv" in first and "fc" in first
+    assert all(t.times_ms and min(min(row) for row in t.times_ms) > 0 for t in first.values())
+    heard = []
+    second = measure_layer_times(model, inputs, names, batch=1, progress=heard.append)
+    assert second == first and not heard  # nothing re-timed
+
+
+def test_layer_table_interpolates_between_grid_points():
+    table = LayerTimes(tied=True, times_ms=[[f * 10 for f in FRACTIONS]])
+    assert table.at(1.0, 1.0) == pytest.approx(10.0)
+    assert table.at(0.6, 0.6) == pytest.approx(6.0)
+    grid = LayerTimes(tied=False, times_ms=[[fi * fo for fo in FRACTIONS] for fi in FRACTIONS])
+    assert grid.at(0.5, 0.75) == pytest.approx(0.375)
+
+
+def test_removals_snap_to_kept_multiples():
+    for size, step in ((20, 8), (64, 8), (16, 4), (10, 1)):
+        limit = size - minimum_kept(size, step, 0.1)
+        assert (size - limit) % step == 0 or size - limit == size
+        for count in range(limit + 1):
+            removed = snap_removal(count, size, step, limit)
+            assert removed <= count and (removed == 0 or (size - removed) % step == 0)
+            for neighbour in removal_neighbours(removed, size, step, limit):
+                assert neighbour == 0 or (size - neighbour) % step == 0
+
+
+@pytest.mark.parametrize("value", [0, -8, 2.5, "eight", True])
+def test_bad_round_to_is_refused(value):
+    with pytest.raises(InvalidTargetError, match="round_to"):
+        check_round_to(value)
+
+
+def _small_resnet():
+    torch.manual_seed(0)
+    config = zoo.default_config("resnet", input_shape=(3, 16, 16), num_classes=10, depth=8,
+                                stage_widths=[16, 32, 64], block_widths=[[16], [32], [64]])
+    return zoo.build("resnet", config).eval(), (torch.randn(1, 3, 16, 16),)
+
+
+def _fake_measurement(dense_macs):
+    """A deterministic stand-in for the clock: latency falls as MACs ** 0.7 (never as MACs)."""
+    from metaprune.measure import count_macs
+
+    def measure(dense, pruned, example_inputs, settings):
+        ratio = (dense_macs / count_macs(pruned, example_inputs)) ** 0.7
+        return LatencyComparison([10.0, 10.0 / ratio], [(9.0, 11.0), (9.0 / ratio, 11.0 / ratio)],
+                                 [1.0, ratio], [(1.0, 1.0), (ratio, ratio)], settings.batch,
+                                 settings.threads, "test CPU", 5, 0.0, [[10.0], [10.0 / ratio]])
+    return measure
+
+
+@pytest.mark.parametrize("allocation", ["global", "latency"])
+def test_latency_target_is_reached_and_corrected_by_measurement(monkeypatch, allocation):
+    from metaprune import prune
+    from metaprune.measure import count_macs
+    from metaprune.pruning import latency_target
+
+    model, inputs = _small_resnet()
+    monkeypatch.setattr(latency_target, "measure_report_latency",
+                        _fake_measurement(count_macs(model, inputs)))
+    report = prune(model, inputs, latency_speedup=1.6, allocation=allocation).report
+    assert 0.95 * 1.6 <= report["latency_speedup"] <= 1.1 * 1.6
+    assert report["target"]["reached"] and report["target"]["attempts"]
+    assert report["latency_batch"] == 1 and report["latency_threads"] == 1
+    assert report["cpu"] == "test CPU"
+
+
+def test_round_to_keeps_multiples_for_every_target_kind():
+    from metaprune import prune
+
+    model, inputs = _small_resnet()
+    for target in ({"speedup": 2.0}, {"params_ratio": 0.5}):
+        result = prune(model, inputs, round_to=8, latency=False, **target)
+        pruned_somewhere = False
+        for name, (kept, total) in result.report["kept"].items():
+            assert kept == total or kept % 8 == 0, (target, name, kept)
+            pruned_somewhere |= kept < total
+        assert pruned_somewhere
+        note = result.report["target"]
+        assert note is None or (not note["reached"] and "round_to" in note["why"])
+
+
+def test_latency_allocation_meets_a_macs_target_and_reports_latency_keys():
+    from metaprune import prune
+
+    model, inputs = _small_resnet()
+    report = prune(model, inputs, speedup=2.0, allocation="latency", latency_batch=2).report
+    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+    assert report["allocation"] == "latency" and report["latency_batch"] == 2
+    assert report["latency_ms_before"] > 0 and report["latency_spread"]["rounds"] >= 3
+    skipped = prune(model, inputs, speedup=2.0, latency=False).report
+    assert skipped["latency_ms_before"] is None and skipped["latency_batch"] is None
