@@ -13,7 +13,7 @@ import pytest
 
 from metaprune.serving import pruning_pb2 as pb
 from metaprune.serving.client import PruningClient
-from metaprune.serving.fate import start_ticks
+from metaprune.serving.fate import descendants, start_ticks
 from metaprune.serving.process import ServerProcess
 from metaprune.serving.samples import write_model
 from metaprune.serving.store import JobStore
@@ -23,27 +23,6 @@ pytestmark = pytest.mark.timeout(300)
 
 def _state(client, job_id):
     return pb.JobState.Name(client.get_job(job_id).state)
-
-
-def _children(pid):
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == pid:
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_sigkill_during_a_job_then_restart(tmp_path):
@@ -63,12 +42,11 @@ def test_sigkill_during_a_job_then_restart(tmp_path):
             while _state(client, running.job_id) != "RUNNING":
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-        # the server's children: the fork server (and its resource tracker); theirs: the worker
-        # (RUNNING is recorded just before the worker is forked: wait for it)
-        while not (workers := [pid for helper in _children(server.pid) for pid in _children(helper)]):
+        # the server's children: the fork server and the resource tracker; below the fork
+        # server: the worker (RUNNING is recorded just before it is forked: wait for it)
+        while len(family := descendants(server.pid)) < 3:
             assert time.monotonic() < deadline, "the job's worker process should be running"
             time.sleep(0.02)
-        helpers = _children(server.pid)
         os.kill(server.pid, 9)  # the server process alone, as an OOM killer would
         killed_at = time.monotonic()
         server.process.wait(10)
@@ -76,7 +54,7 @@ def test_sigkill_during_a_job_then_restart(tmp_path):
         server.stop()
     # nothing of the killed server keeps running: the fork server dies with the server, the
     # worker with the fork server
-    while any(_alive(pid) for pid in helpers + workers):
+    while any(start_ticks(pid) is not None for pid in family):
         assert time.monotonic() - killed_at < 2.0, "orphaned worker processes"
         time.sleep(0.02)
 
@@ -109,6 +87,15 @@ def test_start_up_ends_workers_a_previous_server_left(tmp_path):
             assert leftover.pid not in dict(JobStore(state).recorded_processes())
     finally:
         leftover.kill()
+
+
+def test_one_server_per_state_directory(tmp_path):
+    # a second server would re-run the first one's running jobs: it is refused in one line
+    with ServerProcess(tmp_path / "state"):
+        second = ServerProcess(tmp_path / "state", startup_timeout=30)
+        with pytest.raises(RuntimeError, match="another server is running on the state directory"):
+            second.start()
+        assert "Traceback" not in second.log()
 
 
 def test_client_waits_through_a_restart(tmp_path):

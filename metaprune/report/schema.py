@@ -45,6 +45,9 @@ REPORT_FIELDS = (
     ReportField("latency_spread", "quartiles of before_ms, after_ms and speedup over the "
                                   "interleaved rounds, their number, and the clock read"),
     ReportField("cpu", "the CPU the latency was measured on"),
+    ReportField("latency_ms_onnxruntime_before", "median latency (ms) in ONNX Runtime at "
+                                                 "latency_batch, when onnxruntime is installed"),
+    ReportField("latency_ms_onnxruntime_after", "the same after pruning"),
     ReportField("round_to", "kept channel counts are multiples of this (round_to, or what "
                             "\"auto\" measured), or null"),
     ReportField("target", "for a latency target or a target rounding kept from: what was asked, "
