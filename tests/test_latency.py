@@ -177,3 +177,13 @@ def test_latency_allocation_meets_a_macs_target_and_reports_latency_keys():
     assert report["latency_ms_before"] > 0 and report["latency_spread"]["rounds"] >= 3
     skipped = prune(model, inputs, speedup=2.0, latency=False).report
     assert skipped["latency_ms_before"] is None and skipped["latency_batch"] is None
+
+
+def test_onnxruntime_latency_when_it_is_installed():
+    pytest.importorskip("onnxruntime")
+    from metaprune.latency.onnxruntime_timing import compare_onnxruntime
+
+    model, inputs = _tiny_resnet()
+    comparison = compare_onnxruntime([model, model], inputs, batch=2, budget_s=0.3)
+    assert comparison.median_ms[0] > 0 and comparison.median_ms[1] > 0
+    assert comparison.batch == 2 and comparison.rounds >= 3

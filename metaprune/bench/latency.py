@@ -66,7 +66,7 @@ def add_arguments(parser) -> None:
                         help="accuracy: fine-tune epochs after pruning (same for both)")
     parser.add_argument("--accuracy-speedup", type=float, default=2.5,
                         help="accuracy: MACs speed-up of the global allocation")
-    parser.add_argument("--accuracy-batch", type=int, default=64,
+    parser.add_argument("--accuracy-batch", type=int, default=256,
                         help="accuracy: batch of the latency measurements")
     parser.add_argument("--out", default="benchmarks", help="folder for latency.md and .png")
     parser.add_argument("--probe", default=None, help=argparse_hidden())
@@ -331,6 +331,16 @@ def _accuracy(args, lines: list[str]) -> dict:
                 f"{100 * se:.2f} points (paired mean ± s.e., {len(rows)} runs); measured "
                 f"latency speed-up ratio latency/global {latency_ratio[0]:.3f} ± "
                 f"{latency_ratio[1]:.3f}")
+    _say(lines, "\nKept output channels per stage (summed over its layers), seed 0: "
+                "global / latency allocation\n")
+    for row in rows:
+        if row["seed"] != 0:
+            continue
+        global_stages, latency_stages = (_stage_widths(row[key])
+                                         for key in ("kept_global", "kept_latency"))
+        _say(lines, f"- {row['model']}: " + ", ".join(
+            f"{stage} {global_stages[stage]}/{latency_stages.get(stage)}"
+            for stage in global_stages))
     return {"rows": rows, "mean": mean, "se": se}
 
 

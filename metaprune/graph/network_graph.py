@@ -140,10 +140,12 @@ class NetworkGraph:
         """
         data = self.data
         channelwise = torch.tensor([layer.channelwise for layer in self.layers] + [False])
+        tied = torch.tensor([bool(layer.tied) for layer in self.layers] + [False])
         identity = torch.zeros(self.num_edges, dtype=torch.bool)
         for group in self.edge_groups():
             if group.k == 0:
                 identity[group.edges] = True
+        identity &= ~tied[data.edge_layer.long()]  # a tied weight's featureless edges
         coupled = identity | channelwise[data.edge_layer.long()]
         src, dst = data.edge_index[:, coupled]
         component = torch.arange(self.num_nodes)

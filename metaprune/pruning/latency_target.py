@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metaprune.errors import InvalidTargetError
+from metaprune.errors import InvalidTargetError, UnsupportedModelError
 from metaprune.latency.layer_model import measure_layer_times
 from metaprune.latency.machine import DEFAULT_THREADS
+from metaprune.latency.onnxruntime_timing import compare_onnxruntime, onnxruntime_available
 from metaprune.latency.timing import LatencyComparison, compare_latency
 from metaprune.pruning.allocation import Allocation
 from metaprune.pruning.cost import CostModel
@@ -108,13 +109,29 @@ class LatencySteps:
         return pruned
 
     def report_keys(self, dense: nn.Module, pruned: nn.Module, example_inputs) -> dict:
-        """The report's latency keys: the target's last measurement, or a fresh one."""
+        """The report's latency keys: the target's last measurement, or a fresh one; and
+        ONNX Runtime's, when it is installed (null when not, or when export fails)."""
         if not self.measure:
-            return latency_report(None)
+            return {**latency_report(None), **_onnxruntime_keys(None)}
         if self._final is None or self._final[0] is not pruned:
             self._final = (pruned, measure_report_latency(dense, pruned, example_inputs,
                                                           self.settings))
-        return latency_report(self._final[1])
+        onnx = None
+        if onnxruntime_available():
+            try:
+                onnx = compare_onnxruntime([dense, pruned], example_inputs,
+                                           batch=self.settings.batch,
+                                           threads=self.settings.threads,
+                                           budget_s=REPORT_BUDGET_S / 2,
+                                           progress=self.settings.progress)
+            except UnsupportedModelError as error:
+                log.info("latency: no ONNX Runtime figures (%s)", str(error)[:200])
+        return {**latency_report(self._final[1]), **_onnxruntime_keys(onnx)}
+
+
+def _onnxruntime_keys(comparison: LatencyComparison | None) -> dict:
+    return {"latency_ms_onnxruntime_before": comparison.median_ms[0] if comparison else None,
+            "latency_ms_onnxruntime_after": comparison.median_ms[1] if comparison else None}
 
 
 def build_latency_model(work: nn.Module, example_inputs: Sequence[torch.Tensor], cost: CostModel,
