@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch_geometric.utils import scatter
 
 from metaprune.graph import edge_groups
@@ -61,6 +62,22 @@ def mlp(sizes: list[int], activation=nn.SiLU) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
+def split_linear(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``linear(torch.cat(parts, -1))`` for parts that only broadcast to a common shape.
+
+    Each part is multiplied by its own column block of the weight before broadcasting, so a
+    node embedding gathered as ``[1, in, hidden]`` for a ``[out, in]`` grid of edges costs its
+    own size, and no ``[out, in, 3 * hidden]`` concatenation is ever built.
+    """
+    out, start = None, 0
+    for part in parts:
+        width = part.shape[-1]
+        term = F.linear(part, linear.weight[:, start:start + width])
+        out = term if out is None else out + term
+        start += width
+    return out + linear.bias
+
+
 class EdgeSetEncoder(nn.Module):
     """Encodes every edge's `k` normalised weights, for any `k`, into one `hidden` vector.
 
@@ -91,6 +108,15 @@ class EdgeSetEncoder(nn.Module):
             parts.append(self.pool(pooled))
         return torch.cat(parts) if parts else edge_attr.new_zeros(0, self.identity.numel())
 
+    def encode_grid(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        """[rows, cols, k] normalised weights of a grid -> [rows, cols, hidden] embeddings."""
+        rows, cols = values.shape[:2]
+        if k == 0:
+            return self.identity.expand(rows, cols, -1)
+        entries = self.entry(entry_features(values.reshape(rows * cols, k), k))
+        pooled = torch.cat([entries.mean(1), entries.amax(1)], dim=-1)
+        return self.pool(pooled).view(rows, cols, -1)
+
 
 class EdgeSetDecoder(nn.Module):
     """The inverse of `EdgeSetEncoder`: one (normalised) delta per weight entry of each edge.
@@ -120,3 +146,12 @@ class EdgeSetDecoder(nn.Module):
                 + self.from_entry(entry_features(group.attr / scale, group.k))
             parts.append((self.out(hidden).squeeze(-1) * scale).reshape(-1))
         return torch.cat(parts) if parts else edge_attr.new_zeros(0)
+
+    def decode_grid(self, e: torch.Tensor, values: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+        """Deltas [rows, cols, k] in weight units from a grid's final edge embeddings
+        [rows, cols, hidden] and its normalised weights [rows, cols, k] (`scale`: the RMS)."""
+        rows, cols, k = values.shape
+        entries = entry_features(values.reshape(rows * cols, k), k)
+        hidden = self.from_edge(e).reshape(rows * cols, 1, -1) + self.from_entry(entries)
+        return (self.out(hidden).squeeze(-1) * scale).view(rows, cols, k)

@@ -14,7 +14,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.aggr import MultiAggregation
 
-from metaprune.metanet.edges import mlp
+from metaprune.metanet.edges import mlp, split_linear
 
 
 class DirectedMessages(MessagePassing):
@@ -44,6 +44,13 @@ class DirectedMessages(MessagePassing):
     def message(self, h_i: torch.Tensor, h_j: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.message_mlp(torch.cat([h_j, h_i, e], dim=-1))
 
+    def grid_messages(self, h_j: torch.Tensor, h_i: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """`message` on a grid of edges: sender and receiver embeddings gathered as grids
+        (``[1, cols, hidden]``, ``[rows, 1, hidden]``, ...) broadcast against `e`
+        [rows, cols, hidden], with the first layer split so nothing per edge is concatenated."""
+        first, activation, last = self.message_mlp
+        return last(activation(split_linear(first, [h_j, h_i, e])))
+
 
 class BidirectionalBlock(nn.Module):
     """One round: forward and reverse messages update the nodes, then the nodes the edges.
@@ -67,9 +74,22 @@ class BidirectionalBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor,
                 e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round on an edge list (the reference formulation, see `scatter_reference`)."""
         forward = self.forward_messages(h, edge_index, e)
         reverse = self.reverse_messages(h, edge_index.flip(0), e)
-        h = h + self.node_update(self.node_norm(torch.cat([h, forward, reverse], dim=-1)))
+        h = self.update_nodes(h, forward, reverse)
         source, target = edge_index
-        e = e + self.edge_update(self.edge_norm(torch.cat([h[source], h[target], e], dim=-1)))
-        return h, e
+        return h, self.update_edges(h[source], h[target], e)
+
+    def update_nodes(self, h: torch.Tensor, forward: torch.Tensor,
+                     reverse: torch.Tensor) -> torch.Tensor:
+        """h + MLP(LayerNorm([h, forward aggregate, reverse aggregate]))."""
+        return h + self.node_update(self.node_norm(torch.cat([h, forward, reverse], dim=-1)))
+
+    def update_edges(self, h_src: torch.Tensor, h_dst: torch.Tensor,
+                     e: torch.Tensor) -> torch.Tensor:
+        """e + MLP(LayerNorm([h_src, h_dst, e])), end-node embeddings broadcast against `e`
+        (gathered per edge, or as grids ``[1, cols, hidden]`` / ``[rows, 1, hidden]``)."""
+        shape = torch.broadcast_shapes(h_src.shape, h_dst.shape, e.shape)
+        z = torch.cat([h_src.expand(shape), h_dst.expand(shape), e.expand(shape)], dim=-1)
+        return e + self.edge_update(self.edge_norm(z))

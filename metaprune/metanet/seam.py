@@ -69,7 +69,7 @@ class LoadedMetanet:
         """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
-            new_x, new_edge_attr, _ = self.metanet(graph.data)
+            new_x, new_edge_attr, _ = self.metanet(graph)
         return graph.write_back(new_x, new_edge_attr)
 
     def keep_ratios_by_layer(self, module: nn.Module, example_inputs: Sequence,
@@ -77,7 +77,7 @@ class LoadedMetanet:
         """Graph layer name -> the sparsity head's keep ratio, for every graph layer."""
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
-            _, _, keep = self.metanet(graph.data, speedup)
+            _, _, keep = self.metanet(graph, speedup, rewrite_edges=False)
         return {layer.name: float(ratio) for layer, ratio in zip(graph.layers, keep.tolist())}
 
     def layer_keep_ratios(self, module: nn.Module, example_inputs: Sequence, *,
