@@ -368,6 +368,8 @@ class ChannelTracer(TorchFunctionMode):
 
     def _concat(self, name, args, kwargs, out):
         tensors = list(args[0] if args else kwargs["tensors"])
+        # torch.cat skips 1-d empty tensors (an empty key/value cache) whatever their rank
+        tensors = [t for t in tensors if not (t.dim() == 1 and t.numel() == 0)]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         if name == "stack":
             dim = dim % (tensors[0].dim() + 1)

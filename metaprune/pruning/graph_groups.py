@@ -215,6 +215,12 @@ class GraphPlan:
         for left, right in self.graph.couplings:
             src.append(left)
             dst.append(right)
+        owners = {(r.tensor, r.dim): r.labels for r in self.records if not r.tied_to}
+        for record in self.records:  # a tied weight: entry i of both layers goes together
+            owner = owners.get((record.tied_to, record.dim)) if record.tied_to else None
+            if owner is not None and owner.numel() == record.labels.numel():
+                src.append(owner)
+                dst.append(record.labels)
         a = torch.cat(src) if src else torch.zeros(0, dtype=torch.long)
         b = torch.cat(dst) if dst else torch.zeros(0, dtype=torch.long)
         valid = (a >= 0) & (b >= 0)  # couplings of dropped (unused) input labellings
@@ -355,8 +361,36 @@ class GraphPlan:
             _owner(r.tensor) for r in self.records if r.tied_to}
         for name in touched:
             _refresh_attributes(model.get_submodule(name), old_widths.get(name))
+        for where, heads in self.graph.head_splits:
+            kept = int((~gone[heads]).sum())
+            if kept < heads.numel():
+                _refresh_head_counts(model.get_submodule(where), heads.numel(), kept)
         model.zero_grad(set_to_none=True)
         return model
+
+
+def _refresh_head_counts(module: nn.Module, before: int, after: int) -> None:
+    """Integer attributes of an attention module that count its heads, after removing heads.
+
+    Attention code states head counts as attributes (``self.num_attention_heads``,
+    ``self.all_head_size``, GPT-2's ``self.split_size``) in its reshapes and splits. An
+    attribute equal to the old head count becomes the new one, and one equal to the old count
+    times the per-head size (an attribute named like ``head_dim`` / ``attention_head_size``)
+    scales with it; per-head sizes never change. The pruned model is then run and checked, so
+    code that states the counts otherwise is refused (its heads are left alone).
+    """
+    ints = {name: value for name, value in vars(module).items()
+            if type(value) is int and not name.startswith("_")}
+    per_head = {name: value for name, value in ints.items()
+                if "head" in name and ("dim" in name or "size" in name) and "all" not in name}
+    head_size = next(iter(per_head.values()), None)
+    for name, value in ints.items():
+        if name in per_head:
+            continue
+        if value == before:
+            setattr(module, name, after)
+        elif head_size and value == before * head_size:
+            setattr(module, name, after * head_size)
 
 
 def _entry_importance(name, weight, grad, dim) -> torch.Tensor | None:
