@@ -43,11 +43,14 @@ def entry_features(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([values.unsqueeze(-1), position.expand(values.shape[0], k, -1)], dim=-1)
 
 
-def entry_linear(linear: nn.Linear, values: torch.Tensor, k: int) -> torch.Tensor:
-    """``linear(entry_features(values, k))`` for [..., k] values, without building the features:
-    the value column scales one weight column, the position part is one [k, out] table."""
+def entry_linear(linear: nn.Linear, values: torch.Tensor, k: int,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + linear(entry_features(values, k))`` for [..., k] values (`base` broadcast to
+    [..., k, out]), without building the features: the value column scales one weight column,
+    the position part is one [k, out] table."""
     position = F.linear(position_features(k, values), linear.weight[:, 1:], linear.bias)
-    return values.unsqueeze(-1) * linear.weight[:, 0] + position
+    start = position if base is None else base + position
+    return torch.addcmul(start, values.unsqueeze(-1), linear.weight[:, 0])
 
 
 def layer_weight_rms(data, edge_attr: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -73,6 +76,11 @@ def mlp(sizes: list[int], activation=nn.SiLU) -> nn.Sequential:
             modules.append(activation())
         modules.append(nn.Linear(a, b))
     return nn.Sequential(*modules)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is recorded (x is a fresh intermediate every caller)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def split_linear(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -126,8 +134,8 @@ class EdgeSetEncoder(nn.Module):
         rows, cols = values.shape[:2]
         if k == 0:
             return self.identity.expand(rows, cols, -1)
-        first, activation, second = self.entry
-        hidden = activation(entry_linear(first, values, k))  # [rows, cols, k, hidden]
+        first, _, second = self.entry
+        hidden = _silu(entry_linear(first, values, k))  # [rows, cols, k, hidden]
         width = hidden.shape[-1]
         if k == 1:  # mean = max = the entry: pool and the entry's last layer fold into one
             both = self.pool[0].weight[:, :width] + self.pool[0].weight[:, width:]
@@ -171,5 +179,5 @@ class EdgeSetDecoder(nn.Module):
         """Deltas [rows, cols, k] in weight units from a grid's final edge embeddings
         [rows, cols, hidden] and its normalised weights [rows, cols, k] (`scale`: the RMS)."""
         k = values.shape[-1]
-        hidden = self.from_edge(e).unsqueeze(2) + entry_linear(self.from_entry, values, k)
-        return self.out(hidden).squeeze(-1) * scale
+        hidden = entry_linear(self.from_entry, values, k, base=self.from_edge(e).unsqueeze(2))
+        return self.out[1](_silu(hidden)).squeeze(-1) * scale

@@ -24,7 +24,7 @@ import torch
 from metaprune.graph import EdgeGrid, NetworkGraph, edge_grids
 from metaprune.metanet.edges import entry_features
 
-CHUNK_ENTRIES = 1 << 16  # weights (edges x k) per chunk: a few MiB of activations per step
+CHUNK_ENTRIES = 1 << 14  # weights (edges x k) per chunk: activations stay in the CPU's cache
 DEFAULT_CACHE_BYTES = 1 << 30  # edge states kept between rounds instead of recomputed
 
 

@@ -108,8 +108,11 @@ class BidirectionalBlock(nn.Module):
                       e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and reverse messages [rows, cols, hidden] of a grid's edges `e`."""
         width = e.shape[-1]
-        pre = F.linear(e, terms.edge_weight) + terms.at_src[src] + terms.at_dst[dst]
-        hidden = F.silu(pre)
+        pre = F.linear(e, terms.edge_weight)
+        if torch.is_grad_enabled():
+            hidden = F.silu(pre + terms.at_src[src] + terms.at_dst[dst])
+        else:  # the same in place: no second buffer of the edges' size
+            hidden = F.silu(pre.add_(terms.at_src[src]).add_(terms.at_dst[dst]), inplace=True)
         forward = self.forward_messages.message_mlp[2]
         reverse = self.reverse_messages.message_mlp[2]
         return forward(hidden[..., :width]), reverse(hidden[..., width:])
@@ -132,9 +135,16 @@ class BidirectionalBlock(nn.Module):
         mean = (terms.sums[src] + terms.sums[dst] + e.sum(-1)) / count
         square = (terms.squares[src] + terms.squares[dst] + e.square().sum(-1)) / count
         inv_std = (square - mean * mean + terms.eps).rsqrt().unsqueeze(-1)
-        projected = F.linear(e, terms.edge_weight) + terms.at_src[src] + terms.at_dst[dst]
-        pre = (projected - mean.unsqueeze(-1) * terms.gain_sum) * inv_std + terms.bias
-        return e + self.edge_update[2](F.silu(pre))
+        projected = F.linear(e, terms.edge_weight)
+        last = self.edge_update[2]
+        if torch.is_grad_enabled():
+            pre = (projected + terms.at_src[src] + terms.at_dst[dst]
+                   - mean.unsqueeze(-1) * terms.gain_sum) * inv_std + terms.bias
+            return e + last(F.silu(pre))
+        # the same in place: no second buffer of the edges' size
+        pre = projected.add_(terms.at_src[src]).add_(terms.at_dst[dst])
+        pre.addcmul_(mean.unsqueeze(-1), terms.gain_sum, value=-1).mul_(inv_std)
+        return last(F.silu(pre.add_(terms.bias), inplace=True)).add_(e)
 
 
 @dataclass
