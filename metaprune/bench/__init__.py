@@ -5,4 +5,8 @@ Register a new one by adding its name to `BENCHMARKS`.
 """
 
 BENCHMARKS: tuple[str, ...] = ("zoo", "graph", "formats", "prune", "metanet", "startup", "latency",
+<<<<<<< HEAD
                                "textlm")
+=======
+                              "metanet-scale")
+>>>>>>> main

@@ -22,19 +22,32 @@ from metaprune.graph import edge_groups
 NUM_POSITION_FEATURES = 6  # see `entry_features`
 
 
-def entry_features(values: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, k] normalised weights -> [n, k, 1 + NUM_POSITION_FEATURES] per-entry features.
+def position_features(k: int, like: torch.Tensor) -> torch.Tensor:
+    """[k, NUM_POSITION_FEATURES]: where each entry of a length-k kernel sits.
 
     Position t = (j + 0.5) / k of entry j, two Fourier pairs of t (so kernel centre and borders
     are told apart for any k) and log2(k) / 8 (which family of kernel the entry belongs to).
     """
-    t = (torch.arange(k, dtype=values.dtype, device=values.device) + 0.5) / k
+    t = (torch.arange(k, dtype=like.dtype, device=like.device) + 0.5) / k
     angle = 2 * math.pi * t
-    position = torch.stack([
+    return torch.stack([
         t, torch.sin(angle), torch.cos(angle), torch.sin(2 * angle), torch.cos(2 * angle),
         torch.full_like(t, math.log2(k) / 8),
     ], dim=-1)
+
+
+def entry_features(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] normalised weights -> [n, k, 1 + NUM_POSITION_FEATURES] per-entry features:
+    the value, then `position_features`."""
+    position = position_features(k, values)
     return torch.cat([values.unsqueeze(-1), position.expand(values.shape[0], k, -1)], dim=-1)
+
+
+def entry_linear(linear: nn.Linear, values: torch.Tensor, k: int) -> torch.Tensor:
+    """``linear(entry_features(values, k))`` for [..., k] values, without building the features:
+    the value column scales one weight column, the position part is one [k, out] table."""
+    position = F.linear(position_features(k, values), linear.weight[:, 1:], linear.bias)
+    return values.unsqueeze(-1) * linear.weight[:, 0] + position
 
 
 def layer_weight_rms(data, edge_attr: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -113,9 +126,15 @@ class EdgeSetEncoder(nn.Module):
         rows, cols = values.shape[:2]
         if k == 0:
             return self.identity.expand(rows, cols, -1)
-        entries = self.entry(entry_features(values.reshape(rows * cols, k), k))
-        pooled = torch.cat([entries.mean(1), entries.amax(1)], dim=-1)
-        return self.pool(pooled).view(rows, cols, -1)
+        first, activation, second = self.entry
+        hidden = activation(entry_linear(first, values, k))  # [rows, cols, k, hidden]
+        width = hidden.shape[-1]
+        if k == 1:  # mean = max = the entry: pool and the entry's last layer fold into one
+            both = self.pool[0].weight[:, :width] + self.pool[0].weight[:, width:]
+            return F.linear(hidden.squeeze(2), both @ second.weight,
+                            both @ second.bias + self.pool[0].bias)
+        entries = second(hidden)
+        return split_linear(self.pool[0], [entries.mean(2), entries.amax(2)])
 
 
 class EdgeSetDecoder(nn.Module):
@@ -151,7 +170,6 @@ class EdgeSetDecoder(nn.Module):
                     scale: torch.Tensor) -> torch.Tensor:
         """Deltas [rows, cols, k] in weight units from a grid's final edge embeddings
         [rows, cols, hidden] and its normalised weights [rows, cols, k] (`scale`: the RMS)."""
-        rows, cols, k = values.shape
-        entries = entry_features(values.reshape(rows * cols, k), k)
-        hidden = self.from_edge(e).reshape(rows * cols, 1, -1) + self.from_entry(entries)
-        return (self.out(hidden).squeeze(-1) * scale).view(rows, cols, k)
+        k = values.shape[-1]
+        hidden = self.from_edge(e).unsqueeze(2) + entry_linear(self.from_entry, values, k)
+        return self.out(hidden).squeeze(-1) * scale

@@ -124,6 +124,7 @@ class NodeAggregation:
         self.num_nodes = num_nodes
         self._nodes, self._count = [], []
         self._parts: dict[str, list[torch.Tensor]] = {}
+        self._last_target = None  # successive chunks of one grid reading the same row
 
     def _needs(self) -> set[str]:
         needs = set()
@@ -153,6 +154,16 @@ class NodeAggregation:
                                 for axis in (0, 1))).reshape(-1)
         if nodes.numel() != shape:
             raise AssertionError("target grid does not match the messages")
+        if target is self._last_target and 0 in axes:
+            # the next rows of the same grid, into the same nodes: fold into the last partial,
+            # so partials stay as many as the grids' columns, not columns x chunks
+            self._count[-1] = self._count[-1] + count
+            for stat, value in reduced.items():
+                last = self._parts[stat][-1]
+                self._parts[stat][-1] = {"max": torch.maximum, "min": torch.minimum}.get(
+                    stat, torch.add)(last, value)
+            return
+        self._last_target = target
         self._nodes.append(nodes)
         self._count.append(torch.full((shape,), float(count), dtype=messages.dtype))
         for stat, value in reduced.items():
@@ -209,7 +220,7 @@ class EdgeStates:
         self.view = view
         self.edge_scale = edge_scale  # [num_layers], the layer's weight RMS
         self.dtype = dtype
-        self.node_states: list[torch.Tensor] = []  # h after each round
+        self._update_terms = []  # per round: `BidirectionalBlock.update_terms` of its h
         self._cache: dict[int, tuple[torch.Tensor, int]] = {}
         hidden = metanet.config["hidden"]
         element = torch.finfo(dtype).bits // 8
@@ -219,6 +230,10 @@ class EdgeStates:
             if size <= budget:
                 self._cached.add(index)
                 budget -= size
+
+    def end_round(self, t: int, h: torch.Tensor) -> None:
+        """Round t is over, its node embeddings are `h`: edges may move past it."""
+        self._update_terms.append(self.metanet.blocks[t].update_terms(h))
 
     def values(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's weights in the metanetwork's dtype, divided by the layer's RMS."""
@@ -230,8 +245,8 @@ class EdgeStates:
         if e is None:
             e = self.metanet.edge_encoder.encode_grid(self.values(chunk), chunk.grid.k)
         for s in range(at, t):
-            h = self.node_states[s]
-            e = self.metanet.blocks[s].update_edges(h[chunk.src], h[chunk.dst], e)
+            e = self.metanet.blocks[s].grid_update_edges(self._update_terms[s], chunk.src,
+                                                         chunk.dst, e)
         if index in self._cached:
             self._cache[index] = (e, t)
         return e
@@ -244,11 +259,12 @@ def aggregate_round(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
     aggregations = metanet.config["aggregations"]
     forward = NodeAggregation(aggregations, h.shape[0])
     reverse = NodeAggregation(aggregations, h.shape[0])
+    terms = block.message_terms(h)
     for index, chunk in enumerate(chunks):
         e = states.state(index, chunk, t)
-        h_src, h_dst = h[chunk.src], h[chunk.dst]
-        forward.add(block.forward_messages.grid_messages(h_src, h_dst, e), chunk.dst)
-        reverse.add(block.reverse_messages.grid_messages(h_dst, h_src, e), chunk.src)
+        to_dst, to_src = block.grid_messages(terms, chunk.src, chunk.dst, e)
+        forward.add(to_dst, chunk.dst)
+        reverse.add(to_src, chunk.src)
     return forward.result(h), reverse.result(h)
 
 

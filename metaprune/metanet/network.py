@@ -147,7 +147,7 @@ class MetaNetwork(nn.Module):
         for t, block in enumerate(self.blocks):
             forward, reverse = aggregate_round(self, states, chunks, t, h)
             h = block.update_nodes(h, forward, reverse)
-            states.node_states.append(h)
+            states.end_round(t, h)
 
         new_slots = self._rewrite_slots(view.x, h, view.x_param_mask, slot_scale,
                                         view.node_layer)

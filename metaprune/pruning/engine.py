@@ -44,7 +44,7 @@ from metaprune.pruning.cost import CostModel
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
-from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
+from metaprune.pruning.metanet_bridge import apply_metanet
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
@@ -152,6 +152,7 @@ class _Run:
             if request.resolved_metanet is not None:
                 # imported here: the metanetwork package pulls in torch-geometric (~3 s), which
                 # a classic-criterion prune never needs
+                from metaprune.metanet import load_metanet
                 from metaprune.metanet.scope import select_metanet
 
                 # the checkpoint whose scope fits this model and data, and the report's entry
