@@ -5,8 +5,4 @@ Register a new one by adding its name to `BENCHMARKS`.
 """
 
 BENCHMARKS: tuple[str, ...] = ("zoo", "graph", "formats", "prune", "metanet", "startup", "latency",
-<<<<<<< HEAD
-                               "textlm")
-=======
-                              "metanet-scale")
->>>>>>> main
+                               "metanet-scale", "textlm")
