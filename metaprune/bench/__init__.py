@@ -5,4 +5,4 @@ Register a new one by adding its name to `BENCHMARKS`.
 """
 
 BENCHMARKS: tuple[str, ...] = ("zoo", "graph", "formats", "prune", "metanet", "startup", "latency",
-                              "metanet-scale")
+                               "metanet-scale", "textlm")
