@@ -79,10 +79,10 @@ def test_gpt_tied_weight_is_stored_once_and_stays_tied():
     pruned = prune(model, inputs, speedup=2.0, latency=False).model
     assert pruned.lm_head.weight is pruned.wte.weight
     assert pruned.lm_head.in_features == pruned.wte.embedding_dim < 32
-    # heads split with a fixed split size (GPT-2's `split(self.split_size)`) are left alone, with
-    # the reason, while the rest of the model is pruned
-    result = prune(model, inputs, speedup=1.5, allocation="uniform", latency=False)
-    assert result.report["kept_heads"]["h.0.attn"] == [4, 4]
+    # heads split with a fixed split size (GPT-2's `split(self.split_size)`): asking for them
+    # names the operator that breaks, and the model is not changed
+    with pytest.raises(Exception, match="removing its channels breaks the model"):
+        prune(model, inputs, policy={"h.0.attn.c_attn": 0.5}, latency=False)
 
 
 def test_resnext_grouped_convs_lose_whole_groups():
