@@ -70,6 +70,11 @@ def test_gpt_tied_weight_is_stored_once_and_stays_tied():
     graph = to_graph(model, inputs)
     tied = [layer for layer in graph.layers if layer.tied]
     assert [layer.tied for layer in tied] == [{"lm_head.weight": "wte.weight"}]
+    import networkx as nx
+
+    dag = graph.layer_dag  # the tie is an attribute of the LM head's vertex, not a cycle
+    assert nx.is_directed_acyclic_graph(dag)
+    assert [d["tied"] for _, d in dag.nodes(data=True) if d["tied"]] == [tied[0].tied]
     assert graph.feature_parameters.count("wte.weight") == 1
     assert "lm_head.weight" not in graph.feature_parameters
     copy = graph.write_back(edge_attr=graph.data.edge_attr * 2)
