@@ -70,6 +70,11 @@ def test_gpt_tied_weight_is_stored_once_and_stays_tied():
     graph = to_graph(model, inputs)
     tied = [layer for layer in graph.layers if layer.tied]
     assert [layer.tied for layer in tied] == [{"lm_head.weight": "wte.weight"}]
+    import networkx as nx
+
+    dag = graph.layer_dag  # the tie is an attribute of the LM head's vertex, not a cycle
+    assert nx.is_directed_acyclic_graph(dag)
+    assert [d["tied"] for _, d in dag.nodes(data=True) if d["tied"]] == [tied[0].tied]
     assert graph.feature_parameters.count("wte.weight") == 1
     assert "lm_head.weight" not in graph.feature_parameters
     copy = graph.write_back(edge_attr=graph.data.edge_attr * 2)
@@ -79,10 +84,10 @@ def test_gpt_tied_weight_is_stored_once_and_stays_tied():
     pruned = prune(model, inputs, speedup=2.0, latency=False).model
     assert pruned.lm_head.weight is pruned.wte.weight
     assert pruned.lm_head.in_features == pruned.wte.embedding_dim < 32
-    # heads split with a fixed split size (GPT-2's `split(self.split_size)`) are left alone, with
-    # the reason, while the rest of the model is pruned
-    result = prune(model, inputs, speedup=1.5, allocation="uniform", latency=False)
-    assert result.report["kept_heads"]["h.0.attn"] == [4, 4]
+    # heads split with a fixed split size (GPT-2's `split(self.split_size)`): asking for them
+    # names the operator that breaks, and the model is not changed
+    with pytest.raises(Exception, match="removing its channels breaks the model"):
+        prune(model, inputs, policy={"h.0.attn.c_attn": 0.5}, latency=False)
 
 
 def test_resnext_grouped_convs_lose_whole_groups():

@@ -448,6 +448,7 @@ def _layer_dag(layers: list[LayerInfo], links: list[tuple[int, int]]) -> nx.DiGr
         dag.add_node(
             index, name=layer.name, kind=layer.kind, module_type=layer.module_type,
             num_nodes=layer.num_nodes, norms=list(layer.norms),
+            tied=dict(layer.tied),  # a tied weight is an annotation, never an edge (no cycle)
         )
     dag.add_edges_from((a, b) for a, b in links if a != b)
     return dag

@@ -410,8 +410,12 @@ class _Run:
 
 
 def _kept_heads(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
-    """Attention module -> [kept, total] heads (whole heads only: a head split counts heads)."""
-    return {name: [int(after.get(name, 0)), int(total)] for name, total in before.items()}
+    """Attention module -> [kept, total] heads (whole heads only).
+
+    A module left with one head has no head axis for the trace to count (size 1); pruning
+    always keeps at least one unit of a group, so a module missing after pruning kept one.
+    """
+    return {name: [int(after.get(name, 1)), int(total)] for name, total in before.items()}
 
 
 def _left_alone(groups) -> dict[str, str]:

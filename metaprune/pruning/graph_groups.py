@@ -257,6 +257,7 @@ class GraphPlan:
                 seen.add((record.unit, record.side))
                 uses.append(LayerUse(record.unit, record.side,
                                      torch.full((len(components),), count, dtype=torch.long)))
+            uses += self._attention_uses(components)
             root = next((u.unit for u in uses if u.side == "out"), uses[0].unit if uses else "")
             group = ChannelGroup(root=root, handler=None, size=len(components), uses=uses,
                                  blocked=reason, plan=self,
@@ -265,6 +266,24 @@ class GraphPlan:
                 group.blocked = "a single channel"
             groups.append(group)
         return groups
+
+    def attention_modules(self) -> dict[str, torch.Tensor]:
+        """Module path -> component of each of its heads (the attention products there)."""
+        found = {}
+        for where, heads in self.graph.head_splits:
+            if where in self.modules and where not in found:
+                found[where] = self.component[heads]
+        return found
+
+    def _attention_uses(self, components: list[int]) -> list[LayerUse]:
+        """The attention products' MACs scale with the heads kept: charge them to the module
+        that computes them, one head per unit of these components."""
+        uses = []
+        for where, head_components in self.attention_modules().items():
+            per_unit = torch.tensor([int((head_components == c).sum()) for c in components])
+            if bool(per_unit.any()):
+                uses.append(LayerUse(where, "out", per_unit))
+        return uses
 
     def dims(self) -> "GraphDims":
         return GraphDims(self)
@@ -455,6 +474,10 @@ class GraphDims:
             key = plan.modules.get(unit, plan.named_parameters.get(unit))
             self.module2node[key] = None
             (self._out if side == "out" else self._in)[key] = total
+        for where, heads in plan.attention_modules().items():
+            module = plan.modules[where]
+            self.module2node[module] = None
+            self._out.setdefault(module, heads.numel())
 
     def get_out_channels(self, unit):
         return self._out.get(unit)
