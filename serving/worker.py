@@ -56,13 +56,19 @@ def apply_process_limits(memory_bytes: int, threads: int, *, parent_pid: int | N
     torch.set_num_threads(threads)
 
 
+# How running out of the address-space limit shows when it is not a MemoryError: a failed
+# allocation inside a C extension, or the dynamic loader unable to map a library that a lazy
+# import loads only now (seen on the Ray back-end under --worker-memory-mb 256).
+_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "Cannot allocate memory", "failed to map segment")
+
+
 def failure_code(error: BaseException) -> str:
     """The gRPC status name a library error maps to (DESIGN.md §5)."""
     from metaprune.errors import DatasetUnavailableError, MetaPruneError
 
     if isinstance(error, TaskFailure):
         return error.code
-    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+    if isinstance(error, MemoryError) or any(sign in str(error) for sign in _OUT_OF_MEMORY_SIGNS):
         return "RESOURCE_EXHAUSTED"
     if isinstance(error, DatasetUnavailableError):
         return "FAILED_PRECONDITION"

@@ -29,6 +29,8 @@ REPORT_FIELDS = (
     ReportField("kept", "module name -> [kept, total] output channels", True),
     ReportField("kept_heads", "attention module name -> [kept, total] heads"),
     ReportField("excluded", "module names the request left unpruned"),
+    ReportField("left_alone", "module -> why its channels could not be pruned (an operator the "
+                              "pruner cannot follow), the rest of the model pruned"),
     ReportField("input_adaptation", "how data samples were reshaped to the model's input "
                                     "(size-1 dimensions inserted or removed), or null"),
     ReportField("accuracy_before", "top-1 accuracy in [0, 1] before pruning (null: no data)"),
