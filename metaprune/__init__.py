@@ -31,6 +31,7 @@ _LAZY = {
     "to_graph": "metaprune.graph",
     "NetworkGraph": "metaprune.graph",
     "prune": "metaprune.pruning",
+    "load_metanet": "metaprune.metanet",
     "PruneResult": "metaprune.pruning",
     "PruneRequest": "metaprune.vocabulary",
 }

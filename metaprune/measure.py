@@ -4,8 +4,6 @@ MACs follow the convention in DESIGN.md §5: `torch.utils.flop_counter.FlopCount
 divided by two, at batch 1, which counts attention matmuls too.
 """
 
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -44,27 +42,19 @@ def count_macs(module: nn.Module, example_inputs: Sequence[torch.Tensor]) -> int
         module.train(was_training)
 
 
-@torch.no_grad()
 def measure_latency_ms(
     module: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     *,
     batch: int = 64,
     repeats: int = 10,
-    warmup: int = 3,
 ) -> float:
-    """Median wall time in milliseconds of one forward pass at `batch` on the CPU."""
-    was_training = module.training
-    module.eval()
-    inputs = _at_batch(example_inputs, batch)
-    try:
-        for _ in range(warmup):
-            module(*inputs)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(*inputs)
-            times.append((time.perf_counter() - start) * 1000.0)
-        return statistics.median(times)
-    finally:
-        module.train(was_training)
+    """Median time in milliseconds of one forward pass at `batch` on the CPU, `repeats` rounds.
+
+    A one-model `metaprune.latency.compare_latency` (warm-up, one thread, the machine-wide
+    measurement lock); compare models with that instead, interleaved.
+    """
+    from metaprune.latency import compare_latency  # it imports this module
+
+    return compare_latency([module], example_inputs, batch=batch, min_rounds=repeats,
+                           max_rounds=repeats).median_ms[0]

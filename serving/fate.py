@@ -89,6 +89,24 @@ def reap(processes: Iterable[tuple[int, int | None]], *, timeout: float = 5.0) -
     return killed
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every living process below `pid` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _collect(pid: int) -> None:
     """Reap the zombie if `pid` happens to be our own child (e.g. in tests)."""
     try:

@@ -10,6 +10,9 @@ every job the server holds is checked to have ended SUCCEEDED exactly once::
 
     nice -n 10 python -m metaprune.serving.load_bench --soak 200 --clients 16 --kills 2
 
+``--watchers N`` times health checks and GetJob while N WatchJob streams are open;
+``--orphans`` times how fast the processes of a SIGKILLed server are gone.
+
 ``--ray ADDRESS`` compares the back-ends instead (issue 12): the same tiny job 8 times in a row
 on a local-back-end server and on one using the Ray cluster at ADDRESS (after one warm-up job
 each); prints each median and their ratio.
@@ -177,6 +180,73 @@ def run_backends(root: Path, ray_address: str, *, jobs: int = 8) -> dict:
     return figures
 
 
+def run_watchers(root: Path, *, streams: int = 100, seconds: float = 5.0) -> dict:
+    """Open `streams` WatchJob streams on a running job; meanwhile time health checks and
+    GetJob calls (issue 16: 64 streams used to hold every RPC thread)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from . import pruning_pb2 as pb
+
+    with ServerProcess(root / "state", args=("--workers", "1")) as server, \
+            PruningClient(server.address, timeout=60) as client:
+        model_id = client.upload_model(write_model(root / "model.safetensors")).id
+        job = client.submit(model_id, speedup=2.0, dataset="mnist1d", finetune_epochs=500)
+        request = pb.WatchJobRequest(job_id=job.job_id)
+        opened = [client.stub.WatchJob(request, timeout=300) for _ in range(streams)]
+        for stream in opened:
+            next(stream)  # its handler runs on the server
+        health = health_pb2_grpc.HealthStub(client.channel)
+        health_s, get_job_s = [], []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            began = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health_s.append(time.perf_counter() - began)
+            began = time.perf_counter()
+            client.stub.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=5)
+            get_job_s.append(time.perf_counter() - began)
+        client.cancel(job.job_id)
+        ended = sum(1 for stream in opened if list(stream)[-1].state == pb.CANCELLED)
+        rss = server.rss_bytes()
+    return {"streams": streams, "calls": len(health_s), "health_median_ms": 1e3 * statistics.median(health_s),
+            "health_max_ms": 1e3 * max(health_s), "get_job_median_ms": 1e3 * statistics.median(get_job_s),
+            "get_job_max_ms": 1e3 * max(get_job_s), "streams_ended_cancelled": ended,
+            "server_rss_mib": rss / (1 << 20)}
+
+
+def run_orphans(root: Path) -> dict:
+    """SIGKILL the server alone while a job runs; seconds until none of its processes lives,
+    and the job's outcome after a restart (issue 16: the worker ran on for 23.6 s)."""
+    import os
+    import signal
+
+    from . import pruning_pb2 as pb
+    from .fate import descendants, start_ticks
+
+    server = ServerProcess(root / "state", args=("--workers", "1")).start()
+    try:
+        with PruningClient(server.address, timeout=60) as client:
+            model_id = client.upload_model(write_model(root / "model.safetensors")).id
+            job = client.submit(model_id, speedup=2.0, dataset="mnist1d", finetune_epochs=8)
+            while True:
+                family = descendants(server.pid)
+                if len(family) >= 3:  # fork server, resource tracker, the job's worker
+                    break
+                time.sleep(0.02)
+            os.kill(server.pid, signal.SIGKILL)
+            killed = time.perf_counter()
+            while any(start_ticks(pid) is not None for pid in family):
+                time.sleep(0.01)
+            gone_s = time.perf_counter() - killed
+            server.process.wait(10)
+            server.start()
+            final = client.wait(job.job_id)
+        return {"processes_of_the_server": len(family), "all_gone_after_s": gone_s,
+                "job_after_restart": pb.JobState.Name(final.state), "attempts": final.attempts}
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -189,9 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nice", type=int, default=0, help="niceness of the server and its workers")
     parser.add_argument("--ray", default=None, metavar="ADDRESS",
                         help="compare 8 tiny jobs on the local back-end and on this Ray cluster instead")
+    parser.add_argument("--watchers", type=int, default=0, metavar="N",
+                        help="time health and GetJob with N open WatchJob streams instead")
+    parser.add_argument("--orphans", action="store_true",
+                        help="time how fast a SIGKILLed server's workers are gone instead")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="metaprune-load-") as folder:
-        if args.ray:
+        if args.watchers:
+            figures = run_watchers(Path(folder), streams=args.watchers)
+        elif args.orphans:
+            figures = run_orphans(Path(folder))
+        elif args.ray:
             figures = run_backends(Path(folder), args.ray)
         elif args.soak:
             figures = run_soak(Path(folder), jobs=args.soak, clients=args.clients, kills=args.kills,

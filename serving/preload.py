@@ -14,8 +14,11 @@ import tempfile
 from importlib import import_module
 from pathlib import Path
 
+# The library imports lazily (a plain in-process prune stays quick); a job process should not
+# pay for that on every job (~1.7 s: torch-geometric and its pandas/pyarrow), so import here.
 for _name in ("torch", "metaprune", "metaprune.measure", "metaprune.formats", "metaprune.pruning",
-              "metaprune.data", "metaprune.serving.worker"):
+              "metaprune.data", "metaprune.zoo", "metaprune.finetune", "metaprune.graph",
+              "metaprune.metanet", "metaprune.metanet.scope", "metaprune.serving.worker"):
     try:
         import_module(_name)
     except Exception:  # noqa: BLE001 - see the module docstring
@@ -29,13 +32,17 @@ def _warm_up() -> None:
     from metaprune.serving.samples import small_model
 
     torch.set_num_threads(1)
+    from metaprune.serving.worker import pruning_facts
+
     with tempfile.TemporaryDirectory(prefix="metaprune-warmup-") as folder:
-        model, example_inputs = small_model(seed=0)
-        path = Path(folder) / "warm.pt2"
-        save_model(model, example_inputs, path)
-        model, example_inputs = load_model(path)
-        result = prune(model, example_inputs, method="l2", speedup=2.0)
-        save_model(result.model, example_inputs, Path(folder) / "pruned.pt2")
+        for suffix in (".pt2", ".safetensors"):  # both input formats, as uploads and jobs use them
+            model, example_inputs = small_model(seed=0)
+            path = Path(folder) / f"warm{suffix}"
+            save_model(model, example_inputs, path)
+            model, example_inputs = load_model(path)
+            pruning_facts(model, example_inputs)
+            result = prune(model, example_inputs, method="l2", speedup=2.0)
+            save_model(result.model, example_inputs, Path(folder) / f"pruned{suffix}")
 
 
 try:

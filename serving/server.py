@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import logging
 import shutil
@@ -105,6 +106,7 @@ class PruningServer:
             raise ServerConfigError("--workers must be at least 1")
         if config.metanet_dir is not None and not Path(config.metanet_dir).is_dir():
             raise ServerConfigError(f"--metanet-dir {config.metanet_dir} is not a folder")
+        self._state_lock = _lock_state_dir(Path(config.state_dir))
         self.store = JobStore(config.state_dir)
         limits = config.limits
         self.validator = LocalBackend(limits.worker_memory_bytes, config.worker_threads,
@@ -138,7 +140,6 @@ class PruningServer:
         port = asyncio.run_coroutine_threadsafe(self._start_grpc(), self._loop).result()
         self.scheduler.start()
         self._sweeper.start()
-        threading.Thread(target=self.servicer.describe_metanets, daemon=True, name="metanets").start()
         return port
 
     def _end_previous_workers(self) -> None:
@@ -222,6 +223,24 @@ class PruningServer:
         self.servicer.close()
         self.scheduler.stop()
         self.store.close()
+        self._state_lock.close()
+
+
+def _lock_state_dir(state_dir: Path):
+    """Hold an exclusive lock on the state directory for the life of this process.
+
+    Two servers on one state directory would each re-run the other's RUNNING jobs (and reap
+    its workers). The kernel drops the lock when the process dies, however it dies; the file is
+    not inherited by worker processes (Python opens files non-inheritable).
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(state_dir / "server.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ServerConfigError(f"another server is running on the state directory {state_dir}") from None
+    return handle
 
 
 def _delete(path: Path) -> None:

@@ -19,7 +19,6 @@ import functools
 import hashlib
 import inspect
 import json
-import logging
 import math
 import os
 import shutil
@@ -43,12 +42,12 @@ from .auth import Authenticator
 from .job_request import FORMAT_NAMES, RequestError, available_metanetworks, build_task
 from .files import sha256_of
 from .limits import Limits
+from .metanets import describe_checkpoints
 from .model_facts import check_options
 from .scheduler import Scheduler
 from .store import FINISHED, JobStore, Upload, new_id
 from .worker import TaskFailure
 
-log = logging.getLogger(__name__)
 _DOWNLOAD_CHUNK = 1 << 20
 _MODEL_SUFFIXES = {".pt2": "pt2", ".safetensors": "safetensors"}
 # a watcher re-reads its job this often even without a notification (belt and braces)
@@ -125,9 +124,9 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         self.limits = limits
         # folder of the metanetwork checkpoints served (None: the ones the library ships)
         self.metanet_dir = metanet_dir
-        # their descriptions (scope, hash), read once by a worker (see describe_metanets)
-        self._metanet_info: list[dict] = []
-        self._metanets_described = threading.Event()
+        # their descriptions (name, scope, hash), read once: a malformed folder fails here
+        self._metanet_info = [pb.MetanetInfo(**_known_fields(pb.MetanetInfo, info))
+                              for info in describe_checkpoints(metanet_dir or CHECKPOINT_DIR)]
         # uploads validated at once (each takes a worker process)
         self._validations = ThreadPoolExecutor(validations, thread_name_prefix="validate")
         # file and SQLite work of the streaming RPCs, off the event loop
@@ -143,20 +142,6 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         """Called once the event loop runs: store changes wake the job's watchers."""
         self._loop = loop
         self.store.add_listener(lambda job_id: loop.call_soon_threadsafe(self._wake, job_id))
-
-    def describe_metanets(self) -> None:
-        """Read the checkpoints' scopes and hashes in a worker (the server process never imports
-        the library's torch modules); GetServerInfo waits for this once, at most 60 s."""
-        folder = self.metanet_dir or CHECKPOINT_DIR
-        try:
-            described = self.validator.run({"kind": "describe_metanets", "folder": str(folder)},
-                                           on_event=lambda event: None, timeout=300,
-                                           cancelled=threading.Event())
-            self._metanet_info = described["checkpoints"]
-        except TaskFailure as failure:
-            log.error("cannot describe the metanetwork checkpoints in %s: %s", folder, failure.message)
-        finally:
-            self._metanets_described.set()
 
     def _metanetworks(self) -> dict[str, str]:
         return available_metanetworks(self.metanet_dir)
@@ -372,7 +357,10 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
                           metanetworks=self._metanetworks(), limits=self.limits)
         if self.metanet_dir is not None:  # "default" chooses among that folder's checkpoints
             task["metanet_dir"] = str(self.metanet_dir)
-        check_options(task["options"], self.store.get_upload(request.model_id, tenant, "model").info)
+        model = self.store.get_upload(request.model_id, tenant, "model")
+        if model is None:  # expired since build_task looked it up
+            raise RequestError("NOT_FOUND", f"no model with id {request.model_id[:80]!r}")
+        check_options(task["options"], model.info)
         with self._submit_lock:  # count and insert together, so the queue limit holds
             earlier = self.store.job_for_key(tenant, key)
             if earlier is not None:  # the same submit again (its reply was lost): same job
@@ -458,11 +446,6 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
                     while chunk := await self._blocking(source.read, _DOWNLOAD_CHUNK):
                         yield pb.ResultChunk(data=chunk)
 
-    def _described_metanets(self) -> list[dict]:
-        self._metanets_described.wait(60)
-        fields = set(pb.MetanetInfo.DESCRIPTOR.fields_by_name)
-        return [{key: value for key, value in info.items() if key in fields} for info in self._metanet_info]
-
     @_answers_errors
     def GetServerInfo(self, request, context):
         tenant = self._tenant(context)
@@ -470,7 +453,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
         return pb.ServerInfo(
             version=metaprune.__version__, methods=vocabulary.METHODS, criteria=vocabulary.CRITERIA,
             allocations=vocabulary.ALLOCATIONS, metanetworks=list(self._metanetworks()),
-            metanet_info=[pb.MetanetInfo(**info) for info in self._described_metanets()],
+            metanet_info=self._metanet_info,
             datasets=vocabulary.DATASETS, input_formats=vocabulary.INPUT_FORMATS,
             output_formats=vocabulary.OUTPUT_FORMATS,
             limits=pb.Limits(
@@ -487,6 +470,10 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             auth_required=self.auth.required, backend=self.scheduler.backend.name,
             workers=self.scheduler.workers, storage_used_bytes=self.store.tenant_bytes(tenant),
         )
+
+
+def _known_fields(message_type, values: dict) -> dict:
+    return {key: value for key, value in values.items() if key in message_type.DESCRIPTOR.fields_by_name}
 
 
 def _append(sink, digest, data: bytes) -> None:

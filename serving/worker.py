@@ -56,13 +56,19 @@ def apply_process_limits(memory_bytes: int, threads: int, *, parent_pid: int | N
     torch.set_num_threads(threads)
 
 
+# How running out of the address-space limit shows when it is not a MemoryError: a failed
+# allocation inside a C extension, or the dynamic loader unable to map a library that a lazy
+# import loads only now (seen on the Ray back-end under --worker-memory-mb 256).
+_OUT_OF_MEMORY_SIGNS = ("can't allocate memory", "Cannot allocate memory", "failed to map segment")
+
+
 def failure_code(error: BaseException) -> str:
     """The gRPC status name a library error maps to (DESIGN.md §5)."""
     from metaprune.errors import DatasetUnavailableError, MetaPruneError
 
     if isinstance(error, TaskFailure):
         return error.code
-    if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+    if isinstance(error, MemoryError) or any(sign in str(error) for sign in _OUT_OF_MEMORY_SIGNS):
         return "RESOURCE_EXHAUSTED"
     if isinstance(error, DatasetUnavailableError):
         return "FAILED_PRECONDITION"
@@ -215,16 +221,6 @@ class _LogForwarder(logging.Handler):
             pass
 
 
-def describe_metanets(task: dict, emit: Emit) -> dict:
-    """The checkpoints of task["folder"] with their scopes and hashes (GetServerInfo shows
-    them; reading a scope imports the library, which the server process never does)."""
-    from metaprune.metanet.scope import discover_checkpoints
-
-    folder = Path(task["folder"])
-    return {"checkpoints": [checkpoint.describe() for checkpoint in discover_checkpoints(folder)]
-            if folder.is_dir() else []}
-
-
 def _choose_in_folder(options: dict, module, data, folder: str | None) -> dict | None:
     """With `metaprune serve --metanet-dir`, "default" means the checkpoint of that folder whose
     scope fits the model; returns the report's metanet entry (with the reason) or None."""
@@ -268,8 +264,7 @@ def run_prune(task: dict, emit: Emit) -> dict:
     return report
 
 
-TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune,
-         "describe_metanets": describe_metanets}
+TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}
 
 
 def run_task(task: dict, emit: Emit) -> dict:

@@ -13,6 +13,18 @@ def _private_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run many small ops: on a shared 2-core machine, one torch thread is several
+    times faster than two fighting for it. Use with ``pytestmark = pytest.mark.usefixtures``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Test modules (or single tests, "module::test") that start Ray clusters, gRPC servers with
 # worker processes, or train for several epochs. `make test` (CI) runs everything;
 # `make test-fast` (`-m "not slow"`) skips these for the inner loop. Tests may also carry

@@ -177,3 +177,47 @@ def test_latency_allocation_meets_a_macs_target_and_reports_latency_keys():
     assert report["latency_ms_before"] > 0 and report["latency_spread"]["rounds"] >= 3
     skipped = prune(model, inputs, speedup=2.0, latency=False).report
     assert skipped["latency_ms_before"] is None and skipped["latency_batch"] is None
+
+
+def test_onnxruntime_latency_when_it_is_installed():
+    pytest.importorskip("onnxruntime")
+    from metaprune.latency.onnxruntime_timing import compare_onnxruntime
+
+    model, inputs = _tiny_resnet()
+    comparison = compare_onnxruntime([model, model], inputs, batch=2, budget_s=0.3)
+    assert comparison.median_ms[0] > 0 and comparison.median_ms[1] > 0
+    assert comparison.batch == 2 and comparison.rounds >= 3
+
+
+def test_the_attempt_inside_the_window_is_kept_even_when_an_earlier_one_was_nearer():
+    from metaprune.pruning import latency_target
+    from metaprune.pruning.targets import Target
+
+    # the first attempt (measured twice, being near) is nearer 2.0 in ratio, but outside [1.9, 2.2]
+    measured = iter([1.88, 1.88, 2.16])
+
+    class Allocation:
+        groups = [None]
+        high = 1.0
+
+        def counts(self, theta):
+            return [0]
+
+    class Latency:
+        def predict(self, counts):
+            return 1.0
+
+    def measure(pruned):
+        ratio = next(measured)
+        return LatencyComparison([1.0, 1 / ratio], [(1, 1), (1, 1)], [1.0, ratio],
+                                 [(1, 1), (ratio, ratio)], 1, 1, "test CPU", 3, 0.0,
+                                 [[1.0], [1 / ratio]])
+    monkey_solve = latency_target.solve_counts
+    latency_target.solve_counts = lambda *args, **kwargs: [0]
+    try:
+        pruned, comparison, note = latency_target.prune_to_latency(
+            Allocation(), None, Latency(), Target("latency_speedup", 2.0), lambda c: object(),
+            measure)
+    finally:
+        latency_target.solve_counts = monkey_solve
+    assert note["reached"] and comparison.speedups[1] == 2.16

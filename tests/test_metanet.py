@@ -10,7 +10,7 @@ from torch_geometric.data import Batch
 
 from architectures import build
 from metaprune import zoo
-from metaprune.errors import InvalidTargetError, ModelFormatError
+from metaprune.errors import InvalidTargetError, MetaPruneError, ModelFormatError
 from metaprune.graph import PARAM_SLOTS, to_graph
 from metaprune.graph.features import SCALAR
 from metaprune.metanet import (
@@ -312,13 +312,15 @@ def test_bad_checkpoints_are_model_format_errors(tmp_path, metanet):
             "aggregations",
         variant("mismatch", weights, {**config, "config": {**config["config"], "hidden": 8}}):
             "expected",
-        tmp_path / "missing.safetensors": "existing",
     }
     (tmp_path / "no_config.safetensors").write_bytes(weights)
     cases[tmp_path / "no_config.safetensors"] = "no config"
     for path, words in cases.items():
         with pytest.raises(ModelFormatError, match=words):
             load_metanet(path)
+    # a missing file is no format problem: the message names the classic criteria instead
+    with pytest.raises(MetaPruneError, match="does not exist.*classic criterion"):
+        load_metanet(tmp_path / "missing.safetensors")
     nan_state = {k: v.clone() for k, v in metanet.state_dict().items()}
     next(iter(nan_state.values())).fill_(float("nan"))
     broken = MetaNetwork(**metanet.config)
@@ -395,3 +397,20 @@ def test_a_trained_sparsity_head_allocates_and_the_split_is_configurable(tmp_pat
     with pytest.raises(InvalidTargetError, match="exceeds finetune_epochs"):
         prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
               data="mnist1d", speedup=2.0, finetune_epochs=1, finetune={"metanet_epochs": 2})
+
+
+def test_load_metanet_is_the_one_public_entry_point(tmp_path, metanet):
+    import metaprune
+
+    loaded = metaprune.load_metanet("default")  # the committed checkpoint, by name
+    assert isinstance(loaded, LoadedMetanet) and loaded.head_trained
+    assert metaprune.load_metanet(loaded) is loaded  # a loaded one passes through
+    path = save_metanet(metanet, tmp_path / "mine.safetensors")
+    mine = metaprune.load_metanet(str(path))  # a path
+    model, inputs = _zoo_model(*ZOO_CASES[1])
+    rewritten = mine.transform(model, inputs)
+    assert rewritten is not model
+    assert set(mine.layer_keep_ratios(rewritten, inputs, speedup=2.0)) <= \
+        {name for name, _ in model.named_modules()}
+    with pytest.raises(MetaPruneError, match="does not exist"):
+        metaprune.load_metanet("no-such-metanet")

@@ -84,6 +84,16 @@ def test_malformed_model_upload(client, name, payload, metadata, expected):
     assert _upload_bytes(client, name, payload, **metadata) == expected
 
 
+def test_upload_without_a_type_is_named(client):
+    # issue 12: an upload with no file name and no format said "unsupported file type 0"
+    messages = [pb.UploadChunk(metadata=pb.UploadMetadata()), pb.UploadChunk(data=b"x")]
+    with pytest.raises(grpc.RpcError) as refused:
+        client.stub.UploadModel(iter(messages), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no file name and no format" in refused.value.details()
+    assert ".pt2 or .safetensors" in refused.value.details()
+
+
 def test_stream_without_metadata(client):
     assert _stream(client, [pb.UploadChunk(data=b"abc")]) == "INVALID_ARGUMENT"
     assert _stream(client, []) == "INVALID_ARGUMENT"

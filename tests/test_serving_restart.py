@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL the server alone while a job runs: within 2 s no fork server or worker
 of it is alive; restarted on the same state directory, the running job re-runs once and the
-queued one runs, and earlier results still download. A worker a previous server left (one the
+queued one runs, a client waiting on the job waits through it, and earlier results still
+download. A worker a previous server left (one the
 parent-death signal missed) is ended at start-up, before any job re-runs."""
 
 import hashlib
@@ -13,7 +14,7 @@ import pytest
 
 from metaprune.serving import pruning_pb2 as pb
 from metaprune.serving.client import PruningClient
-from metaprune.serving.fate import start_ticks
+from metaprune.serving.fate import descendants, start_ticks
 from metaprune.serving.process import ServerProcess
 from metaprune.serving.samples import write_model
 from metaprune.serving.store import JobStore
@@ -25,33 +26,13 @@ def _state(client, job_id):
     return pb.JobState.Name(client.get_job(job_id).state)
 
 
-def _children(pid):
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == pid:
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigkill_during_a_job_then_restart(tmp_path):
     state = tmp_path / "state"
     model_file = write_model(tmp_path / "m.pt2")
     server = ServerProcess(state, args=("--workers", "1")).start()
+    outcome = {}
     try:
-        with PruningClient(server.address, timeout=120) as client:
+        with PruningClient(server.address, timeout=120, patience=120) as client:
             model_id = client.upload_model(model_file).id
             done = client.wait(client.submit(model_id, speedup=2.0).job_id, timeout=120)
             assert pb.JobState.Name(done.state) == "SUCCEEDED", done.message
@@ -59,37 +40,37 @@ def test_sigkill_during_a_job_then_restart(tmp_path):
             # ~3 s of fine-tuning: still running when the server is killed
             running = client.submit(model_id, speedup=2.0, dataset="mnist1d", finetune_epochs=6)
             queued = client.submit(model_id, params_ratio=0.5)
+            # a client waits on the running job through the crash and the restart
+            waiting = threading.Thread(target=lambda: outcome.update(job=client.wait(running.job_id)))
+            waiting.start()
             deadline = time.monotonic() + 60
-            while _state(client, running.job_id) != "RUNNING":
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-        # the server's children: the fork server (and its resource tracker); theirs: the worker
-        helpers = _children(server.pid)
-        workers = [pid for helper in helpers for pid in _children(helper)]
-        assert workers, "the job's worker process should be running"
-        os.kill(server.pid, 9)  # the server process alone, as an OOM killer would
-        killed_at = time.monotonic()
-        server.process.wait(10)
+            # the server's children: the fork server and the resource tracker; below the fork
+            # server: the worker (RUNNING is recorded just before it is forked: wait for it)
+            while _state(client, running.job_id) != "RUNNING" or len(family := descendants(server.pid)) < 3:
+                assert time.monotonic() < deadline, "the job's worker process should be running"
+                time.sleep(0.02)
+            os.kill(server.pid, 9)  # the server process alone, as an OOM killer would
+            killed_at = time.monotonic()
+            server.process.wait(10)
+            # nothing of the killed server keeps running: the fork server dies with the server,
+            # the worker with the fork server
+            while any(start_ticks(pid) is not None for pid in family):
+                assert time.monotonic() - killed_at < 2.0, "orphaned worker processes"
+                time.sleep(0.02)
+            server.start()  # the same state and port
+            waiting.join(180)
+            assert pb.JobState.Name(outcome["job"].state) == "SUCCEEDED", outcome["job"].message
+            assert outcome["job"].attempts == 2 and client.retries > 0  # re-run once
+            job = client.wait(queued.job_id, timeout=180)
+            assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
+            report = client.download(running.job_id, tmp_path / "after.pt2")
+            assert report["finetune"] is not None
+            # the result finished before the crash is still there, byte for byte
+            client.download(done.job_id, tmp_path / "again.pt2")
+            digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+            assert digest(tmp_path / "again.pt2") == digest(tmp_path / "before.pt2")
     finally:
         server.stop()
-    # nothing of the killed server keeps running: the fork server dies with the server, the
-    # worker with the fork server
-    while any(_alive(pid) for pid in helpers + workers):
-        assert time.monotonic() - killed_at < 2.0, "orphaned worker processes"
-        time.sleep(0.02)
-
-    with ServerProcess(state, args=("--workers", "1")) as restarted, \
-            PruningClient(restarted.address, timeout=120) as client:
-        for job_id in (running.job_id, queued.job_id):
-            job = client.wait(job_id, timeout=180)
-            assert pb.JobState.Name(job.state) == "SUCCEEDED", job.message
-        assert client.get_job(running.job_id).attempts == 2
-        report = client.download(running.job_id, tmp_path / "after.pt2")
-        assert report["finetune"] is not None
-        # the result finished before the crash is still there, byte for byte
-        client.download(done.job_id, tmp_path / "again.pt2")
-        digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
-        assert digest(tmp_path / "again.pt2") == digest(tmp_path / "before.pt2")
 
 
 def test_start_up_ends_workers_a_previous_server_left(tmp_path):
@@ -109,21 +90,10 @@ def test_start_up_ends_workers_a_previous_server_left(tmp_path):
         leftover.kill()
 
 
-def test_client_waits_through_a_restart(tmp_path):
-    model_file = write_model(tmp_path / "m.safetensors")
-    server = ServerProcess(tmp_path / "state", args=("--workers", "1")).start()
-    try:
-        with PruningClient(server.address, timeout=30, patience=60) as client:
-            job_id = client.submit(client.upload_model(model_file).id, speedup=2.0, dataset="mnist1d",
-                                   finetune_epochs=4).job_id
-            outcome = {}
-            waiting = threading.Thread(target=lambda: outcome.update(job=client.wait(job_id)))
-            waiting.start()
-            while _state(client, job_id) != "RUNNING":
-                time.sleep(0.05)
-            server.restart()  # SIGKILL, then the same port and state
-            waiting.join(120)
-            assert pb.JobState.Name(outcome["job"].state) == "SUCCEEDED", outcome["job"].message
-            assert outcome["job"].attempts == 2 and client.retries > 0
-    finally:
-        server.stop()
+def test_one_server_per_state_directory(tmp_path):
+    # a second server would re-run the first one's running jobs: it is refused in one line
+    with ServerProcess(tmp_path / "state"):
+        second = ServerProcess(tmp_path / "state", startup_timeout=30)
+        with pytest.raises(RuntimeError, match="another server is running on the state directory"):
+            second.start()
+        assert "Traceback" not in second.log()

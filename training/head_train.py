@@ -116,7 +116,7 @@ def head_features(metanet, graph) -> torch.Tensor:
         lambda module, inputs, output: captured.append(inputs[0].detach()))
     try:
         with torch.no_grad():
-            metanet(graph.data)
+            metanet(graph, rewrite_edges=False)
     finally:
         hook.remove()
     return captured[0]

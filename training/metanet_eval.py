@@ -75,7 +75,7 @@ def transform_evidence(checkpoint, corpus, model_ids: Sequence[str], *,
         loaders = tasks.loaders(model_id)
         graph = to_graph(model, example_inputs)
         with torch.no_grad():
-            new_x, new_edge_attr, _ = loaded.metanet(graph.data)
+            new_x, new_edge_attr, _ = loaded.metanet(graph)
         rewritten = graph.write_back(new_x, new_edge_attr)
         mask = graph.data.x_param_mask
         old = torch.cat([graph.data.x[:, :mask.shape[1]][mask], graph.data.edge_attr])

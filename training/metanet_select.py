@@ -120,7 +120,7 @@ def validation_score(checkpoint, folder, *, speedups=SPEEDUPS, budgets=BUDGETS, 
     eligible). `null_cells` (from an earlier call) saves recomputing the null, which no
     checkpoint changes.
     """
-    from metaprune.pruning.metanet_bridge import load_metanet
+    from metaprune.metanet import load_metanet
 
     folder = Path(folder)
     torch.set_num_threads(1)

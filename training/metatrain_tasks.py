@@ -148,7 +148,7 @@ def meta_loss(metanet, tasks: CorpusTasks, model_id: str, speedup: float, lam: f
     """
     task = tasks.task(model_id)
     inputs, labels = task.next_batch()
-    new_x, new_edge_attr, _ = metanet(task.graph.data, speedup)
+    new_x, new_edge_attr, _ = metanet(task.graph, speedup)
     params = parameters_from_features(task.graph, new_x, new_edge_attr)
     logits = torch.func.functional_call(task.model, params, (inputs,))
     task_loss = F.cross_entropy(logits, labels)

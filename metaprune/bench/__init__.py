@@ -4,4 +4,5 @@ A benchmark module `metaprune/bench/<name>.py` exposes `add_arguments(parser)` a
 Register a new one by adding its name to `BENCHMARKS`.
 """
 
-BENCHMARKS: tuple[str, ...] = ("zoo", "graph", "formats", "prune", "metanet", "startup", "latency")
+BENCHMARKS: tuple[str, ...] = ("zoo", "graph", "formats", "prune", "metanet", "startup", "latency",
+                               "metanet-scale", "textlm")

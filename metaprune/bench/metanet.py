@@ -246,7 +246,7 @@ def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
     from metaprune.finetune import evaluate
     from metaprune.formats import load_model
     from metaprune.metanet.scope import select_metanet
-    from metaprune.pruning.metanet_bridge import load_metanet
+    from metaprune.metanet import load_metanet
 
     model_id = meta["model_id"]
     model, example_inputs = load_model(Path(meta["folder"]) / meta["weights"])

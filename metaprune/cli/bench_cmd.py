@@ -26,7 +26,7 @@ def register(subparsers) -> None:
 def _run(args) -> int:
     names = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     for name in names:
-        module = import_module(f"metaprune.bench.{name}")
+        module = import_module(f"metaprune.bench.{name.replace('-', '_')}")
         parser = argparse.ArgumentParser(
             prog=f"metaprune bench {name}", description=(module.__doc__ or "").strip()
         )

@@ -53,18 +53,14 @@ def _load(args):
 
 
 def _coupled_groups(model, example_inputs) -> tuple[list[dict], str | None]:
-    """Channel groups as the pruner sees them (torch-pruning's DependencyGraph)."""
+    """Channel groups as the pruner sees them (torch-pruning's DependencyGraph, or the channel
+    graph's coupling for attention, tied weights and grouped convolutions)."""
     try:
-        from metaprune.pruning.groups import (
-            build_dependency_graph,
-            collect_groups,
-            output_layers,
-        )
+        from metaprune.pruning.graph_groups import plan_channel_groups
 
-        graph = build_dependency_graph(model, example_inputs)
-        groups = collect_groups(graph, output_layers(graph))
+        _, groups = plan_channel_groups(model, example_inputs)
     except Exception as error:  # noqa: BLE001 - a tracing failure is reported, not fatal
-        return [], f"torch-pruning could not group this model: {type(error).__name__}: {error}"
+        return [], f"the pruner could not group this model: {type(error).__name__}: {error}"
     found = []
     for group in groups:
         members = sorted({use.unit for use in group.uses if use.side == "out"})

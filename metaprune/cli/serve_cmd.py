@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=2, help="jobs running at once (default 2)")
     parser.add_argument("--worker-threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--ray-address", default=None, help="run jobs on Ray: 'local' starts a private cluster on 127.0.0.1; "
-                        "or 'auto', HOST:PORT, ray://HOST:PORT")
+                        "or 'auto', HOST:PORT, ray://HOST:PORT. A cluster with token authentication "
+                        "gets the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
     parser.add_argument("--metanet-dir", type=Path, default=None,
                         help="serve the metanetwork checkpoints in this folder (NAME.safetensors + "
                         "NAME.json each); 'default' picks the one whose scope fits the model "

@@ -71,7 +71,8 @@ def load_model(path: str | os.PathLike, *, max_params: int = 100_000_000,
     """Load a model file into a prunable module.
 
     Args:
-        path: a ``.pt2`` archive, or a ``.safetensors`` file with its ``NAME.json`` spec beside it.
+        path: a ``.pt2`` archive, a ``.safetensors`` file with its ``NAME.json`` spec beside it,
+            or a HuggingFace folder (``config.json`` + safetensors; `metaprune.formats.hf`).
         max_params: most parameters accepted (100 M by default, the service's limit).
         limits: full ``.pt2`` intake bounds; its ``max_params`` is replaced by ``max_params``.
 
@@ -88,6 +89,10 @@ def load_model(path: str | os.PathLike, *, max_params: int = 100_000_000,
         model, example_inputs = load_model("resnet.pt2")
         logits = model(*example_inputs)
     """
+    from metaprune.formats.hf import is_hf_folder, load_hf_folder
+
+    if is_hf_folder(path):  # a HuggingFace folder: config.json + safetensors
+        return load_hf_folder(path, max_params=max_params)
     suffix = _suffix(path, loading=True)
     if suffix == ".pt2":
         from dataclasses import replace
@@ -112,13 +117,20 @@ def save_model(module: nn.Module, example_inputs: tuple, path: str | os.PathLike
         module: any module torch.export can capture (``.pt2``, ``.onnx``), or a zoo model
             (``.safetensors``).
         example_inputs: a tuple of input tensors with the batch dim first.
-        path: ``.pt2``, ``.safetensors`` (writes ``NAME.json`` beside it) or ``.onnx``.
+        path: ``.pt2``, ``.safetensors`` (writes ``NAME.json`` beside it), ``.onnx``, or a
+            folder without suffix for a transformers model (``save_pretrained``, when its
+            config can state the pruned shapes; else a ModelFormatError saying why).
         family: zoo family id for ``.safetensors``; by default read from the module's class.
 
     Example::
 
         save_model(model, (torch.randn(2, 1, 40),), "model.safetensors")   # + model.json
     """
+    if Path(path).suffix == "" and hasattr(module, "save_pretrained"):
+        from metaprune.formats.hf import save_hf_folder
+
+        save_hf_folder(module, path)  # a folder: save_pretrained when the config can say it
+        return
     suffix = _suffix(path, loading=False)
     example_inputs = tuple(example_inputs)
     if suffix == ".pt2":

@@ -20,9 +20,17 @@ Example::
 from metaprune.graph.builder import LayerInfo
 from metaprune.graph.convert import to_graph
 from metaprune.graph.features import NODE_KINDS, NORM_KINDS, NUM_NODE_FEATURES, PARAM_SLOTS
-from metaprune.graph.network_graph import EdgeGroup, NetworkData, NetworkGraph, edge_groups
+from metaprune.graph.network_graph import (
+    EdgeGrid,
+    EdgeGroup,
+    NetworkData,
+    NetworkGraph,
+    edge_grids,
+    edge_groups,
+)
 
 __all__ = [
+    "EdgeGrid",
     "EdgeGroup",
     "LayerInfo",
     "NODE_KINDS",
@@ -31,6 +39,7 @@ __all__ = [
     "NetworkData",
     "NetworkGraph",
     "PARAM_SLOTS",
+    "edge_grids",
     "edge_groups",
     "to_graph",
 ]

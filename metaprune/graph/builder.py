@@ -28,6 +28,9 @@ class LayerInfo:
     channelwise: bool = False  # output channel j reads input channel j only (depthwise)
     norms: list[str] = field(default_factory=list)  # normalisation modules folded into it
     params: list[str] = field(default_factory=list)  # parameter/buffer names read into the graph
+    # tied weights: parameter of this layer -> the parameter whose edges carry the values (its
+    # own edges are featureless, k = 0; see `GraphBuilder.add_weight_edges`)
+    tied: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EdgeBlock:
     sources: torch.Tensor  # the distinct source nodes (small), for the layer DAG
     weight: torch.Tensor | None  # the weight itself (a reference, read at assembly)
     attr_offset: int = -1  # start in the flat `edge_attr`, set when the graph is assembled
+    tied: str = ""  # for a featureless block of a tied weight: that weight's name in this layer
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -93,6 +97,14 @@ class GraphBuilder:
         self._norm_taken: set[int] = set()
         self._merge_count = 0
         self._first_nodes: list[int] = []  # first node of each layer, ascending
+        self._weight_owner: dict[int, str] = {}  # id(weight tensor) -> first parameter name
+        # Channel coupling the edges do not show (read by the pruner, not part of `data`):
+        # pairs of equally shaped node tensors whose entries must be removed together
+        # (attention contractions, heads, groups), and nodes that can never be removed.
+        self.couplings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pinned: list[torch.Tensor] = []
+        # (module path, one node per head) of every attention product's head axis
+        self.head_splits: list[tuple[str, torch.Tensor]] = []
 
     # -- nodes ---------------------------------------------------------------------------
     def add_layer(self, name: str, kind: str, module_type: str, num_nodes: int, **info) -> int:
@@ -149,6 +161,10 @@ class GraphBuilder:
         for slot in self.slots:
             slot.nodes = new_node[slot.nodes]
         self.norm_kind_of = [(new_node[nodes], kind) for nodes, kind in self.norm_kind_of]
+        gone = torch.where(keep, new_node, torch.full_like(new_node, -1))
+        self.couplings = [(gone[a], gone[b]) for a, b in self.couplings]
+        self.pinned = [gone[nodes] for nodes in self.pinned]
+        self.head_splits = [(where, gone[nodes]) for where, nodes in self.head_splits]
         self.layers = layers
         self._first_nodes = [info.first_node for info in layers]
         self.num_nodes = first
@@ -193,6 +209,14 @@ class GraphBuilder:
         ``weight.view(view)[rows]`` (columns permuted by `col_perm`), k = entries / edges.
         """
         row_start, row_stop = rows if rows is not None else (0, view[0])
+        owner = self._weight_owner.setdefault(id(weight), param)
+        if owner != param:
+            # A tied weight (an LM head sharing the token embedding): its values are stored
+            # once, in the first layer's edges; this layer's edges show the connectivity only.
+            self.layers[layer].tied[param] = owner
+            self.blocks.append(EdgeBlock("", (0, 0, 0), 0, 0, None, 0, layer, src_grid,
+                                         dst_grid, sources, None, tied=param))
+            return
         block = EdgeBlock(param, view, row_start, row_stop, col_perm, 0, layer,
                           src_grid, dst_grid, sources, weight)
         block.edge_k = block.numel // block.num_edges
@@ -209,6 +233,20 @@ class GraphBuilder:
         if src.numel():
             self.blocks.append(EdgeBlock("", (0, 0, 0), 0, 0, None, 0, layer, src[None],
                                          dst[None], src, None))
+
+    def couple(self, left: torch.Tensor, right: torch.Tensor):
+        """Record that node ``left[i]`` and ``right[i]`` go together (broadcast, -1 ignored)."""
+        left, right = torch.broadcast_tensors(left, right)
+        keep = (left >= 0) & (right >= 0)
+        if bool(keep.any()):
+            self.couplings.append((left[keep].reshape(-1), right[keep].reshape(-1)))
+
+    def pin(self, nodes: torch.Tensor):
+        """Nodes whose channels an operator consumes in a way no removal can follow."""
+        nodes = nodes.reshape(-1)
+        nodes = torch.unique(nodes[nodes >= 0])
+        if nodes.numel():
+            self.pinned.append(nodes)
 
     # -- elementwise combinations ------------------------------------------------------------
     def merge(self, left: torch.Tensor, right: torch.Tensor, op: str, where: str) -> torch.Tensor:

@@ -79,7 +79,14 @@ def to_graph(module: nn.Module, example_inputs: Sequence) -> NetworkGraph:
     output_nodes = _output_nodes(output)
     output_nodes = _drop_unused_inputs(builder, alternatives, output_nodes)
     side, notes = _side_store(module, layer_modules, called, tracer)
-    return assemble(builder, module, dtype, output_nodes, side, notes)
+    graph = assemble(builder, module, dtype, output_nodes, side, notes)
+    # what a pruner needs beyond the features: every edge block (tied ones included), and the
+    # coupling / pinned channels recorded while tracing
+    graph.blocks, graph.slots = builder.blocks, builder.slots
+    graph.couplings, graph.pinned = builder.couplings, builder.pinned
+    graph.head_splits = builder.head_splits
+    graph.functional_norms = tracer.functional_norms
+    return graph
 
 
 def _side_store(module, layer_modules, called, tracer) -> tuple[dict, list[str]]:
@@ -163,11 +170,20 @@ def _parameter_dtype(module: nn.Module) -> torch.dtype:
 
 
 def _check_shared_parameters(module: nn.Module, layer_modules: dict[str, nn.Module]):
+    """Refuse parameters shared between layers, except tied weight matrices.
+
+    A weight shared by two Linear/Embedding/Conv layers (an LM head tied to the token
+    embedding) is stored once: the first layer that runs carries its values as edge features,
+    the other gets featureless edges and a ``tied`` annotation (`LayerInfo.tied`), so
+    `write_back` writes it once and the tie survives (the copy shares one tensor).
+    """
     seen: dict[int, str] = {}
     for name, layer in layer_modules.items():
-        for pname, param in layer.named_parameters():
+        for pname, param in layer.named_parameters(remove_duplicate=False):
             where = f"{name}.{pname}" if name else pname
-            if id(param) in seen and seen[id(param)] != where:
+            tieable = pname == "weight" and isinstance(
+                layer, (nn.Linear, nn.Embedding, nn.modules.conv._ConvNd))
+            if id(param) in seen and seen[id(param)] != where and not tieable:
                 raise UnsupportedModelError(
                     f"parameter '{where}' is shared with '{seen[id(param)]}'; the graph cannot "
                     "represent one weight in two layers"

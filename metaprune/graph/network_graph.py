@@ -10,6 +10,7 @@ from torch import nn
 from torch_geometric.data import Data
 
 from metaprune.graph.builder import EdgeBlock, GraphBuilder, LayerInfo, NodeSlot
+from metaprune.graph.planes import compress
 from metaprune.graph.features import (
     KIND_OFFSET,
     NODE_KINDS,
@@ -61,6 +62,54 @@ def edge_groups(data: Data, edge_attr: torch.Tensor | None = None) -> list[EdgeG
     return groups
 
 
+@dataclass
+class EdgeGrid:
+    """A block of edges laid out as a grid: a layer's weight, or a run of identity edges.
+
+    Edge ``(r, c)`` of the ``rows x cols`` grid goes from node ``src[r, c]`` to node
+    ``dst[r, c]`` (`src` and `dst` broadcast to the grid: a dense layer's `src` is ``[1, in]``
+    and its `dst` ``[out, 1]``) and carries the `k` weights ``attr(edge_attr)[r, c]``. Its
+    edges are ``edge_start .. edge_start + rows * cols - 1`` of ``data.edge_index``, row-major,
+    so a layer's messages can be reduced along an axis of the grid instead of scattered.
+    """
+
+    rows: int
+    cols: int
+    k: int  # weights per edge (0: identity edges)
+    layer: int  # the layer owning the edges (the targets' layer)
+    src: torch.Tensor  # [rows or 1, cols or 1] source nodes
+    dst: torch.Tensor  # [rows or 1, cols or 1] target nodes
+    edge_start: int  # first column in `data.edge_index`
+    attr_start: int  # first entry in the flat `edge_attr`
+
+    @property
+    def num_edges(self) -> int:
+        return self.rows * self.cols
+
+    def attr(self, edge_attr: torch.Tensor) -> torch.Tensor:
+        """The grid's weights as a ``[rows, cols, k]`` view of the flat `edge_attr`."""
+        numel = self.num_edges * self.k
+        return edge_attr[self.attr_start:self.attr_start + numel].view(self.rows, self.cols,
+                                                                         self.k)
+
+
+def edge_grids(data: Data) -> list[EdgeGrid]:
+    """The edge grids of a graph's data or of a PyG `Batch` of them, in edge order.
+
+    Read from ``data.edge_grid_shape`` (rows, cols, k of each grid) and ``edge_index`` (so this
+    materialises `NetworkGraph.data`; `NetworkGraph.edge_grids()` does not).
+    """
+    grids, edge_start, attr_start = [], 0, 0
+    for rows, cols, k in data.edge_grid_shape.tolist():
+        count = rows * cols
+        src, dst = data.edge_index[:, edge_start:edge_start + count].view(2, rows, cols)
+        grids.append(EdgeGrid(rows, cols, k, int(data.edge_layer[edge_start]), compress(src),
+                              compress(dst), edge_start, attr_start))
+        edge_start += count
+        attr_start += count * k
+    return grids
+
+
 class NetworkGraph:
     """A network as a graph of channels (nodes) and weights (edges), exactly invertible.
 
@@ -72,9 +121,11 @@ class NetworkGraph:
             ``edge_index`` [2, num_edges] (edges grouped by feature length), ``edge_attr`` (flat,
             see `edge_groups`), ``edge_group_k`` / ``edge_group_size`` (the group layout: feature
             length and edge count of each consecutive group), ``edge_layer`` (int32, the layer
-            owning each edge), ``layer`` (the layer of each node, index into `layers`) and
+            owning each edge), ``layer`` (the layer of each node, index into `layers`),
             ``x_param_mask`` (which of the `PARAM_SLOTS` of each node were read from a
-            parameter).
+            parameter) and ``edge_grid_shape`` (rows, cols, k of every `EdgeGrid`, in edge
+            order). Built on first access: ``edge_index`` costs 20 bytes an edge; `x`,
+            `edge_attr`, `features` and `edge_grids` give the rest without it.
         layers: one `LayerInfo` per node-owning layer (name, kind, nodes, folded norms).
         side_parameters: parameters that are not graph features (free parameters such as class
             tokens and positional embeddings, parameters the forward pass never used), restored
@@ -86,23 +137,26 @@ class NetworkGraph:
         graph.num_nodes, graph.num_edges
         for group in graph.edge_groups():      # one MLP per kernel size in a metanetwork
             new_attr = group.attr * 0.5         # [edges_in_group, k]
+        for grid in graph.edge_grids():        # a layer's weights as a [out, in, k] block
+            grid.attr(graph.edge_attr).shape
         same = graph.write_back()               # bit-identical copy of `model`
     """
 
     def __init__(
         self,
         source: nn.Module,  # the converted module (kept by reference; never modified)
-        data: Data,
+        features: Data,  # everything of `data` but ``edge_index`` / ``edge_layer``
         layers: list[LayerInfo],
-        blocks: list[EdgeBlock],  # weight edge blocks with their flat offsets
+        blocks: list[EdgeBlock],  # every edge block, in edge order, with flat offsets
         slots: list[NodeSlot],
         side_parameters: dict[str, torch.Tensor],
         notes: list[str],  # caveats found during conversion (e.g. unused parameters)
         layer_links: list[tuple[int, int]],  # (source layer, target layer) pairs of the DAG
     ):
         self._source = source
-        self.data = data
+        self._features = features
         self.layers = layers
+        self._edge_blocks = blocks
         self._blocks = [b for b in blocks if b.param]
         self._slots = slots
         self.side_parameters = side_parameters
@@ -112,14 +166,55 @@ class NetworkGraph:
         tensors.update(source.named_buffers(remove_duplicate=False))
         self._shapes = {name: tuple(tensors[name].shape) for name in self.feature_parameters}
         self._layer_dag = None
+        self._edge_index_built = False
+
+    @property
+    def data(self) -> Data:
+        """The PyG `Data` (see the class docstring), its ``edge_index`` built on first access.
+
+        A dense layer's edges are a grid (`edge_grids`); listing them one by one costs 20 bytes
+        an edge (15 M edges on a ResNet-50), so the metanetwork, `parameters` and `write_back`
+        never ask for it: only code that wants the edge list (the group-sparsity regulariser,
+        `coupled_channels`, users) pays for it.
+        """
+        if not self._edge_index_built:
+            self._features.edge_index, self._features.edge_layer = _edge_lists(
+                self._edge_blocks, self.num_edges)
+            self._edge_index_built = True
+        return self._features
+
+    @property
+    def x(self) -> torch.Tensor:
+        """Node features ``[num_nodes, NUM_NODE_FEATURES]`` (``data.x``, without building it)."""
+        return self._features.x
+
+    @property
+    def edge_attr(self) -> torch.Tensor:
+        """The flat edge features (``data.edge_attr``, without building ``data``)."""
+        return self._features.edge_attr
+
+    @property
+    def features(self) -> Data:
+        """``data`` without ``edge_index`` / ``edge_layer``: what the metanetwork reads."""
+        return self._features
 
     @property
     def num_nodes(self) -> int:
-        return int(self.data.num_nodes)
+        return int(self._features.num_nodes)
 
     @property
     def num_edges(self) -> int:
-        return int(self.data.edge_index.shape[1])
+        return sum(block.num_edges for block in self._edge_blocks)
+
+    def edge_grids(self) -> list[EdgeGrid]:
+        """Every block of edges as a grid (see `EdgeGrid`), in edge order, no edge list built."""
+        grids, edge_start = [], 0
+        for block in self._edge_blocks:
+            rows, cols = block.grid_shape
+            grids.append(EdgeGrid(rows, cols, block.edge_k, block.layer, block.src_grid,
+                                  block.dst_grid, edge_start, block.attr_offset))
+            edge_start += block.num_edges
+        return grids
 
     @property
     def feature_parameters(self) -> list[str]:
@@ -130,7 +225,7 @@ class NetworkGraph:
 
     def edge_groups(self, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
         """The edge groups of `edge_attr` (default: the graph's own features), as views."""
-        return edge_groups(self.data, edge_attr)
+        return edge_groups(self._features, edge_attr)
 
     def coupled_channels(self) -> torch.Tensor:
         """Component id of each node: channels that can only be kept or removed together.
@@ -140,10 +235,12 @@ class NetworkGraph:
         """
         data = self.data
         channelwise = torch.tensor([layer.channelwise for layer in self.layers] + [False])
+        tied = torch.tensor([bool(layer.tied) for layer in self.layers] + [False])
         identity = torch.zeros(self.num_edges, dtype=torch.bool)
         for group in self.edge_groups():
             if group.k == 0:
                 identity[group.edges] = True
+        identity &= ~tied[data.edge_layer.long()]  # a tied weight's featureless edges
         coupled = identity | channelwise[data.edge_layer.long()]
         src, dst = data.edge_index[:, coupled]
         component = torch.arange(self.num_nodes)
@@ -202,13 +299,13 @@ class NetworkGraph:
         entries that came from parameters are read (``data.x_param_mask`` and every flat edge
         feature); structural columns are ignored. Side parameters are not included.
         """
-        x = self.data.x if x is None else x
-        edge_attr = self.data.edge_attr if edge_attr is None else edge_attr
-        if tuple(x.shape) != tuple(self.data.x.shape):
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected {tuple(self.data.x.shape)}")
-        if edge_attr.dim() != 1 or edge_attr.numel() != self.data.edge_attr.numel():
+        x = self.x if x is None else x
+        edge_attr = self.edge_attr if edge_attr is None else edge_attr
+        if tuple(x.shape) != tuple(self.x.shape):
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected {tuple(self.x.shape)}")
+        if edge_attr.dim() != 1 or edge_attr.numel() != self.edge_attr.numel():
             raise ValueError(
-                f"edge_attr must be flat with {self.data.edge_attr.numel()} entries "
+                f"edge_attr must be flat with {self.edge_attr.numel()} entries "
                 f"(got shape {tuple(edge_attr.shape)}); see NetworkGraph.edge_groups"
             )
         result = {
@@ -251,7 +348,7 @@ class NetworkGraph:
     def __repr__(self) -> str:
         groups = ", ".join(
             f"k={k}: {n}" for k, n in zip(
-                self.data.edge_group_k.tolist(), self.data.edge_group_size.tolist())
+                self._features.edge_group_k.tolist(), self._features.edge_group_size.tolist())
         )
         return (f"NetworkGraph(nodes={self.num_nodes}, edges={self.num_edges}, "
                 f"layers={len(self.layers)}, edge groups {{{groups}}})")
@@ -282,17 +379,8 @@ def assemble(
         block.attr_offset = offset
         offset += block.num_edges * block.edge_k
         edge_ptr[-1] += block.num_edges
-    # Filled block by block in place: no per-layer edge list is ever materialised twice.
-    edge_index = torch.empty(2, edge_ptr[-1], dtype=torch.long)
-    edge_layer = torch.empty(edge_ptr[-1], dtype=torch.int32)
     edge_attr = torch.empty(offset, dtype=dtype)
-    start = 0
     for block in blocks:
-        shape, count = block.grid_shape, block.num_edges
-        edge_index[0, start:start + count].view(shape).copy_(block.src_grid.expand(shape))
-        edge_index[1, start:start + count].view(shape).copy_(block.dst_grid.expand(shape))
-        edge_layer[start:start + count] = block.layer
-        start += count
         if block.weight is not None:
             target = edge_attr[block.attr_offset:block.attr_offset + block.numel]
             weights = block.weight.detach().reshape(block.view)[block.row_start:block.row_stop]
@@ -324,15 +412,12 @@ def assemble(
     x[:, SCALAR["is_input"]] = (kind_ids[node_layer] == NODE_KINDS.index("input")).to(dtype)
     x[output_nodes, SCALAR["is_output"]] = 1
 
-    data = NetworkData(
-        x=x,
-        edge_index=edge_index,
-        edge_attr=edge_attr,
-        num_nodes=num_nodes,
-    )
+    data = NetworkData(x=x, edge_attr=edge_attr, num_nodes=num_nodes)
+    data.edge_grid_shape = torch.tensor(
+        [[*block.grid_shape, block.edge_k] for block in blocks], dtype=torch.long
+    ).reshape(-1, 3)
     data.edge_group_k = torch.tensor(group_k, dtype=torch.long)
     data.edge_group_size = torch.tensor(edge_ptr, dtype=torch.long).diff()
-    data.edge_layer = edge_layer
     data.layer = node_layer
     data.x_param_mask = param_mask
     graph = NetworkGraph(source, data, layers, blocks, builder.slots, side_parameters, notes,
@@ -342,12 +427,28 @@ def assemble(
     return graph
 
 
+def _edge_lists(blocks: list[EdgeBlock], num_edges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``edge_index`` [2, num_edges] and ``edge_layer`` (int32) of blocks in edge order,
+    filled block by block in place (no per-layer edge list is materialised twice)."""
+    edge_index = torch.empty(2, num_edges, dtype=torch.long)
+    edge_layer = torch.empty(num_edges, dtype=torch.int32)
+    start = 0
+    for block in blocks:
+        shape, count = block.grid_shape, block.num_edges
+        edge_index[0, start:start + count].view(shape).copy_(block.src_grid.expand(shape))
+        edge_index[1, start:start + count].view(shape).copy_(block.dst_grid.expand(shape))
+        edge_layer[start:start + count] = block.layer
+        start += count
+    return edge_index, edge_layer
+
+
 def _layer_dag(layers: list[LayerInfo], links: list[tuple[int, int]]) -> nx.DiGraph:
     dag = nx.DiGraph()
     for index, layer in enumerate(layers):
         dag.add_node(
             index, name=layer.name, kind=layer.kind, module_type=layer.module_type,
             num_nodes=layer.num_nodes, norms=list(layer.norms),
+            tied=dict(layer.tied),  # a tied weight is an annotation, never an edge (no cycle)
         )
     dag.add_edges_from((a, b) for a, b in links if a != b)
     return dag

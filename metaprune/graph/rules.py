@@ -104,6 +104,9 @@ def conv_rule(builder, name, module, args, kwargs, output):
         _require_distinct(labels, name)
         row = torch.arange(out_ch)[:, None]
         src = labels[(row // out_group) * in_group + torch.arange(in_group)[None, :]]
+        if groups != in_ch:  # a grouped (not depthwise) conv is pruned by whole groups
+            builder.couple(out_nodes[:, None], src)
+            builder.couple(out_nodes.reshape(groups, -1)[:, :1], out_nodes.reshape(groups, -1))
         builder.add_weight_edges(layer, _path(name, "weight"), weight, (out_ch, in_group, kernel),
                                  src, out_nodes[:, None], labels)
     else:
@@ -193,16 +196,31 @@ def norm_rule(builder, name, module, args, kwargs, output):
             "group" if isinstance(module, nn.GroupNorm) else "instance")
         axis = 1
     entries = [
-        (slot, attr, getattr(module, attr, None))
+        (slot, _path(name, attr), getattr(module, attr, None))
         for slot, attr in (("norm_weight", "weight"), ("norm_bias", "bias"),
                            ("norm_running_mean", "running_mean"),
                            ("norm_running_var", "running_var"))
     ]
-    entries = [(slot, attr, value) for slot, attr, value in entries if value is not None]
+    groups = module.num_groups if isinstance(module, nn.GroupNorm) else 1
+    return fold_norm(builder, name, type(module).__name__, kind, source, axis, entries, groups)
+
+
+def fold_norm(builder, name, module_type, kind, source, axis, entries, groups=1):
+    """Fold a normalisation's per-channel tensors into the slots of the channels along `axis`.
+
+    Shared by the module rule above and the tracer's functional norms (``F.layer_norm`` on a
+    module's own parameters, as ConvNeXt's ``LayerNorm2d`` calls it). `entries` are
+    ``(slot, parameter name, tensor or None)``; `groups` > 1 (GroupNorm) couples the channels of
+    each normalisation group, so a pruner removes whole groups.
+    """
+    entries = [(slot, pname, value) for slot, pname, value in entries if value is not None]
     planes = list(planes_of(source))
     if not entries:
         return planes  # nothing to store: the channels pass unchanged
     labels = input_labels(builder, source, axis, name)
+    if groups > 1:
+        per_group = labels.reshape(groups, -1)
+        builder.couple(per_group[:, :1], per_group)
     foldable = (
         torch.unique(labels).numel() == labels.numel() and builder.norm_slots_free(labels)
     )
@@ -211,13 +229,14 @@ def norm_rule(builder, name, module, args, kwargs, output):
         layer = builder.layer_of_node(int(labels[0]))
         builder.layers[layer].norms.append(name)
     else:
-        layer = builder.add_layer(name, "norm", type(module).__name__, labels.numel())
+        layer = builder.add_layer(name, "norm", module_type, labels.numel())
         nodes = builder.nodes_of(layer)
         builder.add_identity_edges(layer, labels, nodes)
         planes = [p for p in planes if p.shape[axis] == 1] + [along(source.dim(), axis, nodes)]
     builder.take_norm_slots(nodes, kind)
-    for slot, attr, value in entries:
-        builder.add_slot(layer, _path(name, attr), value, nodes, slot)
+    for slot, pname, value in entries:
+        builder.add_slot(layer, pname, value.reshape(-1) if value.dim() > 1 else value, nodes,
+                         slot)
     return planes
 
 

@@ -53,6 +53,24 @@ from metaprune.graph.planes import (
     signature,
 )
 from metaprune.graph.planes import channel_labels as channel_labels_of
+from metaprune.graph.rules import fold_norm
+
+# per-channel tensors of functional normalisations: (slot, positional index, keyword)
+FUNCTIONAL_NORMS = {
+    "layer_norm": ("layer", (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias"))),
+    "rms_norm": ("layer", (("norm_weight", 2, "weight"),)),
+    "group_norm": ("group", (("norm_weight", 2, "weight"), ("norm_bias", 3, "bias"))),
+    "batch_norm": ("batch", (("norm_running_mean", 1, "running_mean"),
+                             ("norm_running_var", 2, "running_var"),
+                             ("norm_weight", 3, "weight"), ("norm_bias", 4, "bias"))),
+    "instance_norm": ("instance", (("norm_running_mean", 1, "running_mean"),
+                                   ("norm_running_var", 2, "running_var"),
+                                   ("norm_weight", 3, "weight"), ("norm_bias", 4, "bias"))),
+}
+# reshapes that may split one channel axis into several (attention heads): each index of the
+# outer axis becomes one unit a pruner removes whole
+SPLITTING = frozenset(("view", "reshape", "unflatten", "_unsafe_view", "view_as", "reshape_as"))
+COUPLE_ATTR = "_metaprune_couple"  # head labels of attention scores (pruner only, not the graph)
 
 DATA_MOVEMENT = frozenset(
     "view reshape flatten unflatten permute transpose t swapaxes swapdims movedim moveaxis "
@@ -145,6 +163,8 @@ class ChannelTracer(TorchFunctionMode):
         self._free_tensors = {
             n: p for n, p in model.named_parameters() if id(p) not in owned
         }
+        self._buffer_names = {id(b): n for n, b in model.named_buffers()}
+        self.functional_norms = 0  # F.layer_norm & co. on the model's own parameters
 
     @property
     def where(self) -> str:
@@ -162,6 +182,8 @@ class ChannelTracer(TorchFunctionMode):
         flat_in = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         if name in METADATA:
             return self._metadata(func, args, kwargs, flat_in)
+        if name in FUNCTIONAL_NORMS and any(self._parameter_name(t) for t in flat_in[1:]):
+            return self._functional_norm(name, func, args, kwargs)
         free_in = self._check_parameters(name, flat_in)
         out = func(*args, **kwargs)
         if name in IN_PLACE_WRITES and planes_of(args[0]):
@@ -179,6 +201,8 @@ class ChannelTracer(TorchFunctionMode):
             return out
         poisons = [p for p in map(poison_of, flat_in) if p]
         self._propagate(name, func, args, kwargs, flat_in, out, flat_out)
+        if name not in MATMUL and name != "scaled_dot_product_attention":
+            _carry_head_labels(flat_in, flat_out)
         if poisons:
             for o in flat_out:
                 setattr(o, POISON_ATTR, poisons[0])
@@ -203,6 +227,48 @@ class ChannelTracer(TorchFunctionMode):
             return self.layer_params.get(key) or self.free_params.get(
                 key, "<parameter not in the model>")
         return None
+
+    def _functional_norm(self, name, func, args, kwargs):
+        """``F.layer_norm(x, shape, self.weight, self.bias)`` and its kin on a module's own
+        parameters: folded into the channels exactly like the module forms."""
+        kind, fields = FUNCTIONAL_NORMS[name]
+        source = args[0]
+        out = func(*args, **kwargs)
+        entries = []
+        for slot, position, keyword in fields:
+            value = args[position] if len(args) > position else kwargs.get(keyword)
+            if not isinstance(value, torch.Tensor):
+                continue
+            pname = self._parameter_name(value) or self._buffer_names.get(id(value))
+            if pname is None or pname in self.layer_param_names:
+                raise UnsupportedModelError(
+                    f"operator '{name}' in {self._where_text()} normalises with a tensor that is "
+                    "not a parameter or buffer of the model (or one owned by another layer)"
+                )
+            tensor = self._free_tensors.get(pname)
+            entries.append((slot, pname, tensor if tensor is not None else value))
+        axis, groups = 1, 1
+        if name in ("layer_norm", "rms_norm"):
+            shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+            if len(tuple(shape)) != 1:
+                raise UnsupportedModelError(
+                    f"operator '{name}' in {self._where_text()} normalises "
+                    f"{len(tuple(shape))} axes with an affine per element; the graph folds one "
+                    "parameter per channel")
+            axis = source.dim() - 1
+        elif name == "group_norm":
+            groups = args[1] if len(args) > 1 else kwargs["num_groups"]
+        used = [pname for _, pname, _ in entries]
+        if any(p in self.scale_params for p in used):
+            raise UnsupportedModelError(
+                f"operator '{name}' in {self._where_text()} reuses normalisation parameters "
+                f"{used}; the graph cannot represent one weight at two places")
+        planes = fold_norm(self.builder, self.where or name, name, kind, source, axis, entries,
+                           groups)
+        self.scale_params.update(p for p in used if p in self._free_tensors)
+        self.functional_norms += 1
+        set_planes(out, planes)
+        return out
 
     def _check_parameters(self, name: str, tensors: list) -> list[str]:
         """Refuse parameter uses the graph cannot represent; return free parameters used."""
@@ -248,11 +314,21 @@ class ChannelTracer(TorchFunctionMode):
         elif name in MATMUL and len(flat_in) == 2:
             left, right = (args[0], args[1])
             self._matmul(left, right, flat_out[0])
+            heads = self._couple_matmul(_coupling_planes(left), left.shape,
+                                        _coupling_planes(right), right.shape)
+            setattr(flat_out[0], COUPLE_ATTR, heads)
         elif name == "einsum":
             self._einsum(args, flat_in, flat_out[0])
         elif name == "scaled_dot_product_attention":
-            value = args[2] if len(args) > 2 else kwargs["value"]
+            query, key, value = (args[i] if len(args) > i else kwargs[n]
+                                 for i, n in enumerate(("query", "key", "value")))
             self._matmul(None, value, flat_out[0])
+            key_t = [p.transpose(-2, -1) for p in _coupling_planes(key)]
+            scores_shape = (*query.shape[:-1], key.shape[-2])
+            heads = self._couple_matmul(_coupling_planes(query), query.shape, key_t,
+                                        (*key.shape[:-2], key.shape[-1], key.shape[-2]))
+            heads = self._couple_matmul(heads, scores_shape, _coupling_planes(value), value.shape)
+            setattr(flat_out[0], COUPLE_ATTR, heads)
         else:
             self._generic(name, flat_in[0], flat_out)
 
@@ -283,9 +359,17 @@ class ChannelTracer(TorchFunctionMode):
         for o, planes_out in zip(out_leaves, per_output):
             if isinstance(o, torch.Tensor):
                 set_planes(o, planes_out)
+        if name in SPLITTING:
+            for plane in (p for leaf in per_output for p in leaf):
+                varying = signature(plane)
+                if len(varying) > 1:  # one channel axis became ([3,] heads, head_dim)
+                    per_head = plane.reshape(-1, plane.shape[varying[-1]])
+                    self.builder.couple(per_head[:, :1], per_head)
 
     def _concat(self, name, args, kwargs, out):
         tensors = list(args[0] if args else kwargs["tensors"])
+        # torch.cat skips 1-d empty tensors (an empty key/value cache) whatever their rank
+        tensors = [t for t in tensors if not (t.dim() == 1 and t.numel() == 0)]
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         if name == "stack":
             dim = dim % (tensors[0].dim() + 1)
@@ -409,6 +493,48 @@ class ChannelTracer(TorchFunctionMode):
             kept += [pad_left(p, ndim) for p in planes_of(right) if p.shape[-2] == 1]
         set_planes(out, [p for p in kept if p.dim() == ndim])
 
+    def _couple_matmul(self, left_planes, left_shape, right_planes, right_shape) -> list:
+        """Coupling a matrix product imposes on channels (the pruner's, not the graph's).
+
+        Along the contracted axis, channel k of the left operand meets channel k of the right
+        one (a query's and a key's head dimension): they are removed together, and a channel
+        contracted with a tensor of no channel (a constant) is pinned. Along a batch axis (the
+        attention heads), everything at index h of both operands goes together; the result
+        carries one label per index of such an axis, so the next product (scores @ values)
+        couples the value heads too. Returns those head-label planes of the result.
+        """
+        if len(left_shape) < 2 or len(right_shape) < 2:
+            return []
+        batch = torch.broadcast_shapes(tuple(left_shape[:-2]), tuple(right_shape[:-2]))
+        nb = len(batch)
+        full_left = [_full(p, left_shape, nb, batch) for p in left_planes]
+        full_right = [_full(p, right_shape, nb, batch) for p in right_planes]
+        contracted_left = [p[..., 0, :] for p in full_left if p.shape[-1] > 1
+                           and _varies(p, -1)]
+        contracted_right = [p[..., :, 0] for p in full_right if p.shape[-2] > 1
+                            and _varies(p, -2)]
+        for a in contracted_left:
+            for b in contracted_right:
+                self.builder.couple(a, b)
+        if bool(contracted_left) != bool(contracted_right):
+            for plane in contracted_left + contracted_right:
+                self.builder.pin(plane)
+        heads = []
+        for axis in range(nb):
+            reps = []
+            for plane in full_left + full_right:
+                if not _varies(plane, axis):
+                    continue
+                per_index = plane.movedim(axis, 0).reshape(plane.shape[axis], -1)
+                self.builder.couple(per_index[:, :1], per_index)
+                reps.append(per_index[:, 0])
+            for other in reps[1:]:
+                self.builder.couple(reps[0], other)
+            if reps:
+                heads.append(along(nb + 2, axis, reps[0]))
+                self.builder.head_splits.append((self.where, reps[0]))
+        return heads
+
     def _einsum(self, args, operands, out):
         """Planes whose varying axes all survive into the output move to their output axes."""
         equation = args[0].replace(" ", "")
@@ -453,3 +579,34 @@ class ChannelTracer(TorchFunctionMode):
                     f"operator '{name}' in {self._where_text()} (it changes the size of a "
                     "channel axis in a way the converter cannot follow)",
                 )
+
+
+def _coupling_planes(tensor) -> list:
+    return list(planes_of(tensor)) + list(getattr(tensor, COUPLE_ATTR, ()))
+
+
+def _full(plane, shape, num_batch, batch) -> torch.Tensor:
+    """A plane of a matmul operand at full size, batch axes broadcast to `batch`."""
+    plane = expand_full(pad_left(plane, len(shape)), shape)
+    lead = plane.shape[:-2]
+    plane = plane.reshape((1,) * (num_batch - len(lead)) + tuple(plane.shape))
+    return plane.expand(*batch, *plane.shape[-2:])
+
+
+def _varies(plane, axis) -> bool:
+    if plane.shape[axis] <= 1:
+        return False
+    first = plane.narrow(axis, 0, 1)
+    return not bool((plane == first).all())
+
+
+def _carry_head_labels(flat_in, flat_out):
+    """Head labels of attention scores survive elementwise steps (mask, softmax, dropout)."""
+    labelled = [t for t in flat_in if getattr(t, COUPLE_ATTR, None)]
+    if not labelled:
+        return
+    for o in flat_out:
+        kept = [p for t in labelled for p in getattr(t, COUPLE_ATTR)
+                if p.dim() == o.dim() and all(o.shape[a] == p.shape[a] for a in signature(p))]
+        if kept and not getattr(o, COUPLE_ATTR, None):
+            setattr(o, COUPLE_ATTR, kept)

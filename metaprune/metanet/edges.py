@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch_geometric.utils import scatter
 
 from metaprune.graph import edge_groups
@@ -21,19 +22,35 @@ from metaprune.graph import edge_groups
 NUM_POSITION_FEATURES = 6  # see `entry_features`
 
 
-def entry_features(values: torch.Tensor, k: int) -> torch.Tensor:
-    """[n, k] normalised weights -> [n, k, 1 + NUM_POSITION_FEATURES] per-entry features.
+def position_features(k: int, like: torch.Tensor) -> torch.Tensor:
+    """[k, NUM_POSITION_FEATURES]: where each entry of a length-k kernel sits.
 
     Position t = (j + 0.5) / k of entry j, two Fourier pairs of t (so kernel centre and borders
     are told apart for any k) and log2(k) / 8 (which family of kernel the entry belongs to).
     """
-    t = (torch.arange(k, dtype=values.dtype, device=values.device) + 0.5) / k
+    t = (torch.arange(k, dtype=like.dtype, device=like.device) + 0.5) / k
     angle = 2 * math.pi * t
-    position = torch.stack([
+    return torch.stack([
         t, torch.sin(angle), torch.cos(angle), torch.sin(2 * angle), torch.cos(2 * angle),
         torch.full_like(t, math.log2(k) / 8),
     ], dim=-1)
+
+
+def entry_features(values: torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] normalised weights -> [n, k, 1 + NUM_POSITION_FEATURES] per-entry features:
+    the value, then `position_features`."""
+    position = position_features(k, values)
     return torch.cat([values.unsqueeze(-1), position.expand(values.shape[0], k, -1)], dim=-1)
+
+
+def entry_linear(linear: nn.Linear, values: torch.Tensor, k: int,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + linear(entry_features(values, k))`` for [..., k] values (`base` broadcast to
+    [..., k, out]), without building the features: the value column scales one weight column,
+    the position part is one [k, out] table."""
+    position = F.linear(position_features(k, values), linear.weight[:, 1:], linear.bias)
+    start = position if base is None else base + position
+    return torch.addcmul(start, values.unsqueeze(-1), linear.weight[:, 0])
 
 
 def layer_weight_rms(data, edge_attr: torch.Tensor, num_layers: int) -> torch.Tensor:
@@ -59,6 +76,27 @@ def mlp(sizes: list[int], activation=nn.SiLU) -> nn.Sequential:
             modules.append(activation())
         modules.append(nn.Linear(a, b))
     return nn.Sequential(*modules)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is recorded (x is a fresh intermediate every caller)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def split_linear(linear: nn.Linear, parts: list[torch.Tensor]) -> torch.Tensor:
+    """``linear(torch.cat(parts, -1))`` for parts that only broadcast to a common shape.
+
+    Each part is multiplied by its own column block of the weight before broadcasting, so a
+    node embedding gathered as ``[1, in, hidden]`` for a ``[out, in]`` grid of edges costs its
+    own size, and no ``[out, in, 3 * hidden]`` concatenation is ever built.
+    """
+    out, start = None, 0
+    for part in parts:
+        width = part.shape[-1]
+        term = F.linear(part, linear.weight[:, start:start + width])
+        out = term if out is None else out + term
+        start += width
+    return out + linear.bias
 
 
 class EdgeSetEncoder(nn.Module):
@@ -91,6 +129,21 @@ class EdgeSetEncoder(nn.Module):
             parts.append(self.pool(pooled))
         return torch.cat(parts) if parts else edge_attr.new_zeros(0, self.identity.numel())
 
+    def encode_grid(self, values: torch.Tensor, k: int) -> torch.Tensor:
+        """[rows, cols, k] normalised weights of a grid -> [rows, cols, hidden] embeddings."""
+        rows, cols = values.shape[:2]
+        if k == 0:
+            return self.identity.expand(rows, cols, -1)
+        first, _, second = self.entry
+        hidden = _silu(entry_linear(first, values, k))  # [rows, cols, k, hidden]
+        width = hidden.shape[-1]
+        if k == 1:  # mean = max = the entry: pool and the entry's last layer fold into one
+            both = self.pool[0].weight[:, :width] + self.pool[0].weight[:, width:]
+            return F.linear(hidden.squeeze(2), both @ second.weight,
+                            both @ second.bias + self.pool[0].bias)
+        entries = second(hidden)
+        return split_linear(self.pool[0], [entries.mean(2), entries.amax(2)])
+
 
 class EdgeSetDecoder(nn.Module):
     """The inverse of `EdgeSetEncoder`: one (normalised) delta per weight entry of each edge.
@@ -120,3 +173,11 @@ class EdgeSetDecoder(nn.Module):
                 + self.from_entry(entry_features(group.attr / scale, group.k))
             parts.append((self.out(hidden).squeeze(-1) * scale).reshape(-1))
         return torch.cat(parts) if parts else edge_attr.new_zeros(0)
+
+    def decode_grid(self, e: torch.Tensor, values: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+        """Deltas [rows, cols, k] in weight units from a grid's final edge embeddings
+        [rows, cols, hidden] and its normalised weights [rows, cols, k] (`scale`: the RMS)."""
+        k = values.shape[-1]
+        hidden = entry_linear(self.from_entry, values, k, base=self.from_edge(e).unsqueeze(2))
+        return self.out[1](_silu(hidden)).squeeze(-1) * scale

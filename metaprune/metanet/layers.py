@@ -8,9 +8,11 @@ aggregations side by side and layer normalisation before every update.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch_geometric.nn import MessagePassing
 from torch_geometric.nn.aggr import MultiAggregation
 
@@ -67,9 +69,98 @@ class BidirectionalBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, edge_index: torch.Tensor,
                 e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round on an edge list (the reference formulation, see `scatter_reference`)."""
         forward = self.forward_messages(h, edge_index, e)
         reverse = self.reverse_messages(h, edge_index.flip(0), e)
-        h = h + self.node_update(self.node_norm(torch.cat([h, forward, reverse], dim=-1)))
+        h = self.update_nodes(h, forward, reverse)
         source, target = edge_index
-        e = e + self.edge_update(self.edge_norm(torch.cat([h[source], h[target], e], dim=-1)))
-        return h, e
+        return h, self.update_edges(h[source], h[target], e)
+
+    def update_nodes(self, h: torch.Tensor, forward: torch.Tensor,
+                     reverse: torch.Tensor) -> torch.Tensor:
+        """h + MLP(LayerNorm([h, forward aggregate, reverse aggregate]))."""
+        return h + self.node_update(self.node_norm(torch.cat([h, forward, reverse], dim=-1)))
+
+    def update_edges(self, h_src: torch.Tensor, h_dst: torch.Tensor,
+                     e: torch.Tensor) -> torch.Tensor:
+        """e + MLP(LayerNorm([h_src, h_dst, e])), one row per edge."""
+        return e + self.edge_update(self.edge_norm(torch.cat([h_src, h_dst, e], dim=-1)))
+
+    # -- the same round on edge grids (see `metaprune.metanet.grids`) ----------------------
+    # A grid's end-node embeddings broadcast (``[1, cols, hidden]`` against ``[rows, 1,
+    # hidden]``), so every first layer is split by its input blocks: the node blocks are
+    # applied once per node, and only the edge block costs a product per edge.
+
+    def message_terms(self, h: torch.Tensor) -> "MessageTerms":
+        """Per-node parts of both directions' first message layers, for one round."""
+        forward = self.forward_messages.message_mlp[0]
+        reverse = self.reverse_messages.message_mlp[0]
+        width = h.shape[-1]
+        sender, receiver, edge = slice(0, width), slice(width, 2 * width), slice(2 * width, None)
+        # forward messages read [h_src, h_dst, e], reverse ones [h_dst, h_src, e]
+        at_src = torch.cat([forward.weight[:, sender], reverse.weight[:, receiver]])
+        at_dst = torch.cat([forward.weight[:, receiver], reverse.weight[:, sender]])
+        return MessageTerms(F.linear(h, at_src),
+                            F.linear(h, at_dst, torch.cat([forward.bias, reverse.bias])),
+                            torch.cat([forward.weight[:, edge], reverse.weight[:, edge]]))
+
+    def grid_messages(self, terms: "MessageTerms", src: torch.Tensor, dst: torch.Tensor,
+                      e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and reverse messages [rows, cols, hidden] of a grid's edges `e`."""
+        width = e.shape[-1]
+        pre = F.linear(e, terms.edge_weight)
+        if torch.is_grad_enabled():
+            hidden = F.silu(pre + terms.at_src[src] + terms.at_dst[dst])
+        else:  # the same in place: no second buffer of the edges' size
+            hidden = F.silu(pre.add_(terms.at_src[src]).add_(terms.at_dst[dst]), inplace=True)
+        forward = self.forward_messages.message_mlp[2]
+        reverse = self.reverse_messages.message_mlp[2]
+        return forward(hidden[..., :width]), reverse(hidden[..., width:])
+
+    def update_terms(self, h: torch.Tensor) -> "UpdateTerms":
+        """Per-node parts of the edge update's LayerNorm and first layer, for one round."""
+        norm, first = self.edge_norm, self.edge_update[0]
+        width = h.shape[-1]
+        scaled = first.weight * norm.weight  # LayerNorm's gain folded into the layer
+        return UpdateTerms(
+            F.linear(h, scaled[:, :width]), F.linear(h, scaled[:, width:2 * width]),
+            scaled[:, 2 * width:], scaled.sum(1), F.linear(norm.bias, first.weight, first.bias),
+            h.sum(-1), h.square().sum(-1), norm.eps)
+
+    def grid_update_edges(self, terms: "UpdateTerms", src: torch.Tensor, dst: torch.Tensor,
+                          e: torch.Tensor) -> torch.Tensor:
+        """`update_edges` of a grid: LayerNorm statistics of [h_src, h_dst, e] from per-node
+        and per-edge sums, so the 3 * hidden concatenation is never built."""
+        count = 3 * e.shape[-1]
+        mean = (terms.sums[src] + terms.sums[dst] + e.sum(-1)) / count
+        square = (terms.squares[src] + terms.squares[dst] + e.square().sum(-1)) / count
+        inv_std = (square - mean * mean + terms.eps).rsqrt().unsqueeze(-1)
+        projected = F.linear(e, terms.edge_weight)
+        last = self.edge_update[2]
+        if torch.is_grad_enabled():
+            pre = (projected + terms.at_src[src] + terms.at_dst[dst]
+                   - mean.unsqueeze(-1) * terms.gain_sum) * inv_std + terms.bias
+            return e + last(F.silu(pre))
+        # the same in place: no second buffer of the edges' size
+        pre = projected.add_(terms.at_src[src]).add_(terms.at_dst[dst])
+        pre.addcmul_(mean.unsqueeze(-1), terms.gain_sum, value=-1).mul_(inv_std)
+        return last(F.silu(pre.add_(terms.bias), inplace=True)).add_(e)
+
+
+@dataclass
+class MessageTerms:
+    at_src: torch.Tensor  # [nodes, 2 * hidden]: forward sender / reverse receiver parts
+    at_dst: torch.Tensor  # [nodes, 2 * hidden]: forward receiver / reverse sender parts + bias
+    edge_weight: torch.Tensor  # [2 * hidden, hidden]: both directions' edge blocks
+
+
+@dataclass
+class UpdateTerms:
+    at_src: torch.Tensor  # [nodes, hidden]
+    at_dst: torch.Tensor  # [nodes, hidden]
+    edge_weight: torch.Tensor  # [hidden, hidden]
+    gain_sum: torch.Tensor  # [hidden]: the first layer times the LayerNorm gain, summed
+    bias: torch.Tensor  # [hidden]: the first layer of the LayerNorm bias, plus its own bias
+    sums: torch.Tensor  # [nodes]: sum of each node's embedding
+    squares: torch.Tensor  # [nodes]: sum of its squares
+    eps: float

@@ -6,9 +6,19 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS, edge_groups
+from metaprune.graph import NUM_NODE_FEATURES, PARAM_SLOTS
 from metaprune.graph.features import KIND_OFFSET, NODE_KINDS, SCALAR, SLOT
-from metaprune.metanet.edges import EdgeSetDecoder, EdgeSetEncoder, layer_weight_rms, mlp
+from metaprune.metanet.edges import EdgeSetDecoder, EdgeSetEncoder, mlp
+from metaprune.metanet.grids import (
+    CHUNK_ENTRIES,
+    DEFAULT_CACHE_BYTES,
+    EdgeStates,
+    GraphView,
+    aggregate_round,
+    chunks_of,
+    decode_edges,
+)
+from metaprune.metanet.grids import layer_weight_rms as grid_weight_rms
 from metaprune.metanet.layers import BidirectionalBlock
 
 NUM_SLOTS = len(PARAM_SLOTS)
@@ -61,7 +71,7 @@ class MetaNetwork(nn.Module):
         from metaprune.graph import to_graph
         metanet = MetaNetwork(hidden=32, num_layers=3)
         graph = to_graph(model, example_inputs)
-        new_x, new_edge_attr, keep = metanet(graph.data, speedup=2.0)
+        new_x, new_edge_attr, keep = metanet(graph, speedup=2.0)
         rewritten = graph.write_back(new_x.detach(), new_edge_attr.detach())
         keep.shape                                   # [len(graph.layers)]
     """
@@ -83,6 +93,10 @@ class MetaNetwork(nn.Module):
         }
         self.residual_scale = float(residual_scale)
         self.gate_range = float(gate_range)
+        # how the forward pass walks the edges (no effect on its result): weights per chunk,
+        # and the bytes of edge embeddings kept between rounds instead of recomputed
+        self.chunk_entries = CHUNK_ENTRIES
+        self.cache_bytes = DEFAULT_CACHE_BYTES
         # structural columns, normalised slots, slot mask, log RMS of the layer's weights
         self.node_encoder = mlp([NUM_STRUCTURAL + 2 * NUM_SLOTS + 1, hidden, hidden])
         self.edge_encoder = EdgeSetEncoder(hidden)
@@ -106,68 +120,87 @@ class MetaNetwork(nn.Module):
             self.gate_decoder[-1].weight.zero_()
             self.gate_decoder[-1].bias.zero_()
 
-    def forward(self, data, speedup=None):
+    def forward(self, graph, speedup=None, *, rewrite_edges: bool = True):
         """Rewritten features and per-layer keep ratios of a graph or a PyG `Batch` of graphs.
 
         Args:
-            data: `NetworkGraph.data` (or a `Batch` of them).
+            graph: a `NetworkGraph` (its edge list is never built), its ``data``, or a `Batch`
+                of ``data``.
             speedup: MACs speed-up target the keep ratios are for: a number, a tensor with one
                 value per graph of the batch, or None (`DEFAULT_SPEEDUP`).
+            rewrite_edges: False skips decoding the weights (``new_edge_attr`` is None), for
+                callers that only want keep ratios.
 
         Returns:
             ``(new_x, new_edge_attr, keep_ratios)``: features shaped and typed like the input's,
             and a keep ratio in (0, 1) for every layer (``data.layer`` indices).
         """
+        view = GraphView.of(graph)
         dtype = self.node_encoder[0].weight.dtype
-        x, edge_attr = data.x.to(dtype), data.edge_attr.to(dtype)
-        num_layers = int(data.layer.max()) + 1 if data.layer.numel() else 0
-        node_layer = data.layer.long()
+        x = view.x.to(dtype)
+        num_layers = view.num_layers
         with torch.no_grad():  # scales are normalisers, not something to learn through
-            rms = layer_weight_rms(data, edge_attr, num_layers)
-            edge_scale = rms[data.edge_layer.long()].clamp_min(1e-12)
-            slot_scale = self._slot_scale(x, data.x_param_mask, node_layer, num_layers, rms)
-        mask = data.x_param_mask.to(dtype)
+            rms = grid_weight_rms(view, dtype)
+        h, slot_scale = self._encode_nodes(x, view.x_param_mask, view.node_layer, rms)
+        chunks = chunks_of(view.grids, self.chunk_entries)
+        states = EdgeStates(self, view, chunks, rms.clamp_min(1e-12), dtype, self.cache_bytes)
+        for t, block in enumerate(self.blocks):
+            forward, reverse = aggregate_round(self, states, chunks, t, h)
+            h = block.update_nodes(h, forward, reverse)
+            states.end_round(t, h)
+
+        new_slots = self._rewrite_slots(view.x, h, view.x_param_mask, slot_scale,
+                                        view.node_layer)
+        log_gate = None
+        if self.gate_range > 0:
+            log_gate = self._log_gate(view.x, h, new_slots.dtype)
+            new_slots = self._gate_slots(new_slots, log_gate)
+        new_edge_attr = decode_edges(self, states, chunks, len(self.blocks), log_gate) \
+            if rewrite_edges else None
+        new_x = torch.cat([new_slots, view.x[:, NUM_SLOTS:]], dim=-1)
+        keep = self._keep_ratios(view.batch, x, h, view.node_layer, num_layers, speedup)
+        return new_x, new_edge_attr, keep
+
+    def _encode_nodes(self, x, param_mask, node_layer, rms):
+        """Initial node embeddings and the per-layer slot scales, from features in our dtype."""
+        num_layers = rms.shape[0]
+        with torch.no_grad():
+            slot_scale = self._slot_scale(x, param_mask, node_layer, num_layers, rms)
+        mask = param_mask.to(x.dtype)
         slots = x[:, :NUM_SLOTS] * mask / slot_scale[node_layer]
         log_rms = rms.clamp_min(1e-12).log().clamp(-12, 4) / 4
         h = self.node_encoder(torch.cat(
             [x[:, NUM_SLOTS:], slots, mask, log_rms[node_layer].unsqueeze(1)], dim=-1))
-        e = self.edge_encoder(data, edge_attr, edge_scale)
-        for block in self.blocks:
-            h, e = block(h, data.edge_index, e)
+        return h, slot_scale
 
-        # deltas are computed in the metanet's dtype and added in the model's (no precision
-        # is lost on a float64 model's untouched entries)
+    def _rewrite_slots(self, model_x, h, param_mask, slot_scale, node_layer):
+        """New parameter slots in the model's dtype: additive deltas, multiplicative for the
+        running variance (deltas computed in our dtype, added in the model's: no precision of a
+        float64 model's untouched entries is lost)."""
+        mask = param_mask.to(h.dtype)
         delta = self.residual_scale * self.node_decoder(h) * mask
-        positive = torch.arange(NUM_SLOTS, device=x.device) == POSITIVE_SLOT
-        factor = torch.where(positive, delta.exp(), torch.ones_like(delta)).to(data.x.dtype)
+        positive = torch.arange(NUM_SLOTS, device=h.device) == POSITIVE_SLOT
+        factor = torch.where(positive, delta.exp(), torch.ones_like(delta)).to(model_x.dtype)
         shift = torch.where(positive, torch.zeros_like(delta), delta * slot_scale[node_layer])
-        new_slots = data.x[:, :NUM_SLOTS] * factor + shift.to(data.x.dtype)
-        edge_delta = self.residual_scale * self.edge_decoder(data, edge_attr, edge_scale, e)
-        new_edge_attr = data.edge_attr + edge_delta.to(data.edge_attr.dtype)
-        if self.gate_range > 0:
-            new_slots, new_edge_attr = self._apply_gates(data, h, new_slots, new_edge_attr)
-        new_x = torch.cat([new_slots, data.x[:, NUM_SLOTS:]], dim=-1)
-        keep = self._keep_ratios(data, x, h, node_layer, num_layers, speedup)
-        return new_x, new_edge_attr, keep
+        return model_x[:, :NUM_SLOTS] * factor + shift.to(model_x.dtype)
 
-    def _apply_gates(self, data, h, slots, edge_attr):
-        """Scales gated channels: weights in, bias, norm affine by g, running var by g^2."""
-        x = data.x
-        kind = x[:, list(GATED_KINDS)].sum(1) > 0
-        gated = kind & (x[:, SCALAR["is_output"]] <= 0)
+    def _log_gate(self, model_x, h, dtype):
+        """log g of every node (0 where no gate applies), in `dtype`."""
+        kind = model_x[:, list(GATED_KINDS)].sum(1) > 0
+        gated = kind & (model_x[:, SCALAR["is_output"]] <= 0)
         raw = self.gate_decoder(h).squeeze(1)
         # shrink far, grow little: growing a channel is never needed to make pruning easy
         log_gate = torch.where(raw < 0, self.gate_range * torch.tanh(raw),
                                MAX_GATE_GROWTH * torch.tanh(raw))
-        log_gate = torch.where(gated, log_gate, torch.zeros_like(log_gate)).to(slots.dtype)
+        return torch.where(gated, log_gate, torch.zeros_like(log_gate)).to(dtype)
+
+    @staticmethod
+    def _gate_slots(slots, log_gate):
+        """Bias, norm affine and running mean times g, running variance times g^2."""
         power = torch.ones(NUM_SLOTS, dtype=slots.dtype, device=slots.device)
         power[POSITIVE_SLOT] = 2  # a variance scales with the square
         power[SLOT["scale"]] = 0  # a per-channel scale multiplies after the norm: left alone
-        slots = slots * torch.exp(log_gate.unsqueeze(1) * power)
-        target = data.edge_index[1]
-        per_entry = torch.cat([log_gate[target[group.edges]].repeat_interleave(group.k)
-                               for group in edge_groups(data, edge_attr)])
-        return slots, edge_attr * per_entry.exp()
+        return slots * torch.exp(log_gate.unsqueeze(1) * power)
 
     @staticmethod
     def _slot_scale(x, param_mask, node_layer, num_layers, rms):
@@ -179,14 +212,14 @@ class MetaNetwork(nn.Module):
         fallback = torch.where(rms > 0, rms, torch.ones_like(rms)).unsqueeze(1)
         return torch.where(slot_rms > 0, slot_rms, fallback)
 
-    def _keep_ratios(self, data, x, h, node_layer, num_layers, speedup):
+    def _keep_ratios(self, batch, x, h, node_layer, num_layers, speedup):
         pooled = torch.cat([
             scatter(h, node_layer, 0, num_layers, "mean"),
             scatter(h, node_layer, 0, num_layers, "max"),
             scatter(x[:, NUM_SLOTS:], node_layer, 0, num_layers, "mean"),
             scatter(torch.ones_like(x[:, :1]), node_layer, 0, num_layers, "sum").log() / 8,
         ], dim=-1)
-        target = self._speedup_per_layer(data, node_layer, num_layers, speedup, x)
+        target = self._speedup_per_layer(batch, node_layer, num_layers, speedup, x)
         return self.head_keep_ratios(pooled, target)
 
     def head_keep_ratios(self, pooled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -200,7 +233,7 @@ class MetaNetwork(nn.Module):
         return torch.sigmoid(prior + self.sparsity_head(features).squeeze(1))
 
     @staticmethod
-    def _speedup_per_layer(data, node_layer, num_layers, speedup, like):
+    def _speedup_per_layer(batch, node_layer, num_layers, speedup, like):
         if speedup is None:
             speedup = DEFAULT_SPEEDUP
         speedup = torch.as_tensor(speedup, dtype=like.dtype, device=like.device)
@@ -208,7 +241,6 @@ class MetaNetwork(nn.Module):
             raise ValueError(f"speedup must be finite and >= 1, got {speedup.tolist()}")
         if speedup.dim() == 0:
             return speedup.expand(num_layers)
-        batch = getattr(data, "batch", None)
         if batch is None:
             batch = torch.zeros_like(node_layer)
         layer_graph = scatter(batch, node_layer, 0, num_layers, "max")
@@ -231,7 +263,7 @@ def metanet_parameters(metanet: MetaNetwork, graph, speedup=None) -> dict[str, t
         loss = F.cross_entropy(torch.func.functional_call(model, params, (inputs,)), labels)
         loss.backward()                       # gradients land in metanet.parameters()
     """
-    new_x, new_edge_attr, _ = metanet(graph.data, speedup)
+    new_x, new_edge_attr, _ = metanet(graph, speedup)
     return parameters_from_features(graph, new_x, new_edge_attr)
 
 
@@ -245,9 +277,9 @@ def parameters_from_features(graph, new_x: torch.Tensor, new_edge_attr: torch.Te
     # Running statistics are estimates, not trained weights (batch_norm refuses gradients
     # through them): their rewritten values are used, detached. A probe with ones in the
     # statistics columns only tells which tensors they are (each tensor comes from one slot).
-    probe = torch.zeros_like(graph.data.x)
+    probe = torch.zeros_like(graph.x)
     probe[:, [SLOT["norm_running_mean"], SLOT["norm_running_var"]]] = 1
-    probed = graph.parameters(probe, torch.zeros_like(graph.data.edge_attr))
+    probed = graph.parameters(probe, torch.zeros_like(graph.edge_attr))
     for name, value in probed.items():
         if value.numel() and bool(value.any()):
             params[name] = params[name].detach()

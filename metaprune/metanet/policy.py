@@ -46,16 +46,16 @@ def policy_targets(graph, policy: dict[str, float]) -> tuple[torch.Tensor, torch
     """Training targets for the sparsity head from a policy (e.g. found by a policy search).
 
     Returns ``(layer_index, keep_ratio)``: the graph layers the policy names and their ratios,
-    to compare with ``MetaNetwork(...)(graph.data, speedup)[2][layer_index]``.
+    to compare with ``MetaNetwork(...)(graph, speedup)[2][layer_index]``.
 
     Example::
 
         index, target = policy_targets(graph, {"conv1": 0.5, "conv2": 0.7})
-        keep = metanet(graph.data, speedup=2.0)[2]
+        keep = metanet(graph, speedup=2.0)[2]
         loss = F.mse_loss(keep[index], target)
     """
     index = {layer.name: i for i, layer in enumerate(graph.layers)}
     named = [(index[name], float(ratio)) for name, ratio in policy.items() if name in index]
     layers = torch.tensor([i for i, _ in named], dtype=torch.long)
-    ratios = torch.tensor([r for _, r in named], dtype=graph.data.x.dtype)
+    ratios = torch.tensor([r for _, r in named], dtype=graph.x.dtype)
     return layers, ratios

@@ -6,11 +6,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from metaprune.errors import InvalidTargetError
+from metaprune.errors import InvalidTargetError, MetaPruneError
 from metaprune.graph import to_graph
 from metaprune.metanet.checkpoint import read_metanet
 from metaprune.metanet.network import DEFAULT_SPEEDUP, MetaNetwork
 from metaprune.metanet.policy import group_policy
+from metaprune.vocabulary.checkpoints import resolve_checkpoint
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -69,7 +70,7 @@ class LoadedMetanet:
         """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
-            new_x, new_edge_attr, _ = self.metanet(graph.data)
+            new_x, new_edge_attr, _ = self.metanet(graph)
         return graph.write_back(new_x, new_edge_attr)
 
     def keep_ratios_by_layer(self, module: nn.Module, example_inputs: Sequence,
@@ -77,7 +78,7 @@ class LoadedMetanet:
         """Graph layer name -> the sparsity head's keep ratio, for every graph layer."""
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
-            _, _, keep = self.metanet(graph.data, speedup)
+            _, _, keep = self.metanet(graph, speedup, rewrite_edges=False)
         return {layer.name: float(ratio) for layer, ratio in zip(graph.layers, keep.tolist())}
 
     def layer_keep_ratios(self, module: nn.Module, example_inputs: Sequence, *,
@@ -94,11 +95,39 @@ class LoadedMetanet:
         return group_policy(module, inputs, self.keep_ratios_by_layer(module, inputs, target))
 
 
-def load_metanet(path: str | Path) -> LoadedMetanet:
-    """A `LoadedMetanet` from a ``.safetensors`` checkpoint and its sibling JSON config.
+def load_metanet(name_or_path) -> LoadedMetanet:
+    """The one way to load a metanetwork: by name, by path, or an already loaded one.
+
+    Args:
+        name_or_path: ``"default"`` (the committed universal checkpoint), the name of a
+            checkpoint under ``metaprune/checkpoints/`` (its file stem, e.g.
+            ``"metanet-cnn1d"``), a ``.safetensors`` path with its JSON config beside it, or a
+            loaded object with ``transform`` and ``layer_keep_ratios`` (returned as it is).
+
+    Returns:
+        A `LoadedMetanet`: ``transform(module, example_inputs) -> module`` (a new module with
+        rewritten weights) and ``layer_keep_ratios(module, example_inputs, speedup=...)``
+        (module name -> keep ratio from the sparsity head).
 
     Raises:
-        ModelFormatError: the files are missing, unreadable, unsafe or inconsistent.
+        MetaPruneError: no such checkpoint (the message names the classic criteria to use
+            instead); ModelFormatError: the files are unreadable, unsafe or inconsistent.
+
+    Example::
+
+        import metaprune
+        metanet = metaprune.load_metanet("default")
+        rewritten = metanet.transform(model, (x,))          # `model` is left untouched
+        policy = metanet.layer_keep_ratios(rewritten, (x,), speedup=2.0)
     """
-    metanet, document = read_metanet(path)
+    if not isinstance(name_or_path, (str, Path)):
+        if not (hasattr(name_or_path, "transform") and hasattr(name_or_path, "layer_keep_ratios")):
+            raise MetaPruneError("a metanetwork object must provide transform() and "
+                                 "layer_keep_ratios()")
+        return name_or_path
+    # read at call time: tests point the folder at an empty one (a build without a checkpoint)
+    from metaprune.pruning import metanet_bridge
+
+    metanet, document = read_metanet(resolve_checkpoint(name_or_path,
+                                                        metanet_bridge.CHECKPOINT_DIR))
     return LoadedMetanet(metanet, document)

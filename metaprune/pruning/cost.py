@@ -39,6 +39,19 @@ class UnitCost:
     params_both: float = 0.0
     params_out: float = 0.0
 
+    def keeps(self, removed_in: float, removed_out: float) -> tuple[float, float]:
+        """(kept fraction of the input channels, of the output channels)."""
+        keep_out = 1.0 - removed_out / self.out_total if self.out_total else 1.0
+        if self.tied:
+            return keep_out, keep_out
+        return (1.0 - removed_in / self.in_total if self.in_total else 1.0), keep_out
+
+    def macs_at(self, keep_in: float, keep_out: float) -> float:
+        return self.macs_both * keep_in * keep_out + self.macs_out * keep_out
+
+    def params_at(self, keep_in: float, keep_out: float) -> float:
+        return self.params_both * keep_in * keep_out + self.params_out * keep_out
+
 
 def _per_module_macs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict:
     """{module path: {op name: MACs}} of one batch-1 forward pass."""
@@ -151,10 +164,9 @@ class CostModel:
     def evaluate(self, removed: Sequence[int]) -> tuple[float, float]:
         """(MACs, params) when group i loses its first `removed[i]` channels of its order."""
         macs, params = self.constant_macs, self.constant_params
-        for name, (keep_in, keep_out) in self.unit_keeps(removed).items():
-            unit = self.units[name]
-            macs += unit.macs_both * keep_in * keep_out + unit.macs_out * keep_out
-            params += unit.params_both * keep_in * keep_out + unit.params_out * keep_out
+        for name, keep in self.unit_keeps(removed).items():
+            macs += self.units[name].macs_at(*keep)
+            params += self.units[name].params_at(*keep)
         return macs, params
 
     def unit_keeps(self, removed: Sequence[int]) -> dict[str, tuple[float, float]]:
@@ -167,12 +179,5 @@ class CostModel:
             for unit, side, cumulative in uses:
                 target = removed_out if side == "out" else removed_in
                 target[unit] = target.get(unit, 0.0) + float(cumulative[count])
-        keeps = {}
-        for name, unit in self.units.items():
-            keep_out = 1.0 - removed_out.get(name, 0.0) / unit.out_total if unit.out_total else 1.0
-            if unit.tied:
-                keep_in = keep_out
-            else:
-                keep_in = 1.0 - removed_in.get(name, 0.0) / unit.in_total if unit.in_total else 1.0
-            keeps[name] = (keep_in, keep_out)
-        return keeps
+        return {name: unit.keeps(removed_in.get(name, 0.0), removed_out.get(name, 0.0))
+                for name, unit in self.units.items()}

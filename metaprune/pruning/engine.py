@@ -43,8 +43,8 @@ from metaprune.pruning.allocation import (
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
-from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
-from metaprune.pruning.metanet_bridge import apply_metanet, load_metanet
+from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
+from metaprune.pruning.metanet_bridge import apply_metanet
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
@@ -152,6 +152,7 @@ class _Run:
             if request.resolved_metanet is not None:
                 # imported here: the metanetwork package pulls in torch-geometric (~3 s), which
                 # a classic-criterion prune never needs
+                from metaprune.metanet import load_metanet
                 from metaprune.metanet.scope import select_metanet
 
                 # the checkpoint whose scope fits this model and data, and the report's entry
@@ -200,8 +201,8 @@ class _Run:
         """Groups, removal orders, ranking keys and the cost model of the dense model."""
         work, timer, criterion = self.work, self.timer, self.criterion
         with timer.phase("graph"):
-            DG = build_dependency_graph(work, self.example_inputs)
-            groups = collect_groups(DG, output_layers(DG))
+            DG, groups = plan_channel_groups(work, self.example_inputs)
+            self.heads_before = attention_heads(work, self.example_inputs)
         for group in groups:
             if group.blocked is None and any(_in_excluded(use.unit, self.request.exclude)
                                              for use in group.uses):
@@ -215,7 +216,12 @@ class _Run:
                 criterion.prepare(work, self.loaders[0])
             orders, keys = [], []
             for group in groups:
-                scores = None if group.blocked else criterion(group.dependency_group)
+                if group.blocked:
+                    scores = None
+                elif group.plan is not None:  # a group read from the channel graph
+                    scores = group.plan.score(group, criterion, work)
+                else:
+                    scores = criterion(group.dependency_group)
                 if scores is None:
                     scores = torch.zeros(group.size)
                     if not group.blocked:
@@ -308,8 +314,8 @@ class _Run:
         elif target.error(achieved) > TOLERANCE:
             raise InvalidTargetError(
                 f"{target.kind} {target.value:g} cannot be met within {TOLERANCE:.0%}: the "
-                f"closest channel counts give {achieved:.4g} (the model's layers are too narrow "
-                "for a finer step)")
+                f"closest channel counts give {achieved:.6g}, {achieved / target.value - 1:+.2%} "
+                "off the target (the model's layers are too narrow for a finer step)")
         self.pruned = best
 
     def _solve(self, allocation, target, goal) -> list[int]:
@@ -386,6 +392,9 @@ class _Run:
             **self.figures,
             version=metaprune.__version__,
             kept=_kept_channels(self.module, self.pruned),
+            kept_heads=_kept_heads(self.heads_before,
+                                   attention_heads(self.pruned, self.example_inputs)),
+            left_alone=_left_alone(self.groups),
             excluded=list(request.exclude),
             round_to=self.latency_steps.rounded_to,
             target=self.latency_steps.target_note,
@@ -398,6 +407,28 @@ class _Run:
             seed=training_bridge.seed_of(request.finetune),
             seconds=self.timer.seconds,
         )
+
+
+def _kept_heads(before: dict[str, int], after: dict[str, int]) -> dict[str, list[int]]:
+    """Attention module -> [kept, total] heads (whole heads only).
+
+    A module left with one head has no head axis for the trace to count (size 1); pruning
+    always keeps at least one unit of a group, so a module missing after pruning kept one.
+    """
+    return {name: [int(after.get(name, 1)), int(total)] for name, total in before.items()}
+
+
+def _left_alone(groups) -> dict[str, str]:
+    """Layers whose channels stayed because their group could not be pruned, and why
+    (groups that merely reach the model's output or are single channels are not listed)."""
+    quiet = ("reaches the model output", "a single channel", "a vocabulary",
+             "the model's input", "excluded by the request")
+    left = {}
+    for group in groups or ():
+        if group.blocked and not group.blocked.startswith(quiet):
+            for use in group.uses:
+                left.setdefault(use.unit, group.blocked)
+    return left
 
 
 def prune_request(module: nn.Module, example_inputs: Sequence[torch.Tensor],

@@ -65,6 +65,10 @@ class ChannelGroup:
     head_of_channel: torch.Tensor | None = None
     blocked: str | None = None
     dependency_group: object = field(default=None, repr=False)  # the tp.Group, for scoring
+    # groups read from the channel graph (`metaprune.pruning.graph_groups`): the plan that
+    # scores and removes them, and the coupled-channel units (component ids) of the group
+    plan: object = field(default=None, repr=False)
+    components: torch.Tensor | None = field(default=None, repr=False)
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Sequence[torch.Tensor]):

@@ -5,10 +5,12 @@ layer (from the analytic `CostModel`) looked up in that layer's measured table
 (`metaprune.latency.measure_layer_times`), plus the part of the dense model's measured time no
 table accounts for (activations, adds, pooling, call overhead), which is assumed to shrink with
 the tabled layers' output activations (the measured correction in `latency_target` fixes the
-rest). `latency_allocation` prunes
-greedily by importance lost per millisecond saved: at each step the group whose next chunk of
-least important channels costs the most time per unit of importance gives it up (importance
-weighted by the MACs a channel carries, see `_macs_weights`, and growing as a layer thins). The path of
+rest). `latency_allocation` is the global ranking corrected by measured time: channels go in
+order of importance divided by how much more time per MAC they cost than the model's average
+(walked greedily, a chunk of a group at a time, since a chunk's time depends on the widths
+its neighbours have reached). Where latency follows MACs it is the global ranking; where a
+layer is slow for its MACs (memory-bound, off the vector width) its channels go earlier, and
+a channel's importance grows as its layer thins (so time never empties one layer). The path of
 count vectors it walks is a monotone family, so a MACs, params or latency target is met by
 bisecting along it like any other allocation.
 """
@@ -22,6 +24,7 @@ from metaprune.pruning.cost import CostModel
 from metaprune.pruning.groups import ChannelGroup, removal_neighbours, snap_removal
 
 _CHUNKS_PER_GROUP = 24  # the greedy path removes about 1/24 of a group at a time
+_MAX_CORRECTION = 4.0  # time per MAC moves a channel's importance by at most this factor
 
 
 class LatencyModel:
@@ -56,11 +59,7 @@ class LatencyModel:
         table = self.tables.get(name)
         if table is None:
             return 0.0
-        unit = self.cost.units[name]
-        keep_out = 1.0 - removed_out / unit.out_total if unit.out_total else 1.0
-        keep_in = keep_out if unit.tied else (
-            1.0 - removed_in / unit.in_total if unit.in_total else 1.0)
-        return self._layer_ms(table, keep_in, keep_out)
+        return self._layer_ms(table, *self.cost.units[name].keeps(removed_in, removed_out))
 
     def _layer_ms(self, table: LayerTimes, keep_in: float, keep_out: float) -> float:
         own = table.at(keep_in, keep_out)
@@ -89,13 +88,17 @@ class _GreedyState:
             entry[0 if side == "in" else 1] += float(cumulative[new] - cumulative[old])
         return {unit: (d[0], d[1]) for unit, d in delta.items()}
 
-    def saving(self, changes: dict) -> float:
-        total = 0.0
+    def saving(self, changes: dict) -> tuple[float, float]:
+        """(milliseconds, MACs) the changes save."""
+        time, macs = 0.0, 0.0
         for unit, (extra_in, extra_out) in changes.items():
             now_in, now_out = self.removed[unit]
-            total += self.latency.unit_ms(unit, now_in, now_out) \
+            time += self.latency.unit_ms(unit, now_in, now_out) \
                 - self.latency.unit_ms(unit, now_in + extra_in, now_out + extra_out)
-        return total
+            cost = self.latency.cost.units[unit]
+            macs += cost.macs_at(*cost.keeps(now_in, now_out)) \
+                - cost.macs_at(*cost.keeps(now_in + extra_in, now_out + extra_out))
+        return time, macs
 
     def apply(self, changes: dict) -> None:
         for unit, (extra_in, extra_out) in changes.items():
@@ -112,32 +115,8 @@ def _next_removal(count: int, group: ChannelGroup, limit: int) -> int | None:
     return above[0] if above else None
 
 
-def _macs_weights(groups: list[ChannelGroup], max_removed: list[int],
-                  cost: CostModel) -> list[float]:
-    """Per group, the MACs one of its channels carries, relative to the average group.
-
-    Criteria normalise importance within each group (mean 1), which makes a channel of a
-    residual stream coupled through ten layers look as cheap as one of a single convolution;
-    by time saved alone the former always wins. Weighting importance by the MACs a channel
-    takes with it restores what the normalisation dropped, so the allocation trades importance
-    per MAC (as the global ranking does) against time per MAC (what MACs miss).
-    """
-    dense_macs = cost.evaluate([0] * len(groups))[0]
-    per_channel = []
-    for index, group in enumerate(groups):
-        if group.blocked or not max_removed[index]:
-            per_channel.append(None)
-            continue
-        counts = [0] * len(groups)
-        counts[index] = max_removed[index]
-        per_channel.append((dense_macs - cost.evaluate(counts)[0]) / max_removed[index])
-    known = [value for value in per_channel if value]
-    mean = sum(known) / len(known) if known else 1.0
-    return [value / mean if value else 1.0 for value in per_channel]
-
-
 def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyModel) -> Allocation:
-    """Removal counts along a greedy path: least importance lost per millisecond saved first.
+    """Removal counts along a greedy path: least importance per relative time-per-MAC first.
 
     Args:
         groups: the model's channel groups (blocked ones are never pruned).
@@ -175,14 +154,18 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
         changes = state.changes(index, counts[index], new)
         # the last channels of a layer carry all it passes on: importance grows as it thins
         thinning = group.size / (group.size - new)
-        importance = weight[index] * thinning * float(keys[index][counts[index]:new]
-                                                      .clamp(min=0).sum())
-        saving = state.saving(changes)
-        priority = importance / saving if saving > 1e-9 else float("inf")
+        importance = thinning * float(keys[index][counts[index]:new].clamp(min=0).mean())
+        saving, macs = state.saving(changes)
+        # time per MAC of this chunk, relative to the dense model's: 1 where MACs tell the
+        # truth; bounded, so time reorders the importance ranking but never overrules it
+        relative = min(max(saving / max(macs, 1.0) / time_per_mac, 1 / _MAX_CORRECTION),
+                       _MAX_CORRECTION)
+        priority = importance / relative if saving > 1e-9 else float("inf")
         # ties (e.g. equal importance) go to the bigger saving, then the lower index
         heapq.heappush(heap, (priority, -saving, index, versions[index], new))
 
-    weight = _macs_weights(groups, allocation.max_removed, latency.cost)
+    dense = [0] * len(groups)
+    time_per_mac = latency.predict(dense) / max(latency.cost.evaluate(dense)[0], 1.0)
     for index in range(len(groups)):
         push(index)
     path.append(tuple(counts))

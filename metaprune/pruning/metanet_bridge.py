@@ -9,8 +9,8 @@ A loaded metanetwork is any object with two methods:
 - optionally `head_trained` (bool): False means the head is untrained, so the engine allocates
   with its global ranking instead.
 
-`metaprune.metanet.load_metanet(path)` returns such an object; checkpoints are found by
-`metaprune.vocabulary.resolve_checkpoint` (the committed one lives in `metaprune/checkpoints/`).
+`metaprune.load_metanet(name_or_path)` returns such an object; checkpoints are found by
+`metaprune.vocabulary.resolve_checkpoint` in `CHECKPOINT_DIR` (``metaprune/checkpoints/``).
 Without one, asking for the metanetwork is a clear error that names the classic criteria.
 """
 
@@ -18,46 +18,15 @@ from pathlib import Path
 
 from torch import nn
 
-from metaprune.errors import MetaPruneError
-from metaprune.vocabulary.checkpoints import (
-    CHECKPOINT_DIR,
-    fallback_hint,
-    resolve_checkpoint,
-)
+from metaprune.vocabulary.checkpoints import CHECKPOINT_DIR
 from metaprune.vocabulary.checkpoints import default_checkpoint as find_default_checkpoint
 
-__all__ = ["CHECKPOINT_DIR", "apply_metanet", "default_checkpoint", "load_metanet"]
+__all__ = ["CHECKPOINT_DIR", "apply_metanet", "default_checkpoint"]
 
 
 def default_checkpoint() -> Path | None:
     """The committed metanetwork checkpoint, if any."""
     return find_default_checkpoint(CHECKPOINT_DIR)
-
-
-def _checkpoint_path(metanet) -> Path:
-    # CHECKPOINT_DIR is read at call time: tests point it at an empty folder (a build
-    # without a committed checkpoint).
-    return resolve_checkpoint(metanet, CHECKPOINT_DIR)
-
-
-def load_metanet(metanet):
-    """A loaded metanetwork from None, "default", a checkpoint name or path, or a loaded object."""
-    if metanet is None:
-        return None
-    if not isinstance(metanet, (str, Path)):
-        if not (hasattr(metanet, "transform") and hasattr(metanet, "layer_keep_ratios")):
-            raise MetaPruneError("a metanetwork object must provide transform() and "
-                                 "layer_keep_ratios()")
-        return metanet
-    path = _checkpoint_path(metanet)
-    try:
-        from metaprune.metanet import load_metanet as load_checkpoint
-    except ImportError as error:
-        raise MetaPruneError(
-            "this build cannot load metanetwork checkpoints (metaprune.metanet.load_metanet is "
-            f"missing); {fallback_hint()}"
-        ) from error
-    return load_checkpoint(path)
 
 
 def apply_metanet(metanet, module: nn.Module, example_inputs, *, speedup=None,

@@ -34,6 +34,13 @@ def _refresh_shapes(model: nn.Module, example_inputs) -> None:
 
 def remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) -> nn.Module:
     """A pruned copy of `dense`: group i loses the first counts[i] channels of orders[i]."""
+    plan = next((g.plan for g in groups if g.plan is not None), None)
+    if plan is not None:  # groups read from the channel graph remove themselves
+        model = plan.remove(dense, [(group, [int(i) for i in order[:count]])
+                                    for group, order, count in zip(groups, orders, counts)
+                                    if count])
+        _refresh_shapes(model, example_inputs)
+        return model
     model = copy.deepcopy(dense)
     DG = build_dependency_graph(model, example_inputs)
     modules = dict(model.named_modules())

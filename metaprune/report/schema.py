@@ -29,6 +29,8 @@ REPORT_FIELDS = (
     ReportField("kept", "module name -> [kept, total] output channels", True),
     ReportField("kept_heads", "attention module name -> [kept, total] heads"),
     ReportField("excluded", "module names the request left unpruned"),
+    ReportField("left_alone", "module -> why its channels could not be pruned (an operator the "
+                              "pruner cannot follow), the rest of the model pruned"),
     ReportField("input_adaptation", "how data samples were reshaped to the model's input "
                                     "(size-1 dimensions inserted or removed), or null"),
     ReportField("accuracy_before", "top-1 accuracy in [0, 1] before pruning (null: no data)"),
@@ -43,6 +45,9 @@ REPORT_FIELDS = (
     ReportField("latency_spread", "quartiles of before_ms, after_ms and speedup over the "
                                   "interleaved rounds, their number, and the clock read"),
     ReportField("cpu", "the CPU the latency was measured on"),
+    ReportField("latency_ms_onnxruntime_before", "median latency (ms) in ONNX Runtime at "
+                                                 "latency_batch, when onnxruntime is installed"),
+    ReportField("latency_ms_onnxruntime_after", "the same after pruning"),
     ReportField("round_to", "kept channel counts are multiples of this (round_to, or what "
                             "\"auto\" measured), or null"),
     ReportField("target", "for a latency target or a target rounding kept from: what was asked, "

@@ -1,0 +1,220 @@
+"""The metanetwork at real model sizes: `transform()` seconds and peak memory beside torch-pruning.
+
+For each model (ResNet-56 at 32², a ResNet-50 at 224², a ViT-B/16 at 224² with
+``nn.MultiheadAttention``), two fresh processes:
+
+- one builds the model, times `to_graph`, `write_back` and a whole
+  ``metaprune.load_metanet("default").transform(model, inputs)`` (which converts, runs the
+  metanetwork and writes back), and reports its resident-set high-water mark (VmHWM: the whole
+  process's life, model included);
+- one builds the model and times the anchor: torch-pruning's
+  ``DependencyGraph().build_dependency`` plus one forward/backward of the model, median of 3.
+
+The ratio transform / anchor is the figure that travels between machines; seconds per million
+parameters tells whether the cost is linear in size. `--metatrain` adds meta-training steps/s
+(`python -m metaprune.training.metatrain_speed`: the edge-list formulation of before, kept as
+`metaprune.metanet.scatter_reference`, against the grid one; median of 3), and `--prune` a
+``prune(method="metanet")`` of the ResNet-50 with 64 random 224² samples. Everything runs on
+`--threads` torch threads (default 1: on a shared 2-core machine one thread per process is the
+steadiest).
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = ("resnet56", "resnet50", "vit_b16")
+OUT = Path("benchmarks") / "metanet-scale.md"
+
+
+def build(name: str):
+    """(model, example_inputs) of a benchmark model, in eval mode, seeded."""
+    import torch
+
+    from metaprune import zoo
+    from metaprune.bench import graph
+
+    if name in ("resnet56", "resnet50"):
+        return graph.build(name, 224)
+    torch.manual_seed(0)
+    config = zoo.default_config("vit", input_shape=(3, 224, 224), num_classes=1000,
+                                patch_size=16, embed_dim=768,
+                                blocks=[{"heads": 12, "mlp": 3072}] * 12)
+    return zoo.build("vit", config).eval(), zoo.example_inputs(config, batch=1)
+
+
+def _vmhwm_mib() -> float:
+    from metaprune.bench.graph import _status_kib
+
+    return _status_kib("VmHWM") / 1024
+
+
+def measure_transform(name: str) -> dict:
+    """Child process: to_graph, write_back and transform() seconds, and the process's VmHWM."""
+    import torch
+
+    import metaprune
+    from metaprune.graph import to_graph
+
+    model, inputs = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    began = time.perf_counter()
+    graph = to_graph(model, inputs)
+    to_graph_s = time.perf_counter() - began
+    began = time.perf_counter()
+    graph.write_back()
+    write_back_s = time.perf_counter() - began
+    edges, nodes = graph.num_edges, graph.num_nodes
+    del graph
+    metanet = metaprune.load_metanet("default")
+    began = time.perf_counter()
+    rewritten = metanet.transform(model, inputs)
+    transform_s = time.perf_counter() - began
+    with torch.no_grad():
+        before, after = model(*inputs), rewritten(*inputs)
+    change = float((after - before).norm() / before.norm())
+    return {"model": name, "params": params, "nodes": nodes, "edges": edges,
+            "to_graph_s": to_graph_s, "write_back_s": write_back_s, "transform_s": transform_s,
+            "vmhwm_mib": _vmhwm_mib(), "output_change": change}
+
+
+def measure_anchor(name: str, repeats: int = 3) -> dict:
+    """Child process: DependencyGraph build + one forward/backward, median of `repeats`."""
+    import torch_pruning as tp
+
+    model, inputs = build(name)
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+        model(*inputs).sum().backward()
+        times.append(time.perf_counter() - began)
+        model.zero_grad(set_to_none=True)
+    return {"model": name, "anchor_s": statistics.median(times), "anchor_runs": times}
+
+
+def measure_prune(samples: int = 64, batch: int = 16) -> dict:
+    """Child process: prune(method="metanet") of the ResNet-50 with random 224² data."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import metaprune
+
+    model, inputs = build("resnet50")
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(samples, 3, 224, 224, generator=generator),
+                         torch.randint(0, 1000, (samples,), generator=generator))
+    loaders = (DataLoader(data, batch_size=batch, shuffle=True, generator=generator),
+               DataLoader(data, batch_size=batch))
+    began = time.perf_counter()
+    result = metaprune.prune(model, inputs, method="metanet", speedup=2.0, data=loaders,
+                             finetune_epochs=2, latency=False)
+    report = result.report
+    return {"wall_s": time.perf_counter() - began, "seconds": report["seconds"],
+            "speedup": report["speedup"], "macs_before": report["macs_before"],
+            "macs_after": report["macs_after"], "allocation": report["allocation"],
+            "vmhwm_mib": _vmhwm_mib(), "samples": samples, "batch": batch}
+
+
+def _child(call: str, threads: int) -> dict:
+    code = ("import json, torch; torch.set_num_threads(%d); "
+            "from metaprune.bench import metanet_scale as m; print(json.dumps(m.%s))"
+            % (threads, call))
+    return _run_json([sys.executable, "-c", code])
+
+
+def _run_json(command: list[str]) -> dict:
+    """The JSON object a child process prints last, or ``{"error": its last stderr line}``."""
+    child = subprocess.run(command, capture_output=True, text=True)
+    if child.returncode != 0:
+        return {"error": child.stderr.strip().splitlines()[-1] if child.stderr else "failed"}
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="models to measure (default: all three)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of every measuring process (default 1)")
+    parser.add_argument("--metatrain", action="store_true",
+                        help="also measure meta-training steps/s, edge list vs grids")
+    parser.add_argument("--prune", action="store_true",
+                        help="also run prune(method='metanet') on the ResNet-50 (64 samples)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"page to write (default {OUT})")
+
+
+def run(args) -> int:
+    lines = [
+        "Each figure comes from a fresh process; `transform` is the whole "
+        "`metaprune.load_metanet(\"default\").transform(model, inputs)` call (to_graph + "
+        "metanetwork + write_back); VmHWM is that process's peak resident set, model included.",
+        "Anchor: torch-pruning `DependencyGraph().build_dependency` + one forward/backward of the "
+        "same model, in the same run (median of 3).",
+        f"torch threads per process: {args.threads}. The machine (2 cores) was shared with other "
+        "jobs while this ran: compare ratios, not seconds.",
+        "",
+        "| model | params | edges | to_graph s | write_back s | transform s | anchor s "
+        "| transform / anchor | s per M params | VmHWM MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines[:3]), flush=True)
+    figures = {}
+    for name in args.models:
+        transform = _child(f"measure_transform({name!r})", args.threads)
+        anchor = _child(f"measure_anchor({name!r})", args.threads)
+        figures[name] = {**transform, **anchor}
+        if "error" in transform or "error" in anchor:
+            row = f"| {name} | failed: {transform.get('error') or anchor.get('error')} |"
+        else:
+            ratio = transform["transform_s"] / anchor["anchor_s"]
+            per_million = transform["transform_s"] / (transform["params"] / 1e6)
+            figures[name].update(ratio=ratio, seconds_per_million=per_million)
+            row = (f"| {name} | {transform['params']:,} | {transform['edges']:,} "
+                   f"| {transform['to_graph_s']:.2f} | {transform['write_back_s']:.2f} "
+                   f"| {transform['transform_s']:.2f} | {anchor['anchor_s']:.2f} | {ratio:.1f}x "
+                   f"| {per_million:.2f} | {transform['vmhwm_mib']:,.0f} |")
+        lines.append(row)
+        print(row, flush=True)
+    big = [figures[n]["seconds_per_million"] for n in ("resnet50", "vit_b16")
+           if "seconds_per_million" in figures.get(n, {})]
+    if len(big) == 2:
+        line = f"\nseconds per million parameters, max / min over ResNet-50 and ViT-B/16: " \
+               f"{max(big) / min(big):.2f}"
+        lines.append(line)
+        print(line, flush=True)
+    if args.metatrain:
+        # the pipeline runs in its own process: metaprune/ never imports metaprune.training
+        rates = _run_json([sys.executable, "-m", "metaprune.training.metatrain_speed",
+                           "--threads", str(args.threads)])
+        figures["metatrain"] = rates
+        line = ("\nmeta-training steps/s (median of 3 runs of "
+                f"{rates.get('steps')} steps; {rates.get('models')} mnist1d corpus models of "
+                f"{rates.get('model_params')} parameters): edge list (before) "
+                f"{rates.get('before_steps_per_s', float('nan')):.2f}, grids (after) "
+                f"{rates.get('after_steps_per_s', float('nan')):.2f}"
+                if "error" not in rates else f"\nmeta-training: failed: {rates['error']}")
+        lines.append(line)
+        print(line, flush=True)
+    if args.prune:
+        result = _child("measure_prune()", args.threads)
+        figures["prune"] = result
+        line = ("\nprune(method=\"metanet\", speedup=2.0, finetune_epochs=2, latency=False) on "
+                f"the ResNet-50, {result.get('samples')} random 224² samples, batch "
+                f"{result.get('batch')}: {result.get('wall_s', float('nan')):.1f} s, speed-up "
+                f"{result.get('speedup', float('nan')):.3f}, VmHWM "
+                f"{result.get('vmhwm_mib', float('nan')):,.0f} MiB; phases (s): "
+                + json.dumps({k: round(v, 2) for k, v in result.get("seconds", {}).items()})
+                if "error" not in result else f"\nprune: failed: {result['error']}")
+        lines.append(line)
+        print(line, flush=True)
+    command = "metaprune bench metanet-scale " + " ".join(
+        sys.argv[sys.argv.index("metanet-scale") + 1:] if "metanet-scale" in sys.argv else [])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("# metanet-scale\n\nMade by `" + command.strip() + "` (under `nice -n 10`)"
+                        ".\n\n" + "\n".join(lines) + "\n\n```json\n"
+                        + json.dumps(figures, indent=1) + "\n```\n")
+    print(f"written {args.out}")
+    return 0

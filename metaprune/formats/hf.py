@@ -1,0 +1,174 @@
+"""HuggingFace ``transformers`` folders (``config.json`` + safetensors weights) in and out.
+
+Only local files are read and only classes that ship inside ``transformers`` are built:
+``trust_remote_code=False`` and ``local_files_only=True`` always, a ``config.json`` that asks for
+remote code (``auto_map``) or names an architecture ``transformers`` does not have is refused,
+and weights must be safetensors (a ``pytorch_model.bin`` pickle is never read). Attention is
+built with ``attn_implementation="eager"`` so the channel graph can follow its matrix products.
+
+Example::
+
+    from metaprune.formats.hf import load_hf_folder, save_hf_folder
+    model, example_inputs = load_hf_folder("tiny-llama/")        # LlamaForCausalLM, token ids
+    result = metaprune.prune(model, example_inputs, speedup=2.0)
+    save_hf_folder(result.model, "tiny-llama-pruned/")   # or a ModelFormatError saying why
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from metaprune.errors import ModelFormatError
+
+_SEQUENCE_LENGTH = 16  # example inputs: a batch of 2 sequences of this many tokens
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A directory holding a ``config.json`` (what `load_model` treats as a HF folder)."""
+    path = Path(path)
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise ModelFormatError(
+            "reading a HuggingFace folder needs the transformers package "
+            "(pip install 'metaprune[hf]')") from error
+    return transformers
+
+
+def load_hf_folder(path: str | os.PathLike, *, max_params: int = 100_000_000
+                   ) -> tuple[nn.Module, tuple]:
+    """A model folder (``config.json`` + ``*.safetensors``) as ``(module, example_inputs)``.
+
+    Args:
+        path: the folder ``save_pretrained`` wrote.
+        max_params: most parameters accepted.
+
+    Example inputs are token ids ``[2, 16]`` (``[2, C, H, W]`` images for vision configs).
+    """
+    path = Path(path)
+    try:
+        config_json = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelFormatError(f"{path}/config.json is not readable JSON ({error})") from error
+    if "auto_map" in config_json:
+        raise ModelFormatError("config.json asks for remote code (auto_map); only architectures "
+                               "that ship with transformers are loaded")
+    if not list(path.glob("*.safetensors")):
+        raise ModelFormatError(f"{path} holds no .safetensors weights (pickled weights are "
+                               "never read)")
+    transformers = _transformers()
+    architectures = config_json.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if not isinstance(model_class, type) or not issubclass(model_class,
+                                                           transformers.PreTrainedModel):
+        raise ModelFormatError(f"config.json names architecture {architectures!r}, which "
+                               "transformers does not provide")
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False)
+        config._attn_implementation = "eager"
+        config.use_cache = False  # logits only: no key/value cache object in the outputs
+        model = model_class.from_pretrained(
+            path, config=config, local_files_only=True, trust_remote_code=False,
+            use_safetensors=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelFormatError(f"cannot load the HuggingFace folder {path} ({error})") from error
+    params = sum(p.numel() for p in model.parameters())
+    if params > max_params:
+        raise ModelFormatError(f"{params} parameters, more than the limit {max_params}")
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise ModelFormatError(f"parameter {name!r} holds NaN or Inf")
+    return model.eval(), example_inputs_for(model.config)
+
+
+def example_inputs_for(config) -> tuple[torch.Tensor]:
+    """Inputs of one forward pass of a model with this config (token ids or images)."""
+    if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
+        size = config.image_size
+        return (torch.randn(2, config.num_channels, size, size),)
+    length = min(_SEQUENCE_LENGTH, getattr(config, "max_position_embeddings", _SEQUENCE_LENGTH))
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, config.vocab_size, (2, length), generator=generator),)
+
+
+def pruned_config(model: nn.Module):
+    """The config a pruned model's shapes need, or ``(None, why not)``.
+
+    Widths are read from the model (embedding width, the intermediate Linear of every layer,
+    head counts of every attention module). The result is checked by building a fresh model
+    from it: every parameter must have the pruned model's shape, so a non-uniform allocation or
+    a head size the config cannot state is reported rather than saved wrongly.
+    """
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    old = model.config
+    hidden = model.get_input_embeddings().embedding_dim
+    if hasattr(old, "head_dim") and getattr(old, "head_dim", None):
+        config.head_dim = old.head_dim  # stated explicitly: the hidden size no longer implies it
+    widths = {"hidden_size": hidden}
+    pruned_shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    for key in ("intermediate_size", "n_inner"):
+        before = getattr(old, key, None)
+        if before:  # the rows of every parameter the old config sized by it
+            rows = {pruned_shapes[name][0] for name, shape in _shapes_from(old, model).items()
+                    if shape and shape[0] == before and name in pruned_shapes
+                    and len(shape) > 1 and shape[1] != old.vocab_size
+                    and before != old.vocab_size}
+            if len(rows) == 1:
+                widths[key] = rows.pop()
+    from metaprune.pruning.graph_groups import attention_heads  # the traced head axes
+
+    heads = list(attention_heads(model, example_inputs_for(old)).values())
+    if heads:
+        if len(set(heads)) != 1:
+            return None, f"attention modules keep different head counts {sorted(set(heads))}"
+        widths["num_attention_heads"] = heads[0]
+        if getattr(old, "num_key_value_heads", None):
+            ratio = old.num_attention_heads // old.num_key_value_heads
+            widths["num_key_value_heads"] = heads[0] // ratio
+    for key, value in widths.items():
+        setattr(config, key, value)
+    try:
+        expected = _shapes_from(config, model)
+    except ValueError as error:  # the config class refuses the combination itself
+        return None, f"the config refuses the pruned widths ({error})"
+    actual = pruned_shapes
+    wrong = [n for n in actual if expected.get(n) != actual[n]]
+    if wrong:
+        name = wrong[0]
+        return None, (f"the config cannot state the pruned shapes (e.g. {name}: pruned "
+                      f"{actual[name]}, config gives {expected.get(name)}); widths differ "
+                      "between layers or a head size changed")
+    return config, None
+
+
+def _shapes_from(config, model: nn.Module) -> dict[str, tuple]:
+    """Parameter shapes a fresh model of `model`'s class gets from `config` (built on meta)."""
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    return {n: tuple(p.shape) for n, p in fresh.state_dict().items()}
+
+
+def save_hf_folder(model: nn.Module, path: str | os.PathLike) -> None:
+    """``save_pretrained`` the pruned model when its config can state its shapes.
+
+    Raises:
+        ModelFormatError: saying why the config cannot (nothing is written then).
+    """
+    if not hasattr(model, "save_pretrained"):
+        raise ModelFormatError("only a transformers model can be saved as a HuggingFace folder")
+    config, why_not = pruned_config(model)
+    if config is None:
+        raise ModelFormatError(f"cannot save_pretrained: {why_not} (a .pt2 output keeps any widths "
+                               "where torch.export can capture the model)")
+    model.config = config
+    model.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,93 @@
+"""HuggingFace folders (config.json + safetensors) through load_model / prune / save_model.
+
+Models are built from a config here (never downloaded) and saved with ``save_pretrained``.
+"""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from metaprune import load_model, prune, save_model  # noqa: E402
+from metaprune.errors import ModelFormatError  # noqa: E402
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(*inputs).logits
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_llama_folder_prunes_2x_with_whole_heads(llama_folder, tmp_path):
+    model, inputs = load_model(llama_folder)
+    assert type(model).__name__ == "LlamaForCausalLM" and inputs[0].dtype == torch.long
+    result = prune(model, inputs, speedup=2.0, latency=False)
+    assert abs(result.report["speedup"] / 2 - 1) <= 0.02
+    heads = result.report["kept_heads"]
+    assert heads and all(total == 4 and kept in (2, 4) for kept, total in heads.values())
+    attention = result.model.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 2 * attention.k_proj.out_features  # 2:1 GQA kept
+    # layers pruned to different widths: the config cannot say so, and the error says why
+    with pytest.raises(ModelFormatError, match="config cannot state"):
+        save_model(result.model, inputs, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_uniform_widths_save_pretrained_and_reload(llama_folder, tmp_path):
+    model, inputs = load_model(llama_folder)
+    policy = {"model.embed_tokens": 0.5, "model.layers.0.mlp.gate_proj": 0.5,
+              "model.layers.1.mlp.gate_proj": 0.5}
+    result = prune(model, inputs, policy=policy, latency=False)
+    save_model(result.model, inputs, tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"]) == (16, 32)
+    reloaded, _ = load_model(tmp_path / "pruned")
+    direct = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "pruned", local_files_only=True, trust_remote_code=False)
+    expected = _logits(result.model, inputs)
+    assert torch.allclose(_logits(reloaded, inputs), expected, atol=1e-5)
+    assert torch.allclose(_logits(direct.eval(), inputs), expected, atol=1e-5)
+
+
+def test_bert_masked_lm_folder_prunes_heads_and_keeps_the_decoder_tied(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=32)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
+    model, inputs = load_model(tmp_path / "bert")
+    result = prune(model, inputs, policy={"bert.encoder.layer.0.attention.self.query": 0.5},
+                   latency=False)
+    assert result.report["kept_heads"]["bert.encoder.layer.0.attention.self"] == [2, 4]
+    assert result.model.bert.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert _logits(result.model, inputs).shape == (2, 16, 96)
+    pruned = prune(model, inputs, speedup=1.5, latency=False).model
+    assert pruned.cls.predictions.decoder.weight is pruned.bert.embeddings.word_embeddings.weight
+
+
+def test_folders_asking_for_remote_code_or_pickles_are_refused(llama_folder, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    config = json.loads((llama_folder / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "x.Y"}}))
+    (remote / "model.safetensors").write_bytes((llama_folder / "model.safetensors").read_bytes())
+    with pytest.raises(ModelFormatError, match="remote code"):
+        load_model(remote)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(config))
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ModelFormatError, match="no .safetensors"):
+        load_model(pickled)
