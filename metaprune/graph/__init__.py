@@ -23,11 +23,21 @@ from metaprune.graph.features import NODE_KINDS, NORM_KINDS, NUM_NODE_FEATURES, 
 from metaprune.graph.network_graph import (
     EdgeGrid,
     EdgeGroup,
-    NetworkData,
     NetworkGraph,
     edge_grids,
     edge_groups,
 )
+
+
+
+def __getattr__(name):
+    # NetworkData imports torch-geometric (seconds): only when someone asks for it.
+    if name == "NetworkData":
+        from metaprune.graph.pyg_data import NetworkData
+
+        return NetworkData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "EdgeGrid",

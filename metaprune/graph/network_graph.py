@@ -1,5 +1,7 @@
 """`NetworkGraph`: the neuron-level PyG graph of a network, its layer DAG, and the exact inverse."""
 
+from __future__ import annotations
+
 import copy
 import math
 from dataclasses import dataclass
@@ -7,7 +9,6 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 from torch import nn
-from torch_geometric.data import Data
 
 from metaprune.graph.builder import EdgeBlock, GraphBuilder, LayerInfo, NodeSlot
 from metaprune.graph.planes import compress
@@ -33,21 +34,18 @@ class EdgeGroup:
     attr: torch.Tensor  # [num_edges_in_group, k] view of the flat edge features
 
 
-class NetworkData(Data):
-    """PyG `Data` of a network graph; batches keep layers of different graphs apart.
+class GraphFeatures:
+    """The graph's tensors (``x``, ``edge_attr``, ``layer``, ...) before any PyG object exists.
 
-    The group layout (``edge_group_k``, ``edge_group_size``) needs no offset when graphs are
-    batched: groups, edges and flat features are concatenated in the same order, so
-    `edge_groups` of a `Batch` lists every graph's groups one after the other.
+    `NetworkGraph.data` / `.features` turn them into a `NetworkData` (PyG) on first access, so
+    code that only reads tensors or couplings never imports torch-geometric.
     """
 
-    def __inc__(self, key, value, *args, **kwargs):
-        if key in ("layer", "edge_layer"):
-            return int(self.layer.max()) + 1 if self.layer.numel() else 0
-        return super().__inc__(key, value, *args, **kwargs)
+    def __init__(self, **tensors) -> None:
+        self.__dict__.update(tensors)
 
 
-def edge_groups(data: Data, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
+def edge_groups(data, edge_attr: torch.Tensor | None = None) -> list[EdgeGroup]:
     """Views of the flat edge features, one per group of equal feature length.
 
     Works on one graph's data and on a `torch_geometric.data.Batch` of them alike.
@@ -93,7 +91,7 @@ class EdgeGrid:
                                                                          self.k)
 
 
-def edge_grids(data: Data) -> list[EdgeGrid]:
+def edge_grids(data) -> list[EdgeGrid]:
     """The edge grids of a graph's data or of a PyG `Batch` of them, in edge order.
 
     Read from ``data.edge_grid_shape`` (rows, cols, k of each grid) and ``edge_index`` (so this
@@ -145,7 +143,7 @@ class NetworkGraph:
     def __init__(
         self,
         source: nn.Module,  # the converted module (kept by reference; never modified)
-        features: Data,  # everything of `data` but ``edge_index`` / ``edge_layer``
+        features: GraphFeatures,  # everything of `data` but ``edge_index`` / ``edge_layer``
         layers: list[LayerInfo],
         blocks: list[EdgeBlock],  # every edge block, in edge order, with flat offsets
         slots: list[NodeSlot],
@@ -168,8 +166,21 @@ class NetworkGraph:
         self._layer_dag = None
         self._edge_index_built = False
 
+    def _pyg_features(self):
+        """The features as a `NetworkData` (imports torch-geometric the first time)."""
+        if isinstance(self._features, GraphFeatures):
+            from metaprune.graph.pyg_data import NetworkData
+
+            tensors = dict(vars(self._features))
+            num_nodes = tensors.pop("num_nodes")
+            data = NetworkData(num_nodes=num_nodes)
+            for key, value in tensors.items():
+                setattr(data, key, value)
+            self._features = data
+        return self._features
+
     @property
-    def data(self) -> Data:
+    def data(self):
         """The PyG `Data` (see the class docstring), its ``edge_index`` built on first access.
 
         A dense layer's edges are a grid (`edge_grids`); listing them one by one costs 20 bytes
@@ -177,11 +188,12 @@ class NetworkGraph:
         never ask for it: only code that wants the edge list (the group-sparsity regulariser,
         `coupled_channels`, users) pays for it.
         """
+        features = self._pyg_features()
         if not self._edge_index_built:
-            self._features.edge_index, self._features.edge_layer = _edge_lists(
+            features.edge_index, features.edge_layer = _edge_lists(
                 self._edge_blocks, self.num_edges)
             self._edge_index_built = True
-        return self._features
+        return features
 
     @property
     def x(self) -> torch.Tensor:
@@ -194,9 +206,9 @@ class NetworkGraph:
         return self._features.edge_attr
 
     @property
-    def features(self) -> Data:
+    def features(self):
         """``data`` without ``edge_index`` / ``edge_layer``: what the metanetwork reads."""
-        return self._features
+        return self._pyg_features()
 
     @property
     def num_nodes(self) -> int:
@@ -412,7 +424,7 @@ def assemble(
     x[:, SCALAR["is_input"]] = (kind_ids[node_layer] == NODE_KINDS.index("input")).to(dtype)
     x[output_nodes, SCALAR["is_output"]] = 1
 
-    data = NetworkData(x=x, edge_attr=edge_attr, num_nodes=num_nodes)
+    data = GraphFeatures(x=x, edge_attr=edge_attr, num_nodes=num_nodes)
     data.edge_grid_shape = torch.tensor(
         [[*block.grid_shape, block.edge_k] for block in blocks], dtype=torch.long
     ).reshape(-1, 3)
