@@ -168,7 +168,10 @@ class _Run:
                 self.figures["perplexity_objective"] = training_bridge.text_objective(
                     self.module)
         finetune_epochs = request.finetune_epochs
-        self.after_metanet = training_bridge.metanet_epochs(finetune_epochs, request.finetune) \
+        # a metanetwork that leaves the weights as they are gets the whole budget after pruning
+        self.after_metanet = training_bridge.metanet_epochs(
+            finetune_epochs, request.finetune,
+            rewrites=getattr(self.metanet, "rewrites_weights", True)) \
             if self.metanet is not None else 0
         self.after_prune = finetune_epochs - self.after_metanet
 
@@ -510,7 +513,8 @@ def prune(
             (the report says so); any other mismatch is an error before any work.
         finetune_epochs: epochs of fine-tuning in all (needs `data`). Without a metanetwork
             they all follow pruning; with one they are split: ``finetune["metanet_epochs"]``
-            (default half, rounded down) right after the rewrite, the rest after pruning.
+            (default half, rounded down, when the metanetwork rewrites weights; 0 when its
+            rewrite is off) right after the rewrite, the rest after pruning.
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
             `bn_recalibration`, `seed`).
         latency_speedup: latency before / after to reach, measured on this machine at
