@@ -31,6 +31,7 @@ from torch import nn
 import metaprune
 from metaprune.criteria import build_criterion
 from metaprune.errors import InvalidTargetError, UnsupportedModelError
+from metaprune.formats.hf import save_pretrained_note
 from metaprune.measure import count_macs, count_params
 from metaprune.pruning import training_bridge
 from metaprune.pruning.allocation import (
@@ -53,7 +54,7 @@ from metaprune.pruning.removal import (
 )
 from metaprune.pruning.targets import TOLERANCE, Target, solve_counts
 from metaprune.report import build_report
-from metaprune.vocabulary import PruneRequest
+from metaprune.vocabulary import TEXT_DATASETS, PruneRequest
 
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
 _RECOUNT_TOLERANCE = TOLERANCE / 4
@@ -160,7 +161,12 @@ class _Run:
                                                             self.module, request.data)
                 self.metanet = load_metanet(chosen)
             self.loaders, self.figures["input_adaptation"] = training_bridge.resolve_data(
-                request.data, self.example_inputs)
+                request.data, self.example_inputs, model=self.module)
+            # a text corpus: perplexity beside the (per-token) accuracy
+            self.text = isinstance(request.data, str) and request.data in TEXT_DATASETS
+            if self.text:
+                self.figures["perplexity_objective"] = training_bridge.text_objective(
+                    self.module)
         finetune_epochs = request.finetune_epochs
         # a metanetwork that leaves the weights as they are gets the whole budget after pruning
         self.after_metanet = training_bridge.metanet_epochs(
@@ -178,6 +184,9 @@ class _Run:
         with self.timer.phase("evaluate"):
             self.figures["accuracy_before"] = training_bridge.evaluate(
                 self.work, self.loaders[1]) if self.loaders else None
+            if self.text:
+                self.figures["perplexity_before"] = training_bridge.perplexity(
+                    self.work, self.loaders[1])
 
     # 3 --------------------------------------------------------------------------------------
     def rewrite_with_metanet(self) -> None:
@@ -381,6 +390,9 @@ class _Run:
         with self.timer.phase("evaluate"):
             self.figures["accuracy_after"] = training_bridge.evaluate(
                 pruned, self.loaders[1]) if self.loaders else None
+            if self.text:
+                self.figures["perplexity_after"] = training_bridge.perplexity(
+                    pruned, self.loaders[1])
         with self.timer.phase("measure"):
             self.figures["macs_after"] = count_macs(pruned, inputs)
             self.figures["params_after"] = count_params(pruned)
@@ -398,6 +410,7 @@ class _Run:
             kept_heads=_kept_heads(self.heads_before,
                                    attention_heads(self.pruned, self.example_inputs)),
             left_alone=_left_alone(self.groups),
+            save_pretrained=save_pretrained_note(self.pruned),
             excluded=list(request.exclude),
             round_to=self.latency_steps.rounded_to,
             target=self.latency_steps.target_note,
