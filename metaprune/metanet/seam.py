@@ -1,5 +1,6 @@
 """`LoadedMetanet`: the object the pruning engine calls (see `metaprune.pruning.metanet_bridge`)."""
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,8 +67,16 @@ class LoadedMetanet:
         """
         return bool(self.training_metadata.get("sparsity_head_trained", False))
 
+    @property
+    def rewrites_weights(self) -> bool:
+        """False when the rewrite is exactly the identity (`MetaNetwork.rewrites_weights`): the
+        engine then spends the whole fine-tune budget after pruning, and `transform` copies."""
+        return self.metanet.rewrites_weights
+
     def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
         """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
+        if not self.rewrites_weights:  # every delta is exactly 0: skip the message passing
+            return copy.deepcopy(module)
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
             new_x, new_edge_attr, _ = self.metanet(graph)
