@@ -15,8 +15,10 @@ Every finished run is appended to `--runs` (JSON lines) and skipped when the com
 again, so a long run resumes; classic rows do not depend on the checkpoint and are reused when
 only the checkpoint changes. `--quick` runs a subset: 2 models per family, the goals' speed-ups
 3x and 4x (2x left out), criteria l1, l2 and taylor (bn_scale was never the best classic row of
-the full run), 3 seeds, budgets 0, 1 and 4. `--also CKPT`
-adds a second checkpoint as row ``metanet@NAME`` (e.g. the previously shipped one).
+the full run), 3 seeds, budgets 0, 1 and 4: on the 3 MNIST-1D families (6 models, 972 runs) it
+took 17 min wall (1,027 s) on 2 cores shared with three other jobs (load about 5), under
+``nice -n 15``. `--also CKPT` adds a second checkpoint as row ``metanet@NAME`` (e.g. the
+previously shipped one).
 """
 
 from __future__ import annotations
