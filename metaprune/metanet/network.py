@@ -247,6 +247,19 @@ class MetaNetwork(nn.Module):
         return speedup[layer_graph]
 
     @property
+    def rewrites(self) -> bool:
+        """Whether `forward` can change a model's weights at all.
+
+        False when the node, edge and gate decoders' last layers are all zero (a checkpoint
+        made by ``metaprune metanet head-only``): every delta is then exactly 0 and every gate
+        exactly 1, so the rewritten model equals the model, whatever the graph.
+        """
+        last_layers = [self.node_decoder[-1], self.edge_decoder.out[-1]]
+        if self.gate_range > 0:
+            last_layers.append(self.gate_decoder[-1])
+        return any(bool(p.any()) for layer in last_layers for p in layer.parameters())
+
+    @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

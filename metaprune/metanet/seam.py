@@ -1,5 +1,6 @@
 """`LoadedMetanet`: the object the pruning engine calls (see `metaprune.pruning.metanet_bridge`)."""
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,7 +68,13 @@ class LoadedMetanet:
         return bool(self.training_metadata.get("sparsity_head_trained", False))
 
     def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
-        """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
+        """A new module with the metanetwork's rewritten weights (`module` is left untouched).
+
+        A metanetwork whose rewrite is switched off (`MetaNetwork.rewrites` False) returns a
+        copy at once: the message passing would give back the same weights.
+        """
+        if not self.metanet.rewrites:
+            return copy.deepcopy(module)
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():
             new_x, new_edge_attr, _ = self.metanet(graph)
