@@ -107,7 +107,8 @@ def build_task(request, *, tenant: str, store: JobStore, metanetworks: dict[str,
     data = None
     source = request.WhichOneof("data")
     if source == "dataset":
-        data = _choice(request.dataset, vocabulary.DATASETS, "dataset")
+        data = _choice(request.dataset, vocabulary.DATASETS + vocabulary.TEXT_DATASETS,
+                       "dataset")
     elif source == "data_id":
         upload = store.get_upload(request.data_id, tenant, "data")
         if upload is None:

@@ -64,10 +64,27 @@ def test_null_metanetwork_is_the_budget_split_with_an_identity_rewrite():
     common = {"speedup": 2.0, "data": loaders, "finetune": {"bn_recalibration": False}}
     null = prune(model, inputs, method="metanet", metanet=NullMetanet(), **common)
     plain = prune(model, inputs, method="l2", allocation="global", **common)
+    # an identity rewrite has nothing to fine-tune: the whole budget follows pruning
+    spent = prune(model, inputs, method="metanet", metanet=NullMetanet(), finetune_epochs=2,
+                  **common).report["finetune"]
+    assert (spent["epochs_after_metanet"], spent["epochs_after_prune"]) == (0, 2)
     assert null.report["allocation"] == "global"  # the null head is untrained
     assert null.report["kept"] == plain.report["kept"]
     for a, b in zip(null.model.state_dict().values(), plain.model.state_dict().values()):
         assert torch.equal(a, b)  # exact identity: the same pruned weights as l2 alone
+
+
+def test_logged_metanet_runs_name_their_budget_split_and_old_ones_get_the_old_default():
+    from metaprune.bench.metanet import _with_split, run_key
+
+    old = {"kind": "run", "model": "m", "speedup": 3.0, "budget": 4, "method": "metanet",
+           "seed": 0, "checkpoint": "abc", "key": "run|m|3|4|metanet|0|abc"}
+    assert _with_split(old)["key"] == run_key("m", 3.0, 4, "metanet", 0, "abc", 2)
+    assert _with_split(old)["epochs_after_metanet"] == 2  # half, the engine's old default
+    new = run_key("m", 3.0, 4, "metanet", 0, "abc", 0)
+    assert new != _with_split(old)["key"]  # a changed split is a new run
+    classic = {**old, "method": "l2/global", "checkpoint": None, "key": "run|m|3|4|l2/global|0|"}
+    assert _with_split(classic) == classic  # classic rows spend everything after pruning
 
 
 def test_sparse_learning_shrinks_weak_groups_more_than_strong_ones():
@@ -114,8 +131,11 @@ def test_bench_runs_on_held_out_models_resumes_and_writes_its_page(tmp_path):
     page = (tmp_path / "page" / "metanet.md").read_text()
     assert "metanet − null metanet" in page and "Rewrite alone" in page
     assert (tmp_path / "page" / "metanet.png").stat().st_size > 0
-    assert main(arguments) == 0  # resumed: nothing runs twice
+    notes = tmp_path / "notes.md"
+    notes.write_text("2x was not run.")
+    assert main(arguments + ["--notes", str(notes)]) == 0  # resumed: nothing runs twice
     assert len(lines()) == len(records)
+    assert "## Notes\n\n2x was not run." in (tmp_path / "page" / "metanet.md").read_text()
 
 
 def test_bench_refuses_a_folder_with_models_that_training_may_have_seen(tmp_path):

@@ -54,10 +54,34 @@ def _case(key):
     return _zoo_model(*ZOO_CASES[key]) if isinstance(key, int) else build(key)
 
 
+def _rewriting(metanet: MetaNetwork) -> MetaNetwork:
+    """`metanet` with its rewrite switched on, as the first training steps would (an untrained
+    metanetwork's rewrite gain is 0: the exact identity)."""
+    with torch.no_grad():
+        metanet.rewrite_gain.fill_(1.0)
+    return metanet
+
+
 @pytest.fixture(scope="module")
 def metanet():
     torch.manual_seed(0)
-    return MetaNetwork(hidden=16, num_layers=2).eval()
+    return _rewriting(MetaNetwork(hidden=16, num_layers=2)).eval()
+
+
+def test_an_untrained_metanetwork_is_exactly_the_identity_and_learns_to_leave_it():
+    torch.manual_seed(0)
+    untrained = MetaNetwork(hidden=8, num_layers=1, gate_range=2.0)
+    assert not untrained.rewrites_weights
+    model, (inputs,) = _zoo_model(*ZOO_CASES[3])  # a ResNet: BatchNorm, residual streams
+    graph = to_graph(model, (inputs,))
+    params = metanet_parameters(untrained, graph, speedup=2.0)
+    for name, value in model.state_dict().items():
+        if name in params:
+            assert torch.equal(params[name], value), name
+    # the gain's gradient is not 0, so the first step turns the rewrite on
+    logits = torch.func.functional_call(model, params, (inputs,))
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    assert untrained.rewrite_gain.grad.abs() > 0
 
 
 def _relative_error(a, b):
@@ -176,7 +200,7 @@ def test_sparsity_head_follows_the_speedup(metanet):
 
 def test_task_loss_gradients_reach_the_metanetwork():
     torch.manual_seed(0)
-    metanet = MetaNetwork(hidden=16, num_layers=2)
+    metanet = _rewriting(MetaNetwork(hidden=16, num_layers=2))
     model, (inputs,) = _zoo_model(*ZOO_CASES[1])
     graph = to_graph(model, (inputs,))
     labels = torch.tensor([0, 1])
@@ -373,10 +397,18 @@ def test_prune_runs_through_the_metanet_seam(tmp_path):
     # an untrained sparsity head is not asked: the engine's global ranking allocates
     assert report["method"] == "metanet" and report["allocation"] == "global"
     assert abs(report["speedup"] / 2.0 - 1) <= 0.02
-    # the budget of 3 epochs is split: 1 after the rewrite, 2 after pruning
-    assert report["finetune"]["epochs_after_metanet"] == 1
-    assert report["finetune"]["epochs_after_prune"] == 2
+    # an untrained rewrite is the identity: the whole budget of 3 epochs follows pruning
+    assert report["finetune"]["epochs_after_metanet"] == 0
+    assert report["finetune"]["epochs_after_prune"] == 3
     assert "metanet" in report["seconds"]
+    # a rewriting metanetwork splits it: 1 after the rewrite, 2 after pruning
+    torch.manual_seed(0)
+    path = save_metanet(_rewriting(MetaNetwork(hidden=8, num_layers=1)),
+                        tmp_path / "rewriting.safetensors")
+    result = prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
+                   data="mnist1d", speedup=2.0, finetune_epochs=3)
+    assert result.report["finetune"]["epochs_after_metanet"] == 1
+    assert result.report["finetune"]["epochs_after_prune"] == 2
 
 
 def test_a_trained_sparsity_head_allocates_and_the_split_is_configurable(tmp_path):
@@ -404,6 +436,8 @@ def test_load_metanet_is_the_one_public_entry_point(tmp_path, metanet):
 
     loaded = metaprune.load_metanet("default")  # the committed checkpoint, by name
     assert isinstance(loaded, LoadedMetanet) and loaded.head_trained
+    # saved before the rewrite gain existed: loaded at gain 1, computing what it always did
+    assert float(loaded.metanet.rewrite_gain) == 1.0 and not loaded.rewrites_weights
     assert metaprune.load_metanet(loaded) is loaded  # a loaded one passes through
     path = save_metanet(metanet, tmp_path / "mine.safetensors")
     mine = metaprune.load_metanet(str(path))  # a path

@@ -138,7 +138,10 @@ def test_the_edge_list_is_built_only_on_request():
 def test_a_switched_off_rewrite_is_the_identity_so_transform_may_skip_it(graphs, committed):
     # The shipped checkpoint's decoders end in zero layers: the whole message passing gives
     # back the very features it read, which is what lets `transform` return a copy instead.
-    assert not committed.rewrites and MetaNetwork().rewrites
+    switched_on = MetaNetwork()
+    with torch.no_grad():
+        switched_on.rewrite_gain.fill_(1.0)
+    assert not committed.rewrites_weights and switched_on.rewrites_weights
     with torch.no_grad():
         for graph in graphs:
             new_x, new_edge_attr, _ = committed(graph)

@@ -187,9 +187,27 @@ def plot(path: Path, runs, settings) -> Path:
     return path
 
 
+QUICK_NOTE = ("`--quick`: a subset of the full benchmark (2 held-out models per family, "
+              "speed-ups 3× and 4× only, criteria l1, l2 and taylor with both allocations, "
+              "3 seeds, budgets 0, 1 and 4); its figures are noisier than the full run's.")
+
+
+def _split_note(runs) -> str:
+    """The epochs spent before pruning by each metanet-path row, as the run log records them."""
+    spent = {}
+    for run in runs:
+        if "epochs_after_metanet" in run:
+            spent.setdefault(run["method"], set()).add((run["budget"], run["epochs_after_metanet"]))
+    return "".join(
+        f"; `{method}` spent " + ", ".join(f"{before} of {budget}" for budget, before in
+                                          sorted(pairs)) + " epochs before pruning"
+        for method, pairs in sorted(spent.items()))
+
+
 def write_page(path: Path, records, *, models, checkpoint, settings, command, folders,
-               seconds) -> str:
-    """Writes the Markdown page and its PNG; returns the page's text."""
+               seconds, notes: str | None = None) -> str:
+    """Writes the Markdown page and its PNG (`notes`: Markdown added as a last section);
+    returns the page's text."""
     runs = [r for r in records if r["kind"] == "run"]
     guards = [r for r in records if r["kind"] == "guard"]
     skipped = [r for r in records if r["kind"] == "skipped"]
@@ -214,12 +232,15 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         + ", ".join(f"{family} {len(metas)}" for family, metas in sorted(families.items()))
         + f"; seeds {settings['seeds']}; budgets {settings['budgets']} epochs "
         "(a budget is a number of optimiser steps on the model's data, equal for every row; "
-        "the metanet rows split it as `prune()` does: half after the rewrite, the rest after "
-        "pruning); speed-ups " + ", ".join(f"{s:g}×" for s in settings["speedups"]) + ".",
+        "the metanet rows split it as `prune()` does: half after the rewrite and the rest "
+        "after pruning when the checkpoint rewrites weights, all of it after pruning when its "
+        "rewrite is off, as for the null metanetwork"
+        + _split_note(runs) + "); speed-ups " + ", ".join(f"{s:g}×" for s in settings["speedups"]) + ".",
         "",
+        *([QUICK_NOTE, ""] if settings.get("quick") else []),
         "Rows: `metanet` = `prune(method=\"metanet\")`; `null-metanet` = the same path with an "
-        "exact-identity metanetwork and no sparsity head (global allocation), i.e. the budget "
-        "split alone; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
+        "exact-identity metanetwork and no sparsity head (global allocation, the same budget "
+        "split as an identity rewrite), i.e. the metanet path with nothing learned; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
         "pruning; `sparse-learning` = torch-pruning's group sparse-learning penalty "
         "(reg 5e-4, α 16) for half the budget, group-L2 global prune, the rest (at budgets 0 "
         "and 1 it is the group-L2 prune). \"Best classic\" is the single best classic row over "
@@ -252,6 +273,8 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         lines += [f"- {model} {speedup:g}× {method}: {reason}"
                   for (model, speedup, method), reason in sorted(reasons.items())]
         lines.append("")
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
     text = "\n".join(lines)
     path.write_text(text + "\n")
     return text

@@ -5,9 +5,11 @@ loader (batch size, drop-last) for every row, so equal epochs are equal optimise
 row spends exactly ``budget * steps_per_epoch`` optimiser steps, wherever it spends them:
 
 - ``metanet``: `prune(method="metanet")` as a user calls it (rewrite, ``budget // 2`` epochs,
-  prune, the rest; allocation from the checkpoint's sparsity head).
+  prune, the rest; with the rewrite off, as in a head-only checkpoint, the whole budget after
+  pruning; allocation from the checkpoint's sparsity head).
 - ``null-metanet``: the same call with `NullMetanet`, an exact identity with an untrained head
-  (so global allocation): the budget split alone, without anything learned.
+  (so global allocation, and like any identity rewrite the whole budget after pruning): the
+  metanet path without anything learned.
 - ``CRITERION/ALLOCATION``: a classic criterion with global or uniform allocation, pruned once
   per (model, speed-up) and fine-tuned for the whole budget after pruning.
 - ``sparse-learning``: DepGraph-style sparse learning (torch-pruning's `GroupNormPruner`
@@ -60,6 +62,7 @@ class NullMetanet:
     """
 
     head_trained = False  # the engine then allocates globally instead of asking the head
+    rewrites_weights = False  # the engine then spends the whole budget after pruning
 
     def transform(self, module: nn.Module, example_inputs) -> nn.Module:
         return copy.deepcopy(module)
@@ -116,8 +119,10 @@ class ClassicPrunes:
 
 
 def metanet_accuracy(model, example_inputs, metanet, loaders, *, speedup: float, budget: int,
-                     seed: int) -> tuple[float, float]:
-    """(accuracy, achieved speed-up) of `prune(method="metanet")` with `metanet`."""
+                     seed: int, after_metanet: int | None = None) -> tuple[float, float]:
+    """(accuracy, achieved speed-up) of `prune(method="metanet")` with `metanet`; an error if
+    the engine did not spend the whole budget or (given) not `after_metanet` epochs before
+    pruning."""
     result = prune(model, example_inputs, method="metanet", metanet=metanet, speedup=speedup,
                    data=loaders, finetune_epochs=budget, finetune={"seed": seed},
                    **_skip_latency())
@@ -125,6 +130,10 @@ def metanet_accuracy(model, example_inputs, metanet, loaders, *, speedup: float,
     epochs = spent.get("epochs_after_metanet", 0) + spent.get("epochs_after_prune", 0)
     if epochs != budget:  # the comparison is only fair if the engine spent the whole budget
         raise MetaPruneError(f"the metanet path spent {epochs} epochs, not the budget {budget}")
+    before = spent.get("epochs_after_metanet", 0)
+    if after_metanet is not None and before != after_metanet:
+        raise MetaPruneError(f"the metanet path spent {before} epochs before pruning, "
+                             f"not {after_metanet}")
     return float(result.report["accuracy_after"]), float(result.report["speedup"])
 
 

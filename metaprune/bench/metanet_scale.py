@@ -56,7 +56,8 @@ def _vmhwm_mib() -> float:
 
 def rewrite_switched_on(loaded):
     """The loaded checkpoint with its weight rewrite on: the decoders' last layers (zeroed in
-    the shipped, head-only checkpoint) reset to those of a fresh `MetaNetwork` (seed 0).
+    the shipped, head-only checkpoint) reset to those of a fresh `MetaNetwork` (seed 0), and
+    the rewrite gain set to 1.
 
     Same architecture, so the same message passing at the same cost; it exists so that the
     bench times the whole metanetwork, which the shipped checkpoint's `transform` skips.
@@ -75,6 +76,7 @@ def rewrite_switched_on(loaded):
                           (metanet.edge_decoder.out[-1], fresh.edge_decoder.out[-1])):
             mine.weight.copy_(new.weight)
             mine.bias.copy_(new.bias)
+        metanet.rewrite_gain.fill_(1.0)  # a fresh network's gain starts at 0 (the identity)
     return LoadedMetanet(metanet, loaded.document)
 
 
@@ -110,7 +112,7 @@ def measure_transform(name: str, rewrite: str = "on") -> dict:
     change = float((after - before).norm() / before.norm())
     return {"model": name, "params": params, "nodes": nodes, "edges": edges,
             "to_graph_s": to_graph_s, "write_back_s": write_back_s, "transform_s": transform_s,
-            "rewrites": metanet.metanet.rewrites, "vmhwm_mib": _vmhwm_mib(),
+            "rewrites": metanet.rewrites_weights, "vmhwm_mib": _vmhwm_mib(),
             "output_change": change}
 
 

@@ -3,7 +3,14 @@
 import argparse
 from pathlib import Path
 
-from metaprune.vocabulary import ALLOCATIONS, CRITERIA, DATASETS, METHODS, PruneRequest
+from metaprune.vocabulary import (
+    ALLOCATIONS,
+    CRITERIA,
+    DATASETS,
+    METHODS,
+    TEXT_DATASETS,
+    PruneRequest,
+)
 
 
 def register(subparsers) -> None:
@@ -40,8 +47,10 @@ def register(subparsers) -> None:
     parser.add_argument("--round-to", help="kept channel counts become multiples of N (an "
                                            "integer, or auto: the multiple this CPU rewards), "
                                            "for any target")
-    parser.add_argument("--dataset", help=f"dataset id ({', '.join(DATASETS)}) or folder; "
-                                          "enables accuracy figures and fine-tuning")
+    parser.add_argument("--dataset", help=f"dataset id ({', '.join(DATASETS)}), text corpus "
+                                          f"({', '.join(TEXT_DATASETS)}: perplexity in the "
+                                          "report) or folder; enables accuracy figures and "
+                                          "fine-tuning")
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="fine-tuning epochs in all (needs --dataset); with --method "
                         "metanet half follow the rewrite, the rest follow pruning")

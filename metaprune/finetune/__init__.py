@@ -16,6 +16,7 @@ Example::
 from metaprune.finetune.batchnorm import recalibrate_batchnorm
 from metaprune.finetune.config import FinetuneConfig
 from metaprune.finetune.distill import distillation_loss
-from metaprune.finetune.loop import evaluate, train
+from metaprune.finetune.loop import evaluate, perplexity, train
 
-__all__ = ["FinetuneConfig", "distillation_loss", "evaluate", "recalibrate_batchnorm", "train"]
+__all__ = ["FinetuneConfig", "distillation_loss", "evaluate", "perplexity", "recalibrate_batchnorm",
+           "train"]

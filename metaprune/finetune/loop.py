@@ -1,6 +1,7 @@
 """The training loop used to fine-tune pruned networks and to train the zoo's corpus models."""
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from metaprune.data.text_corpus import IGNORED  # unmasked tokens: not scored
 from metaprune.errors import InvalidTargetError
 from metaprune.finetune.batchnorm import recalibrate_batchnorm
 from metaprune.finetune.config import FinetuneConfig
@@ -122,10 +124,10 @@ def _train_one_epoch(model, loader, optimizer, scheduler, config, teacher, devic
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
         inputs, labels = inputs.to(device), labels.to(device)
-        logits = model(inputs)
+        logits, labels = scored_rows(model(inputs), labels)
         if teacher is not None:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)
+                teacher_logits, _ = scored_rows(teacher(inputs), labels)
             loss = distillation_loss(
                 logits, teacher_logits, labels,
                 temperature=config.distill_temperature, alpha=config.distill_alpha,
@@ -141,9 +143,10 @@ def _train_one_epoch(model, loader, optimizer, scheduler, config, teacher, devic
         loss.backward()
         optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
-        seen += len(labels)
+        scored = labels != IGNORED
+        total_loss += loss.item() * int(scored.sum())
+        correct += (logits.argmax(dim=-1) == labels)[scored].sum().item()
+        seen += int(scored.sum())
         if bar is not None:
             bar.update(1)
     if seen == 0:
@@ -161,20 +164,57 @@ def evaluate(model: nn.Module, loader: DataLoader) -> float:
 
         accuracy = evaluate(model, test_loader)   # 0.947
     """
-    was_training = model.training
-    device = model_device(model)
     correct, seen = 0, 0
-    model.eval()
-    try:
-        for inputs, labels in loader:
-            logits = model(inputs.to(device))
-            correct += (logits.argmax(dim=-1) == labels.to(device)).sum().item()
-            seen += len(labels)
-    finally:
-        model.train(was_training)
+    for logits, labels in _scored_batches(model, loader):
+        scored = labels != IGNORED
+        correct += (logits.argmax(dim=-1) == labels)[scored].sum().item()
+        seen += int(scored.sum())
     if seen == 0:
         raise InvalidTargetError("the evaluation loader yielded no samples")
     return correct / seen
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, loader: DataLoader) -> float:
+    """exp(mean cross-entropy) of a language model over the labelled tokens of ``loader``.
+
+    A uniform guess over V tokens scores V. The model's training/eval mode is restored.
+
+    Example::
+
+        train_loader, test_loader = text_loaders(length=64, masked=False)
+        perplexity(model, test_loader)     # e.g. 7.7 (the corpus has 92 characters)
+    """
+    total, seen = 0.0, 0
+    for logits, labels in _scored_batches(model, loader):
+        total += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        seen += int((labels != IGNORED).sum())
+    if seen == 0:
+        raise InvalidTargetError("the evaluation loader yielded no labelled tokens")
+    return math.exp(total / seen)
+
+
+def _scored_batches(model: nn.Module, loader):
+    """``(logits, labels)`` rows of every batch, the model in eval mode (its mode restored)."""
+    was_training = model.training
+    device = model_device(model)
+    model.eval()
+    try:
+        for inputs, labels in loader:
+            yield scored_rows(model(inputs.to(device)), labels.to(device))
+    finally:
+        model.train(was_training)
+
+
+def scored_rows(output, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [N, classes], labels [N])`` of a model's output, one row per label.
+
+    The output is a logits tensor or a transformers output with ``.logits``; a language model's
+    ``[B, T, V]`` logits and ``[B, T]`` labels become ``B * T`` rows (positions labelled
+    IGNORED are skipped by the loss and the accuracy). A classifier's rows pass unchanged.
+    """
+    logits = output.logits if hasattr(output, "logits") else output
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
 
 
 def _make_optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:

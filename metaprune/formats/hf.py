@@ -91,6 +91,17 @@ def load_hf_folder(path: str | os.PathLike, *, max_params: int = 100_000_000
     return model.eval(), example_inputs_for(model.config)
 
 
+def is_masked_language_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers masked language model (BERT-style: it predicts hidden
+    tokens rather than the next one), by transformers' own task table; False for any other
+    module (transformers is not imported for a model that does not come from it)."""
+    if not type(model).__module__.startswith("transformers."):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
 def example_inputs_for(config) -> tuple[torch.Tensor]:
     """Inputs of one forward pass of a model with this config (token ids or images)."""
     if getattr(config, "image_size", None) and getattr(config, "num_channels", None):
@@ -135,6 +146,14 @@ def pruned_config(model: nn.Module):
         if getattr(old, "num_key_value_heads", None):
             ratio = old.num_attention_heads // old.num_key_value_heads
             widths["num_key_value_heads"] = heads[0] // ratio
+    derived_head = not getattr(old, "head_dim", None) and "num_attention_heads" in widths
+    head_size = old.hidden_size // old.num_attention_heads if derived_head else None
+    if derived_head and hidden != widths["num_attention_heads"] * head_size:
+        return None, (
+            f"{type(old).__name__} derives the head size as hidden_size / num_attention_heads, "
+            f"so a pruned hidden size must equal kept heads x head size "
+            f"({widths['num_attention_heads']} x {head_size} = "
+            f"{widths['num_attention_heads'] * head_size}), but it is {hidden}")
     for key, value in widths.items():
         setattr(config, key, value)
     try:
@@ -149,6 +168,15 @@ def pruned_config(model: nn.Module):
                       f"{actual[name]}, config gives {expected.get(name)}); widths differ "
                       "between layers or a head size changed")
     return config, None
+
+
+def save_pretrained_note(model: nn.Module) -> dict | None:
+    """For the report: whether `save_hf_folder` can write this (pruned) transformers model, and
+    why not; None for a model that is not a transformers model."""
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        return None
+    config, why_not = pruned_config(model)
+    return {"possible": config is not None, "why_not": why_not}
 
 
 def _shapes_from(config, model: nn.Module) -> dict[str, tuple]:

@@ -35,6 +35,10 @@ def config_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+# the ReZero-style scalar of `MetaNetwork`; older checkpoints lack it
+GAIN = "rewrite_gain"
+
+
 def save_metanet(metanet: MetaNetwork, path: str | Path, training: dict | None = None,
                  scope: dict | None = None) -> Path:
     """Writes `metanet`'s weights to `path` (``.safetensors``) and its config beside it.
@@ -147,6 +151,9 @@ def _read_weights(path: Path, metanet: MetaNetwork) -> dict[str, torch.Tensor]:
         raise ModelFormatError(f"{str(path)!r} is not a readable safetensors file: {error}") \
             from error
     expected = metanet.state_dict()
+    if GAIN not in state and set(state) == set(expected) - {GAIN}:
+        # saved before the rewrite gain existed: it rewrote at full gain, and still does
+        state[GAIN] = torch.ones_like(expected[GAIN])
     if set(state) != set(expected):
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         raise ModelFormatError(f"metanetwork checkpoint {str(path)!r} does not match its config "

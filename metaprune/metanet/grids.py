@@ -283,8 +283,8 @@ def aggregate_round(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
 
 def decode_edges(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
                  log_gate: torch.Tensor | None) -> torch.Tensor:
-    """The rewritten flat weights: ``old + residual_scale * delta`` (times the channel gate of
-    the edge's target, when given), chunk by chunk, in the model's dtype."""
+    """The rewritten flat weights: ``old + residual_scale * rewrite_gain * delta`` (times the
+    channel gate of the edge's target, when given), chunk by chunk, in the model's dtype."""
     edge_attr = states.view.edge_attr
     grad = torch.is_grad_enabled() and any(p.requires_grad for p in metanet.parameters())
     out = None if grad else torch.empty_like(edge_attr)
@@ -296,7 +296,7 @@ def decode_edges(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
         scale = states.edge_scale[chunk.grid.layer]
         delta = metanet.edge_decoder.decode_grid(e, states.values(chunk), scale)
         old = chunk.weights(edge_attr)
-        new = old + (metanet.residual_scale * delta).to(old.dtype)
+        new = old + (metanet.delta_scale() * delta).to(old.dtype)
         if log_gate is not None:
             new = new * log_gate[chunk.dst].exp().unsqueeze(-1)
         if out is None:

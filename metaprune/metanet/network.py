@@ -47,8 +47,12 @@ class MetaNetwork(nn.Module):
     outputs are residual: ``new = old + residual_scale * delta * rms`` on parameter-carrying
     entries only, ``rms`` being the RMS of the layer's weights (edges) or of the layer's values
     of that slot (nodes), so layers of any magnitude are served alike; running variances become
-    ``old * exp(residual_scale * delta)``, so they stay positive. An untrained
-    metanetwork is close to, but not exactly, the identity, and structural columns never change.
+    ``old * exp(residual_scale * delta)``, so they stay positive. Every delta is also
+    multiplied by ``rewrite_gain``, one learned scalar that starts at 0 (as in ReZero): an
+    untrained metanetwork is exactly the identity (``old + 0``, gates ``exp(0)``), yet its
+    first training step moves the gain, and with it every decoder. Checkpoints saved before the
+    gain existed load with a gain of 1, so they compute what they always did. Structural
+    columns never change.
     A channel gate scales whole output channels of conv and linear layers (not the model's
     outputs) by ``g = exp(log_gate)``: the weights into the channel, its bias and norm affine
     by g, its norm's running mean by g and running variance by g^2, so the channel's output is
@@ -62,7 +66,7 @@ class MetaNetwork(nn.Module):
         hidden: width of node, edge and per-weight-entry embeddings.
         num_layers: message-passing rounds (each one forward + reverse + edge update).
         aggregations: PyG aggregations combined at every node (fan-in varies from 1 to 1000s).
-        residual_scale: multiplies every delta; small so the untrained network is near-identity.
+        residual_scale: multiplies every delta; small, so a trained rewrite starts gently.
         head_hidden: width of the per-layer sparsity head's MLP.
         gate_range: the most a channel gate shrinks a channel, in log units (0: no gate).
 
@@ -92,6 +96,8 @@ class MetaNetwork(nn.Module):
             "head_hidden": int(head_hidden), "gate_range": float(gate_range),
         }
         self.residual_scale = float(residual_scale)
+        # ReZero-style: 0 makes the untrained rewrite exactly the identity (see the docstring)
+        self.rewrite_gain = nn.Parameter(torch.zeros(()))
         self.gate_range = float(gate_range)
         # how the forward pass walks the edges (no effect on its result): weights per chunk,
         # and the bytes of edge embeddings kept between rounds instead of recomputed
@@ -119,6 +125,22 @@ class MetaNetwork(nn.Module):
             # gates start exactly at 1; the zero last layer still passes gradients to itself
             self.gate_decoder[-1].weight.zero_()
             self.gate_decoder[-1].bias.zero_()
+
+    @property
+    def rewrites_weights(self) -> bool:
+        """False when every rewrite is exactly the identity: an untrained network (gain 0), or
+        the node and edge decoders' last layers all zero (deltas 0, so ``old + 0``) and the gate
+        decoder's too (``exp(0)``). A head-only checkpoint is such a network."""
+        if self.residual_scale == 0 or float(self.rewrite_gain.detach()) == 0:
+            return False
+        lasts = [self.node_decoder[-1], self.edge_decoder.out[-1]]
+        if self.gate_range > 0:
+            lasts.append(self.gate_decoder[-1])
+        return any(bool(p.detach().abs().sum() > 0) for last in lasts for p in last.parameters())
+
+    def delta_scale(self) -> torch.Tensor:
+        """What every decoded delta is multiplied by: ``residual_scale * rewrite_gain``."""
+        return self.residual_scale * self.rewrite_gain
 
     def forward(self, graph, speedup=None, *, rewrite_edges: bool = True):
         """Rewritten features and per-layer keep ratios of a graph or a PyG `Batch` of graphs.
@@ -178,7 +200,7 @@ class MetaNetwork(nn.Module):
         running variance (deltas computed in our dtype, added in the model's: no precision of a
         float64 model's untouched entries is lost)."""
         mask = param_mask.to(h.dtype)
-        delta = self.residual_scale * self.node_decoder(h) * mask
+        delta = self.delta_scale() * self.node_decoder(h) * mask
         positive = torch.arange(NUM_SLOTS, device=h.device) == POSITIVE_SLOT
         factor = torch.where(positive, delta.exp(), torch.ones_like(delta)).to(model_x.dtype)
         shift = torch.where(positive, torch.zeros_like(delta), delta * slot_scale[node_layer])
@@ -245,19 +267,6 @@ class MetaNetwork(nn.Module):
             batch = torch.zeros_like(node_layer)
         layer_graph = scatter(batch, node_layer, 0, num_layers, "max")
         return speedup[layer_graph]
-
-    @property
-    def rewrites(self) -> bool:
-        """Whether `forward` can change a model's weights at all.
-
-        False when the node, edge and gate decoders' last layers are all zero (a checkpoint
-        made by ``metaprune metanet head-only``): every delta is then exactly 0 and every gate
-        exactly 1, so the rewritten model equals the model, whatever the graph.
-        """
-        last_layers = [self.node_decoder[-1], self.edge_decoder.out[-1]]
-        if self.gate_range > 0:
-            last_layers.append(self.gate_decoder[-1])
-        return any(bool(p.any()) for layer in last_layers for p in layer.parameters())
 
     @property
     def num_parameters(self) -> int:

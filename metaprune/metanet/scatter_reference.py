@@ -37,7 +37,7 @@ def scatter_forward(metanet, data, speedup=None):
         h, e = block(h, data.edge_index, e)
 
     new_slots = metanet._rewrite_slots(data.x, h, data.x_param_mask, slot_scale, node_layer)
-    edge_delta = metanet.residual_scale * metanet.edge_decoder(data, edge_attr, edge_scale, e)
+    edge_delta = metanet.delta_scale() * metanet.edge_decoder(data, edge_attr, edge_scale, e)
     new_edge_attr = data.edge_attr + edge_delta.to(data.edge_attr.dtype)
     if metanet.gate_range > 0:
         log_gate = metanet._log_gate(data.x, h, new_slots.dtype)

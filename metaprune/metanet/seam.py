@@ -67,13 +67,15 @@ class LoadedMetanet:
         """
         return bool(self.training_metadata.get("sparsity_head_trained", False))
 
-    def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
-        """A new module with the metanetwork's rewritten weights (`module` is left untouched).
+    @property
+    def rewrites_weights(self) -> bool:
+        """False when the rewrite is exactly the identity (`MetaNetwork.rewrites_weights`): the
+        engine then spends the whole fine-tune budget after pruning, and `transform` copies."""
+        return self.metanet.rewrites_weights
 
-        A metanetwork whose rewrite is switched off (`MetaNetwork.rewrites` False) returns a
-        copy at once: the message passing would give back the same weights.
-        """
-        if not self.metanet.rewrites:
+    def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
+        """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
+        if not self.rewrites_weights:  # every delta is exactly 0: skip the message passing
             return copy.deepcopy(module)
         graph = to_graph(module, _as_tuple(example_inputs))
         with torch.no_grad():

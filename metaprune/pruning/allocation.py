@@ -52,9 +52,13 @@ class Allocation:
         low, high: the parameter range; `high` prunes every group to its floor.
     """
 
-    def __init__(self, groups, keys, counts_at: Callable, low: float, high: float) -> None:
+    def __init__(self, groups, keys, counts_at: Callable, low: float, high: float,
+                 siblings: list[list[int]] | None = None) -> None:
         self.groups, self.keys, self._counts_at = groups, keys, counts_at
         self.low, self.high = low, high
+        # positions of groups that must keep equal counts (the same layer role in every
+        # block); the target search moves them together first. None: every group alone.
+        self.siblings = siblings
         self.max_removed = [
             0 if g.blocked else g.size - minimum_kept(g.size, g.step, MIN_KEEP_FRACTION)
             for g in groups
@@ -101,12 +105,24 @@ def global_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
 
 
 def uniform_allocation(groups: list[ChannelGroup], keys: list) -> Allocation:
-    """Removes the same fraction theta of every group's channels."""
+    """Removes the same fraction theta of every group's channels.
+
+    Groups of the same shape (size, step, channels per head: the MLP of every block, the
+    key-value heads of every attention) are siblings: the target search moves them together, so
+    every block of a transformer keeps the same widths — what a model config such as
+    HuggingFace's ``intermediate_size`` / ``num_attention_heads`` can state.
+    """
 
     def counts_at(theta, group, group_keys, max_removed):
         return snap_removal(round(theta * group.size, 6), group.size, group.step, max_removed)
 
-    return Allocation(groups, keys, counts_at, 0.0, 1.0)
+    shapes: dict[tuple, list[int]] = {}
+    for position, group in enumerate(groups):
+        if not group.blocked:
+            per_head = None if group.head_of_channel is None else \
+                tuple(torch.bincount(group.head_of_channel).tolist())
+            shapes.setdefault((group.size, group.step, per_head), []).append(position)
+    return Allocation(groups, keys, counts_at, 0.0, 1.0, siblings=list(shapes.values()))
 
 
 def policy_allocation(groups: list[ChannelGroup], keys: list,

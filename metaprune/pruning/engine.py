@@ -31,6 +31,7 @@ from torch import nn
 import metaprune
 from metaprune.criteria import build_criterion
 from metaprune.errors import InvalidTargetError, UnsupportedModelError
+from metaprune.formats.hf import save_pretrained_note
 from metaprune.measure import count_macs, count_params
 from metaprune.pruning import training_bridge
 from metaprune.pruning.allocation import (
@@ -40,6 +41,7 @@ from metaprune.pruning.allocation import (
     removal_order,
     uniform_allocation,
 )
+from metaprune.pruning.latency_choice import choose_latency_allocation
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
@@ -53,7 +55,7 @@ from metaprune.pruning.removal import (
 )
 from metaprune.pruning.targets import TOLERANCE, Target, solve_counts
 from metaprune.report import build_report
-from metaprune.vocabulary import PruneRequest
+from metaprune.vocabulary import TEXT_DATASETS, PruneRequest
 
 # Aim well inside the 2 % tolerance so rounding in the real count never tips a result over.
 _RECOUNT_TOLERANCE = TOLERANCE / 4
@@ -160,9 +162,17 @@ class _Run:
                                                             self.module, request.data)
                 self.metanet = load_metanet(chosen)
             self.loaders, self.figures["input_adaptation"] = training_bridge.resolve_data(
-                request.data, self.example_inputs)
+                request.data, self.example_inputs, model=self.module)
+            # a text corpus: perplexity beside the (per-token) accuracy
+            self.text = isinstance(request.data, str) and request.data in TEXT_DATASETS
+            if self.text:
+                self.figures["perplexity_objective"] = training_bridge.text_objective(
+                    self.module)
         finetune_epochs = request.finetune_epochs
-        self.after_metanet = training_bridge.metanet_epochs(finetune_epochs, request.finetune) \
+        # a metanetwork that leaves the weights as they are gets the whole budget after pruning
+        self.after_metanet = training_bridge.metanet_epochs(
+            finetune_epochs, request.finetune,
+            rewrites=getattr(self.metanet, "rewrites_weights", True)) \
             if self.metanet is not None else 0
         self.after_prune = finetune_epochs - self.after_metanet
 
@@ -175,6 +185,9 @@ class _Run:
         with self.timer.phase("evaluate"):
             self.figures["accuracy_before"] = training_bridge.evaluate(
                 self.work, self.loaders[1]) if self.loaders else None
+            if self.text:
+                self.figures["perplexity_before"] = training_bridge.perplexity(
+                    self.work, self.loaders[1])
 
     # 3 --------------------------------------------------------------------------------------
     def rewrite_with_metanet(self) -> None:
@@ -238,6 +251,23 @@ class _Run:
         with timer.phase("latency"):
             self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
 
+    def _latency_allocation(self):
+        """The latency allocation; with data and a target, the candidate whose pruned model
+        has the lowest loss after a short fine-tune (`latency_choice`)."""
+        latency = self._latency_model()
+        if not self.loaders or self.target is None:
+            return latency_allocation(self.groups, self.keys, latency)
+
+        def remove(counts):
+            return remove_channels(self.work, self.example_inputs, self.groups, self.orders,
+                                   counts)
+
+        with self.timer.phase("choose"):
+            allocation, self.latency_steps.allocation_choice = choose_latency_allocation(
+                self.groups, self.keys, latency, self.cost, self.target, remove,
+                self.loaders[0])
+        return allocation
+
     def _latency_model(self):
         with self.timer.phase("latency"):
             return self.latency_steps.model(self.work, self.example_inputs, self.cost)
@@ -252,7 +282,7 @@ class _Run:
         if self.request.resolved_allocation == "uniform":
             return uniform_allocation(self.groups, self.keys)
         if self.request.resolved_allocation == "latency":
-            return latency_allocation(self.groups, self.keys, self._latency_model())
+            return self._latency_allocation()
         return global_allocation(self.groups, self.keys)
 
     # 5 --------------------------------------------------------------------------------------
@@ -378,6 +408,9 @@ class _Run:
         with self.timer.phase("evaluate"):
             self.figures["accuracy_after"] = training_bridge.evaluate(
                 pruned, self.loaders[1]) if self.loaders else None
+            if self.text:
+                self.figures["perplexity_after"] = training_bridge.perplexity(
+                    pruned, self.loaders[1])
         with self.timer.phase("measure"):
             self.figures["macs_after"] = count_macs(pruned, inputs)
             self.figures["params_after"] = count_params(pruned)
@@ -395,6 +428,7 @@ class _Run:
             kept_heads=_kept_heads(self.heads_before,
                                    attention_heads(self.pruned, self.example_inputs)),
             left_alone=_left_alone(self.groups),
+            save_pretrained=save_pretrained_note(self.pruned),
             excluded=list(request.exclude),
             round_to=self.latency_steps.rounded_to,
             target=self.latency_steps.target_note,
@@ -497,7 +531,8 @@ def prune(
             (the report says so); any other mismatch is an error before any work.
         finetune_epochs: epochs of fine-tuning in all (needs `data`). Without a metanetwork
             they all follow pruning; with one they are split: ``finetune["metanet_epochs"]``
-            (default half, rounded down) right after the rewrite, the rest after pruning.
+            (default half, rounded down, when the metanetwork rewrites weights; 0 when its
+            rewrite is off) right after the rewrite, the rest after pruning.
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
             `bn_recalibration`, `seed`).
         latency_speedup: latency before / after to reach, measured on this machine at

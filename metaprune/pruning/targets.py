@@ -96,22 +96,22 @@ def solve_counts(allocation: Allocation, cost: CostModel, target: Target, goal: 
     return _refine(best_counts, allocation, evaluate, goal)
 
 
-def _moves(counts: list[int], allocation: Allocation, pairs: bool):
-    """Count vectors one step (or, with `pairs`, one step up here and one down there) away."""
+def _moves(counts: list[int], allocation: Allocation, pairs: bool, siblings: list[list[int]]):
+    """Count vectors one step (or, with `pairs`, one step up here and one down there) away;
+    each set of `siblings` (positions) moves together."""
     steps = []
-    for position, group in enumerate(allocation.groups):
-        if group.blocked:
-            continue
-        for moved in removal_neighbours(counts[position], group.size, group.step,
-                                        allocation.max_removed[position]):
-            steps.append((position, moved - counts[position]))
-    for position, change in steps:
-        yield {position: change}
+    for positions in siblings:
+        group, first = allocation.groups[positions[0]], positions[0]
+        for moved in removal_neighbours(counts[first], group.size, group.step,
+                                        allocation.max_removed[first]):
+            steps.append((positions, moved - counts[first]))
+    for positions, change in steps:
+        yield {position: change for position in positions}
     if pairs:
-        for first, change in steps:
-            for second, other in steps:
-                if first < second and (change > 0) != (other > 0):
-                    yield {first: change, second: other}
+        for index, (first, change) in enumerate(steps):
+            for second, other in steps[index + 1:]:
+                if (change > 0) != (other > 0):
+                    yield {**{p: change for p in first}, **{p: other for p in second}}
 
 
 def _refine(counts: list[int], allocation: Allocation, evaluate: Callable[[list[int]], float],
@@ -121,17 +121,27 @@ def _refine(counts: list[int], allocation: Allocation, evaluate: Callable[[list[
     Wide coupled groups (a transformer's residual width, removed a head's worth at a time) can
     make the threshold jump past the goal; nudging the groups nearest their own threshold lands
     within a fraction of a percent. When single steps are all too coarse (small models), one
-    group gives a step back while another takes one.
+    group gives a step back while another takes one. An allocation with siblings (uniform)
+    moves each set of siblings together, and only where that cannot reach the tolerance are
+    groups moved alone.
     """
+    alone = [[p] for p, g in enumerate(allocation.groups) if not g.blocked]
+    if allocation.siblings is not None:
+        counts = _nudge(counts, allocation, evaluate, goal, max_moves, allocation.siblings)
+        if abs(evaluate(counts) / goal - 1.0) <= TOLERANCE / 4:
+            return counts
+    return _nudge(counts, allocation, evaluate, goal, max_moves, alone)
+
+
+def _nudge(counts, allocation, evaluate, goal, max_moves, siblings) -> list[int]:
     counts = list(counts)
     miss = abs(evaluate(counts) / goal - 1.0)
-    prunable = sum(1 for g in allocation.groups if not g.blocked)
     for _ in range(max_moves):
         if miss <= TOLERANCE / 8:
             break
         best_counts, best_miss = None, miss
-        pairs = miss > TOLERANCE / 2 and prunable <= 64
-        for move in _moves(counts, allocation, pairs):
+        pairs = miss > TOLERANCE / 2 and len(siblings) <= 64
+        for move in _moves(counts, allocation, pairs, siblings):
             trial = list(counts)
             for position, change in move.items():
                 trial[position] += change

@@ -31,10 +31,18 @@ REPORT_FIELDS = (
     ReportField("excluded", "module names the request left unpruned"),
     ReportField("left_alone", "module -> why its channels could not be pruned (an operator the "
                               "pruner cannot follow), the rest of the model pruned"),
+    ReportField("save_pretrained", "a transformers model: whether its config can state the "
+                                   "pruned widths (save_pretrained / from_pretrained), and why "
+                                   "not; null for other models"),
     ReportField("input_adaptation", "how data samples were reshaped to the model's input "
                                     "(size-1 dimensions inserted or removed), or null"),
     ReportField("accuracy_before", "top-1 accuracy in [0, 1] before pruning (null: no data)"),
     ReportField("accuracy_after", "top-1 accuracy in [0, 1] after pruning (null: no data)"),
+    ReportField("perplexity_before", "exp(mean cross-entropy) on the held-out text before "
+                                     "pruning (null unless data is a text corpus)"),
+    ReportField("perplexity_after", "the same after pruning and fine-tuning"),
+    ReportField("perplexity_objective", "what the perplexity scores: \"next-token\" "
+                                        "(decoders) or \"masked-tokens\" (BERT-style)"),
     ReportField("latency_ms_before", "median CPU latency (ms) at latency_batch; null when "
                                      "latency=False"),
     ReportField("latency_ms_after", "median CPU latency (ms) at latency_batch after pruning"),

@@ -82,6 +82,9 @@ def format_summary(report: dict) -> str:
         f"method {report['method']}, criterion {report['criterion']}, "
         f"allocation {report['allocation']}",
     ]
+    if report.get("perplexity_before") is not None:
+        lines.insert(4, f"perplexity {report['perplexity_before']:.2f} -> "
+                        f"{report['perplexity_after']:.2f} ({report['perplexity_objective']})")
     if report.get("input_adaptation"):
         lines.append(f"input    {report['input_adaptation']}")
     if report.get("finetune_skipped_reason"):

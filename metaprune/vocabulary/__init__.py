@@ -46,6 +46,7 @@ from metaprune.vocabulary.names import (
     OUTPUT_FORMATS,
     ROUND_TO_AUTO,
     SCHEDULES,
+    TEXT_DATASETS,
 )
 from metaprune.vocabulary.policy import (
     MAX_POLICY_BYTES,
@@ -61,8 +62,8 @@ __all__ = [
     "ALLOCATIONS", "CHECKPOINT_DIR", "CRITERIA", "DATASETS", "DATA_CRITERIA",
     "DATA_FREE_CRITERIA", "INPUT_FORMATS", "MAX_LATENCY_BATCH", "MAX_POLICY_BYTES",
     "MAX_ROUND_TO", "METHODS", "OPTIMIZERS", "OUTPUT_FORMATS", "PruneRequest", "RECIPE_FORMAT",
-    "ROUND_TO_AUTO", "Recipe", "SCHEDULES", "TARGETS", "TOLERANCE", "available_metanetworks",
-    "check_choice", "check_keep_ratio", "check_latency_batch", "check_params_ratio",
+    "ROUND_TO_AUTO", "Recipe", "SCHEDULES", "TARGETS", "TEXT_DATASETS", "TOLERANCE",
+    "available_metanetworks", "check_choice", "check_keep_ratio", "check_latency_batch", "check_params_ratio",
     "check_policy", "check_round_to", "check_speedup", "default_checkpoint",
     "parse_policy", "policy_from_json", "resolve_checkpoint",
 ]

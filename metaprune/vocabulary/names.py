@@ -16,6 +16,9 @@ METHODS = ("metanet", *CRITERIA)
 ALLOCATIONS = ("global", "uniform", "metanet", "latency")
 # Built-in dataset ids (a folder or an .npz file is accepted by the library too).
 DATASETS = ("mnist1d", "digits", "fashion-mnist", "cifar10")
+# Offline text corpora for language models (`metaprune.data.text_corpus`): the report then
+# holds perplexity before/after (next-token for decoders, masked tokens for BERT-style models).
+TEXT_DATASETS = ("sklearn-descr",)
 # Model files: what a model is read from, and what a pruned model may be written to.
 INPUT_FORMATS = ("pt2", "safetensors")
 OUTPUT_FORMATS = ("pt2", "safetensors", "onnx")
