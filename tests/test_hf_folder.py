@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import tiny_llama_folder  # noqa: E402
+
 from metaprune import load_model, prune, save_model  # noqa: E402
 from metaprune.errors import ModelFormatError  # noqa: E402
 
@@ -21,13 +23,7 @@ def _logits(model, inputs):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    folder = tmp_path_factory.mktemp("hf") / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("hf") / "llama")
 
 
 def test_llama_folder_prunes_2x_with_whole_heads(llama_folder, tmp_path):

@@ -59,12 +59,21 @@ def load_hf_folder(path: str | os.PathLike, *, max_params: int = 100_000_000
         config_json = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelFormatError(f"{path}/config.json is not readable JSON ({error})") from error
+    if not isinstance(config_json, dict):
+        raise ModelFormatError(f"{path}/config.json is not a JSON object")
     if "auto_map" in config_json:
         raise ModelFormatError("config.json asks for remote code (auto_map); only architectures "
                                "that ship with transformers are loaded")
-    if not list(path.glob("*.safetensors")):
+    if "quantization_config" in config_json:
+        raise ModelFormatError("config.json asks for a quantized model (quantization_config), "
+                               "which is not read")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ModelFormatError(f"{path} holds no .safetensors weights (pickled weights are "
                                "never read)")
+    declared = _declared_parameters(weights)
+    if declared > max_params:  # counted from the headers, before any tensor is allocated
+        raise ModelFormatError(f"{declared} parameters, more than the limit {max_params}")
     transformers = _transformers()
     architectures = config_json.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -100,6 +109,26 @@ def is_masked_language_model(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
+def _declared_parameters(files: list[Path]) -> int:
+    """Entries of every tensor the safetensors headers declare (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():
+                    shape = weights.get_slice(key).get_shape()
+                    count = 1
+                    for size in shape:
+                        count *= int(size)
+                    total += count
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ModelFormatError(f"{file.name} is not a valid safetensors file ({error})") \
+                from None
+    return total
 
 
 def example_inputs_for(config) -> tuple[torch.Tensor]:
@@ -138,22 +167,29 @@ def pruned_config(model: nn.Module):
                 widths[key] = rows.pop()
     from metaprune.pruning.graph_groups import attention_heads  # the traced head axes
 
-    heads = list(attention_heads(model, example_inputs_for(old)).values())
-    if heads:
-        if len(set(heads)) != 1:
-            return None, f"attention modules keep different head counts {sorted(set(heads))}"
-        widths["num_attention_heads"] = heads[0]
+    heads = attention_heads(model, example_inputs_for(old))
+    if heads and _states_pruned_heads(model, old, hidden):
+        # the hidden size is intact: whole heads removed per layer go into config.pruned_heads,
+        # which from_pretrained removes again (any heads: the saved weights fill the rest)
+        config.pruned_heads = _pruned_heads(heads, old)
+    elif heads:
+        counts = sorted(set(heads.values()))
+        if len(counts) != 1:
+            return None, f"attention modules keep different head counts {counts}"
+        widths["num_attention_heads"] = counts[0]
         if getattr(old, "num_key_value_heads", None):
             ratio = old.num_attention_heads // old.num_key_value_heads
-            widths["num_key_value_heads"] = heads[0] // ratio
+            widths["num_key_value_heads"] = counts[0] // ratio
     derived_head = not getattr(old, "head_dim", None) and "num_attention_heads" in widths
     head_size = old.hidden_size // old.num_attention_heads if derived_head else None
     if derived_head and hidden != widths["num_attention_heads"] * head_size:
+        hint = " (or keep the hidden size, e.g. exclude the embeddings: heads then go into " \
+               "config.pruned_heads)" if hasattr(model.base_model, "_prune_heads") else ""
         return None, (
             f"{type(old).__name__} derives the head size as hidden_size / num_attention_heads, "
             f"so a pruned hidden size must equal kept heads x head size "
             f"({widths['num_attention_heads']} x {head_size} = "
-            f"{widths['num_attention_heads'] * head_size}), but it is {hidden}")
+            f"{widths['num_attention_heads'] * head_size}), but it is {hidden}{hint}")
     for key, value in widths.items():
         setattr(config, key, value)
     try:
@@ -170,6 +206,28 @@ def pruned_config(model: nn.Module):
     return config, None
 
 
+def _states_pruned_heads(model: nn.Module, old, hidden: int) -> bool:
+    """Whether removed heads are stated as ``config.pruned_heads`` (transformers' own head
+    pruning): the config derives the head size from an unchanged hidden size, and the model
+    class can prune heads."""
+    return (not getattr(old, "head_dim", None) and hidden == old.hidden_size
+            and not old.pruned_heads and hasattr(model.base_model, "_prune_heads"))
+
+
+def _pruned_heads(heads: dict[str, int], old) -> dict[int, list[int]]:
+    """Layer index -> heads to remove, from module path -> heads kept (the layer index is the
+    first number in the path, ``bert.encoder.layer.1.attention.self`` -> 1). A layer the trace
+    does not list kept one head (no head axis left to see)."""
+    kept = {}
+    for path, count in heads.items():
+        index = next((int(part) for part in path.split(".") if part.isdigit()), None)
+        if index is not None:
+            kept[index] = count
+    total = old.num_attention_heads
+    return {layer: list(range(kept.get(layer, 1), total))
+            for layer in range(old.num_hidden_layers) if kept.get(layer, 1) < total}
+
+
 def save_pretrained_note(model: nn.Module) -> dict | None:
     """For the report: whether `save_hf_folder` can write this (pruned) transformers model, and
     why not; None for a model that is not a transformers model."""
@@ -181,8 +239,15 @@ def save_pretrained_note(model: nn.Module) -> dict | None:
 
 def _shapes_from(config, model: nn.Module) -> dict[str, tuple]:
     """Parameter shapes a fresh model of `model`'s class gets from `config` (built on meta)."""
-    with torch.device("meta"):
-        fresh = type(model)(config)
+    pruned_heads = dict(config.pruned_heads or {})
+    config.pruned_heads = {}  # removed below: head pruning picks indices, which meta cannot
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    finally:
+        config.pruned_heads = pruned_heads
+    if pruned_heads:
+        fresh.prune_heads(pruned_heads)
     return {n: tuple(p.shape) for n, p in fresh.state_dict().items()}
 
 
