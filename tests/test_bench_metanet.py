@@ -131,8 +131,11 @@ def test_bench_runs_on_held_out_models_resumes_and_writes_its_page(tmp_path):
     page = (tmp_path / "page" / "metanet.md").read_text()
     assert "metanet − null metanet" in page and "Rewrite alone" in page
     assert (tmp_path / "page" / "metanet.png").stat().st_size > 0
-    assert main(arguments) == 0  # resumed: nothing runs twice
+    notes = tmp_path / "notes.md"
+    notes.write_text("2x was not run.")
+    assert main(arguments + ["--notes", str(notes)]) == 0  # resumed: nothing runs twice
     assert len(lines()) == len(records)
+    assert "## Notes\n\n2x was not run." in (tmp_path / "page" / "metanet.md").read_text()
 
 
 def test_bench_refuses_a_folder_with_models_that_training_may_have_seen(tmp_path):

@@ -58,6 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="write the page from --runs without running anything")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--notes", metavar="MD",
+                        help="a Markdown file appended to the page under 'Notes' (what was and "
+                             "was not run, tries recorded elsewhere)")
 
 
 def _numbers(text: str, kind=float) -> list:
@@ -239,7 +242,8 @@ def run(args) -> int:
                     record["checkpoint_name"] = also[0]
         page = write_page(Path(args.out), records, models=models, checkpoint=(name, sha),
                           settings=settings, command=_command(args), folders=folders,
-                          seconds=time.perf_counter() - started)
+                          seconds=time.perf_counter() - started,
+                          notes=Path(args.notes).read_text() if args.notes else None)
         print(page)
     finally:
         torch.set_num_threads(threads)

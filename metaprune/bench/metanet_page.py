@@ -205,8 +205,9 @@ def _split_note(runs) -> str:
 
 
 def write_page(path: Path, records, *, models, checkpoint, settings, command, folders,
-               seconds) -> str:
-    """Writes the Markdown page and its PNG; returns the page's text."""
+               seconds, notes: str | None = None) -> str:
+    """Writes the Markdown page and its PNG (`notes`: Markdown added as a last section);
+    returns the page's text."""
     runs = [r for r in records if r["kind"] == "run"]
     guards = [r for r in records if r["kind"] == "guard"]
     skipped = [r for r in records if r["kind"] == "skipped"]
@@ -272,6 +273,8 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         lines += [f"- {model} {speedup:g}× {method}: {reason}"
                   for (model, speedup, method), reason in sorted(reasons.items())]
         lines.append("")
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
     text = "\n".join(lines)
     path.write_text(text + "\n")
     return text

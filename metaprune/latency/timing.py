@@ -53,7 +53,7 @@ class LatencyComparison:
         """This measurement and another of the same models, as one with all their rounds."""
         samples = [a + b for a, b in zip(self.samples_ms, other.samples_ms)]
         return _summarise(samples, self.batch, self.threads, self.rounds + other.rounds,
-                          self.seconds + other.seconds, self.clock)
+                          self.seconds + other.seconds, self.clock, self.cpu)
 
     def spread(self, index: int) -> dict:
         """The report's spread of model `index` against model 0: quartiles and rounds."""
@@ -169,13 +169,13 @@ def compare_latency(
 
 
 def _summarise(samples: list[list[float]], batch: int, threads: int, rounds: int,
-               seconds: float, clock: str) -> LatencyComparison:
+               seconds: float, clock: str, cpu: str | None = None) -> LatencyComparison:
     ratios = [[a / b for a, b in zip(samples[0], s)] for s in samples]
     return LatencyComparison(
         median_ms=[statistics.median(s) for s in samples],
         quartiles_ms=[_quartiles(s) for s in samples],
         speedups=[statistics.median(r) for r in ratios],
         speedup_quartiles=[_quartiles(r) for r in ratios],
-        batch=batch, threads=threads, cpu=cpu_model(), rounds=rounds, seconds=seconds,
+        batch=batch, threads=threads, cpu=cpu or cpu_model(), rounds=rounds, seconds=seconds,
         samples_ms=samples, clock=clock,
     )

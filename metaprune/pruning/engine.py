@@ -41,6 +41,7 @@ from metaprune.pruning.allocation import (
     removal_order,
     uniform_allocation,
 )
+from metaprune.pruning.latency_choice import choose_latency_allocation
 from metaprune.pruning.cost import CostModel
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
@@ -250,6 +251,23 @@ class _Run:
         with timer.phase("latency"):
             self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
 
+    def _latency_allocation(self):
+        """The latency allocation; with data and a target, the candidate whose pruned model
+        has the lowest loss after a short fine-tune (`latency_choice`)."""
+        latency = self._latency_model()
+        if not self.loaders or self.target is None:
+            return latency_allocation(self.groups, self.keys, latency)
+
+        def remove(counts):
+            return remove_channels(self.work, self.example_inputs, self.groups, self.orders,
+                                   counts)
+
+        with self.timer.phase("choose"):
+            allocation, self.latency_steps.allocation_choice = choose_latency_allocation(
+                self.groups, self.keys, latency, self.cost, self.target, remove,
+                self.loaders[0])
+        return allocation
+
     def _latency_model(self):
         with self.timer.phase("latency"):
             return self.latency_steps.model(self.work, self.example_inputs, self.cost)
@@ -264,7 +282,7 @@ class _Run:
         if self.request.resolved_allocation == "uniform":
             return uniform_allocation(self.groups, self.keys)
         if self.request.resolved_allocation == "latency":
-            return latency_allocation(self.groups, self.keys, self._latency_model())
+            return self._latency_allocation()
         return global_allocation(self.groups, self.keys)
 
     # 5 --------------------------------------------------------------------------------------

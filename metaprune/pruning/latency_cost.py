@@ -5,14 +5,18 @@ layer (from the analytic `CostModel`) looked up in that layer's measured table
 (`metaprune.latency.measure_layer_times`), plus the part of the dense model's measured time no
 table accounts for (activations, adds, pooling, call overhead), which is assumed to shrink with
 the tabled layers' output activations (the measured correction in `latency_target` fixes the
-rest). `latency_allocation` is the global ranking corrected by measured time: channels go in
-order of importance divided by how much more time per MAC they cost than the model's average
-(walked greedily, a chunk of a group at a time, since a chunk's time depends on the widths
-its neighbours have reached). Where latency follows MACs it is the global ranking; where a
-layer is slow for its MACs (memory-bound, off the vector width) its channels go earlier, and
-a channel's importance grows as its layer thins (so time never empties one layer). The path of
-count vectors it walks is a monotone family, so a MACs, params or latency target is met by
-bisecting along it like any other allocation.
+rest). `latency_allocation` walks a greedy knapsack path: with per-channel
+loss estimates on one scale for every layer (`channel_value`, read from data), the chunk that
+loses the least estimated loss per millisecond saved goes next (HALP's ranking). Without data
+it is the global ranking corrected by measured time: channels go in order of importance divided
+by how much more time per MAC they cost than the model's average (bounded), and a channel's
+importance grows as its layer thins. A chunk's time is the marginal time of its layer at that
+width, read as the slope of the measured curve over a span of about an eighth of the group
+(a table measured at every `round_to` multiple is a step function: one step saves nothing, the
+next a lot, and the raw difference would strip a layer in one go or never). The walk takes a
+chunk of a group at a time, since a chunk's time depends on the widths its neighbours have
+reached. The path of count vectors it walks is a monotone family, so a MACs, params or
+latency target is met by bisecting along it like any other allocation.
 """
 
 import heapq
@@ -25,6 +29,7 @@ from metaprune.pruning.groups import ChannelGroup, removal_neighbours, snap_remo
 
 _CHUNKS_PER_GROUP = 24  # the greedy path removes about 1/24 of a group at a time
 _MAX_CORRECTION = 4.0  # time per MAC moves a channel's importance by at most this factor
+_SMOOTHING_SHARE = 1 / 8  # a chunk's time is the slope of its layer's curve over this share
 
 
 class LatencyModel:
@@ -81,24 +86,33 @@ class _GreedyState:
         self.removed = {name: [0.0, 0.0] for name in latency.cost.units}  # [in, out]
 
     def changes(self, group_index: int, old: int, new: int) -> dict[str, tuple[float, float]]:
-        """Layer -> (extra removed inputs, extra removed outputs) when a group goes old -> new."""
+        """Layer -> (extra removed inputs, extra removed outputs) when a group goes old -> new
+        (negative when new < old)."""
         delta: dict[str, list[float]] = {}
         for unit, side, cumulative in self.cumulative[group_index]:
             entry = delta.setdefault(unit, [0.0, 0.0])
             entry[0 if side == "in" else 1] += float(cumulative[new] - cumulative[old])
         return {unit: (d[0], d[1]) for unit, d in delta.items()}
 
-    def saving(self, changes: dict) -> tuple[float, float]:
-        """(milliseconds, MACs) the changes save."""
+    def cost_at(self, group_index: int, now: int, count: int) -> tuple[float, float]:
+        """(ms, MACs) of the group's layers if it had `count` removed instead of `now`."""
         time, macs = 0.0, 0.0
-        for unit, (extra_in, extra_out) in changes.items():
-            now_in, now_out = self.removed[unit]
-            time += self.latency.unit_ms(unit, now_in, now_out) \
-                - self.latency.unit_ms(unit, now_in + extra_in, now_out + extra_out)
+        for unit, (extra_in, extra_out) in self.changes(group_index, now, count).items():
+            removed_in, removed_out = self.removed[unit]
+            time += self.latency.unit_ms(unit, removed_in + extra_in, removed_out + extra_out)
             cost = self.latency.cost.units[unit]
-            macs += cost.macs_at(*cost.keeps(now_in, now_out)) \
-                - cost.macs_at(*cost.keeps(now_in + extra_in, now_out + extra_out))
+            macs += cost.macs_at(*cost.keeps(removed_in + extra_in, removed_out + extra_out))
         return time, macs
+
+    def saving(self, group_index: int, now: int, new: int, limit: int,
+               span: int) -> tuple[float, float]:
+        """(ms, MACs) going from `now` to `new` removed saves, at the slope of the group's
+        curves over `span` channels either side (the marginal cost, not one step's jump)."""
+        low, high = max(0, now - span), min(limit, new + span)
+        time_low, macs_low = self.cost_at(group_index, now, low)
+        time_high, macs_high = self.cost_at(group_index, now, high)
+        share = (new - now) / max(high - low, 1)
+        return (time_low - time_high) * share, (macs_low - macs_high) * share
 
     def apply(self, changes: dict) -> None:
         for unit, (extra_in, extra_out) in changes.items():
@@ -115,13 +129,17 @@ def _next_removal(count: int, group: ChannelGroup, limit: int) -> int | None:
     return above[0] if above else None
 
 
-def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyModel) -> Allocation:
+def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyModel,
+                       time_weight: float = 1.0, thinning: bool = True) -> Allocation:
     """Removal counts along a greedy path: least importance per relative time-per-MAC first.
 
     Args:
         groups: the model's channel groups (blocked ones are never pruned).
         keys: per group, the non-decreasing importance keys from `removal_order`.
         latency: the model's `LatencyModel` (its cost model's removal orders set).
+        time_weight: how strongly measured time reorders the importance ranking (the bounded
+            time-per-MAC factor is raised to this power; 0: the global ranking's order).
+        thinning: whether a channel's importance grows as its layer thins.
 
     Example::
 
@@ -148,19 +166,21 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
         group = groups[index]
         if group.blocked or keys[index] is None:
             return
-        new = _next_removal(counts[index], group, allocation.max_removed[index])
+        now = counts[index]
+        new = _next_removal(now, group, allocation.max_removed[index])
         if new is None:
             return
-        changes = state.changes(index, counts[index], new)
+        span = max(group.step, round(group.size * _SMOOTHING_SHARE))
+        saving, macs = state.saving(index, now, new, allocation.max_removed[index], span)
         # the last channels of a layer carry all it passes on: importance grows as it thins
-        thinning = group.size / (group.size - new)
-        importance = thinning * float(keys[index][counts[index]:new].clamp(min=0).mean())
-        saving, macs = state.saving(changes)
+        importance = float(keys[index][now:new].clamp(min=0).mean())
+        if thinning:
+            importance *= group.size / (group.size - new)
         # time per MAC of this chunk, relative to the dense model's: 1 where MACs tell the
         # truth; bounded, so time reorders the importance ranking but never overrules it
         relative = min(max(saving / max(macs, 1.0) / time_per_mac, 1 / _MAX_CORRECTION),
                        _MAX_CORRECTION)
-        priority = importance / relative if saving > 1e-9 else float("inf")
+        priority = importance / relative ** time_weight if saving > 1e-9 else float("inf")
         # ties (e.g. equal importance) go to the bigger saving, then the lower index
         heapq.heappush(heap, (priority, -saving, index, versions[index], new))
 

@@ -30,8 +30,8 @@ from metaprune.pruning.targets import Target, solve_counts
 log = logging.getLogger("metaprune.latency")
 
 WINDOW = (0.95, 1.1)  # measured latency speed-up / target counts as reached inside this window
-_CONFIRM_WINDOW = (0.85, 1.2)  # a miss this close is measured again before correcting
-_AIM = 1.02  # the first prediction aims here, inside the window with room for noise both ways
+_CONFIRM_WINDOW = (0.85, 1.2)  # a measurement this close is timed again before it is judged
+AIM = 1.02  # the first prediction aims here, inside the window with room for noise both ways
 _MAX_CORRECTIONS = 5  # a small model measures in a second; a big one rarely needs more than two
 REPORT_BUDGET_S = 5.0  # the report's own interleaved measurement (ResNet-50 at batch 1: < 10 s)
 _DENSE_BUDGET_S = 2.0
@@ -67,6 +67,8 @@ class LatencySteps:
         self.settings, self.round_to, self.measure = settings, round_to, measure
         self.rounded_to: int | None = None
         self.target_note: dict | None = None
+        # which latency allocation was chosen by training loss (set by the engine, with data)
+        self.allocation_choice: dict | None = None
         self._model: LatencyModel | None = None
         self._final: tuple[nn.Module, LatencyComparison] | None = None
         self._dense: nn.Module | None = None
@@ -107,6 +109,8 @@ class LatencySteps:
             lambda candidate: measure_report_latency(self.reference(dense), candidate,
                                                      example_inputs, self.settings),
             self.settings.progress)
+        if self.allocation_choice is not None:
+            self.target_note["allocation_choice"] = self.allocation_choice
         self._final = (pruned, comparison)
         return pruned
 
@@ -226,7 +230,7 @@ def prune_to_latency(allocation: Allocation, cost: CostModel, latency: LatencyMo
         attempts, each with predicted and measured speed-up, and whether the window was met).
     """
     dense_predicted = latency.predict([0] * len(allocation.groups))
-    aim = target.value * _AIM
+    aim = target.value * AIM
     attempts, best, history = [], None, []
     for _ in range(_MAX_CORRECTIONS + 1):
         try:
@@ -239,9 +243,10 @@ def prune_to_latency(allocation: Allocation, cost: CostModel, latency: LatencyMo
         predicted = dense_predicted / latency.predict(counts)
         pruned = remove(counts)
         comparison = measure(pruned)
-        if not in_window(comparison.speedups[1], target.value) \
-                and in_window(comparison.speedups[1], target.value, _CONFIRM_WINDOW):
-            # near the window: one measurement's noise may be the miss, so time it once more
+        if in_window(comparison.speedups[1], target.value, _CONFIRM_WINDOW):
+            # in or near the window: one measurement's noise may be the hit or the miss (a
+            # MobileNetV2 at batch 32 was accepted at 1.98 on three rounds and re-timed at
+            # 1.65), so time it once more and judge all rounds together
             comparison = comparison.pooled(measure(pruned))
         measured = comparison.speedups[1]
         attempts.append({"predicted": round(predicted, 4), "measured": round(measured, 4)})
@@ -255,7 +260,7 @@ def prune_to_latency(allocation: Allocation, cost: CostModel, latency: LatencyMo
         if miss == 0.0:
             break
         history.append((predicted, measured))
-        aim = _next_aim(history, target.value * _AIM)
+        aim = _next_aim(history, target.value * AIM)
     pruned, comparison, _miss = best
     reached = in_window(comparison.speedups[1], target.value)
     note = {"kind": "latency_speedup", "value": target.value,
