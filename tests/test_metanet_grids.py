@@ -9,7 +9,12 @@ from torch.nn import functional as F
 from architectures import build
 from metaprune import zoo
 from metaprune.graph import edge_grids, to_graph
-from metaprune.metanet import MetaNetwork, metanet_parameters, parameters_from_features
+from metaprune.metanet import (
+    LoadedMetanet,
+    MetaNetwork,
+    metanet_parameters,
+    parameters_from_features,
+)
 from metaprune.metanet.checkpoint import read_metanet
 from metaprune.metanet.scatter_reference import scatter_forward
 from metaprune.pruning.metanet_bridge import default_checkpoint
@@ -55,8 +60,9 @@ def _max_difference(a, b) -> float:
     return max(float((u - v).abs().max()) for u, v in zip(a, b))
 
 
-@pytest.mark.parametrize("chunk_entries,cache_bytes", [(1 << 16, 1 << 30), (512, 0)],
-                         ids=["cached", "small-chunks-recomputed"])
+@pytest.mark.parametrize("chunk_entries,cache_bytes",
+                         [(1 << 16, 1 << 30), (512, 0), (512, 1 << 16)],
+                         ids=["cached", "small-chunks-recomputed", "some-cached"])
 def test_the_committed_checkpoint_matches_the_edge_list_oracle(graphs, committed,
                                                                chunk_entries, cache_bytes):
     committed.chunk_entries, committed.cache_bytes = chunk_entries, cache_bytes
@@ -127,3 +133,22 @@ def test_the_edge_list_is_built_only_on_request():
         shape = (a.rows, a.cols)
         assert torch.equal(a.src.expand(shape), b.src.expand(shape))
         assert torch.equal(a.dst.expand(shape), b.dst.expand(shape))
+
+
+def test_a_switched_off_rewrite_is_the_identity_so_transform_may_skip_it(graphs, committed):
+    # The shipped checkpoint's decoders end in zero layers: the whole message passing gives
+    # back the very features it read, which is what lets `transform` return a copy instead.
+    switched_on = MetaNetwork()
+    with torch.no_grad():
+        switched_on.rewrite_gain.fill_(1.0)
+    assert not committed.rewrites_weights and switched_on.rewrites_weights
+    with torch.no_grad():
+        for graph in graphs:
+            new_x, new_edge_attr, _ = committed(graph)
+            assert torch.equal(new_x, graph.x) and torch.equal(new_edge_attr, graph.edge_attr)
+    model, inputs = _small_resnet()
+    copied = LoadedMetanet(committed).transform(model, inputs)
+    assert copied is not model
+    for (name, before), after in zip(model.state_dict().items(),
+                                     copied.state_dict().values()):
+        assert torch.equal(before, after) and before.data_ptr() != after.data_ptr(), name

@@ -133,7 +133,9 @@ class EdgeSetEncoder(nn.Module):
         """[rows, cols, k] normalised weights of a grid -> [rows, cols, hidden] embeddings."""
         rows, cols = values.shape[:2]
         if k == 0:
-            return self.identity.expand(rows, cols, -1)
+            identity = self.identity.expand(rows, cols, -1)
+            # a copy without gradients: the edge updates then write over their input
+            return identity if torch.is_grad_enabled() else identity.clone()
         first, _, second = self.entry
         hidden = _silu(entry_linear(first, values, k))  # [rows, cols, k, hidden]
         width = hidden.shape[-1]
@@ -141,8 +143,11 @@ class EdgeSetEncoder(nn.Module):
             both = self.pool[0].weight[:, :width] + self.pool[0].weight[:, width:]
             return F.linear(hidden.squeeze(2), both @ second.weight,
                             both @ second.bias + self.pool[0].bias)
-        entries = second(hidden)
-        return split_linear(self.pool[0], [entries.mean(2), entries.amax(2)])
+        # the entries' last layer without its bias (mean and max commute with the shift):
+        # the bias is added per edge, after pooling, not per entry
+        entries = torch.matmul(hidden, second.weight.t())
+        return split_linear(self.pool[0], [entries.mean(2) + second.bias,
+                                           entries.amax(2) + second.bias])
 
 
 class EdgeSetDecoder(nn.Module):

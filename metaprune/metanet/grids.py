@@ -169,8 +169,13 @@ class NodeAggregation:
         for stat, value in reduced.items():
             self._parts.setdefault(stat, []).append(value)
 
-    def result(self, like: torch.Tensor) -> torch.Tensor:
-        """[num_nodes, len(aggregations) * hidden] (`like`: dtype and hidden width)."""
+    def result(self, like: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_nodes, len(aggregations) * hidden] (`like`: dtype and hidden width).
+
+        `shift` ([hidden]) is added to every message first, as it were: sum gains count x
+        shift, mean, max and min gain shift (nodes without messages stay 0), var and std are
+        unchanged. So a layer's last bias costs a per-node add, not a per-edge one.
+        """
         hidden, num = like.shape[-1], self.num_nodes
         nodes = torch.cat(self._nodes) if self._nodes else like.new_zeros(0, dtype=torch.long)
         count = like.new_zeros(num).index_add(0, nodes, torch.cat(self._count).to(like.dtype)) \
@@ -187,12 +192,16 @@ class NodeAggregation:
         for stat in self._needs():  # no messages at all
             stats.setdefault(stat, like.new_zeros(num, hidden))
         denominator = count.clamp_min(1).unsqueeze(1)
+        reached = shift * (count > 0).to(like.dtype).unsqueeze(1) if shift is not None else 0
         out = []
         for name in self.aggregations:
-            if name in ("sum", "max", "min"):
-                out.append(stats[name])
+            if name == "sum":
+                out.append(stats[name] if shift is None
+                           else stats[name] + count.unsqueeze(1) * shift)
+            elif name in ("max", "min"):
+                out.append(stats[name] + reached)
             elif name == "mean":
-                out.append(stats["sum"] / denominator)
+                out.append(stats["sum"] / denominator + reached)
             else:
                 mean = stats["sum"] / denominator
                 var = stats["square"] / denominator - mean * mean
@@ -209,7 +218,8 @@ class EdgeStates:
 
     ``state(chunk, t)`` is the embedding after ``t`` edge updates: the encoder's output,
     then ``blocks[s].update_edges`` with the node embeddings after round ``s`` for s < t.
-    Chunks are cached (in order) while their states fit `cache_bytes`; the others are
+    Chunks are cached while their states fit `cache_bytes`, those with the longest kernels
+    (the dearest to re-encode) first, then in order; the others are
     recomputed from their weights each round, so memory stays proportional to the parameters
     for any model.
     """
@@ -225,8 +235,10 @@ class EdgeStates:
         hidden = metanet.config["hidden"]
         element = torch.finfo(dtype).bits // 8
         budget, self._cached = cache_bytes, set()
-        for index, chunk in enumerate(chunks):
-            size = chunk.num_edges * hidden * element
+        # the dearest to recompute first: a k-entry kernel costs the encoder k entries an edge
+        by_cost = sorted(range(len(chunks)), key=lambda index: -chunks[index].grid.k)
+        for index in by_cost:
+            size = chunks[index].num_edges * hidden * element
             if size <= budget:
                 self._cached.add(index)
                 budget -= size
@@ -265,7 +277,8 @@ def aggregate_round(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
         to_dst, to_src = block.grid_messages(terms, chunk.src, chunk.dst, e)
         forward.add(to_dst, chunk.dst)
         reverse.add(to_src, chunk.src)
-    return forward.result(h), reverse.result(h)
+    forward_bias, reverse_bias = block.message_biases()
+    return forward.result(h, forward_bias), reverse.result(h, reverse_bias)
 
 
 def decode_edges(metanet, states: EdgeStates, chunks: list[Chunk], t: int,

@@ -106,45 +106,72 @@ class BidirectionalBlock(nn.Module):
 
     def grid_messages(self, terms: "MessageTerms", src: torch.Tensor, dst: torch.Tensor,
                       e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and reverse messages [rows, cols, hidden] of a grid's edges `e`."""
-        width = e.shape[-1]
-        pre = F.linear(e, terms.edge_weight)
+        """Forward and reverse messages [rows, cols, hidden] of a grid's edges `e`, without
+        the last layers' biases (`message_biases`): every aggregate but var/std commutes with
+        a shift, so `NodeAggregation` adds them per node instead of per edge."""
+        rows, cols, width = e.shape
+        # node parts summed once into the product's output: the gemm accumulates into them
+        node = (terms.at_src[src] + terms.at_dst[dst]).expand(rows, cols, 2 * width)
+        node = node.reshape(rows * cols, 2 * width)
+        flat = e.reshape(rows * cols, width)
         if torch.is_grad_enabled():
-            hidden = F.silu(pre + terms.at_src[src] + terms.at_dst[dst])
-        else:  # the same in place: no second buffer of the edges' size
-            hidden = F.silu(pre.add_(terms.at_src[src]).add_(terms.at_dst[dst]), inplace=True)
+            hidden = F.silu(torch.addmm(node, flat, terms.edge_weight.t()))
+        else:  # in place: no second buffer of the edges' size
+            hidden = F.silu(node.addmm_(flat, terms.edge_weight.t()), inplace=True)
         forward = self.forward_messages.message_mlp[2]
         reverse = self.reverse_messages.message_mlp[2]
-        return forward(hidden[..., :width]), reverse(hidden[..., width:])
+        return (torch.mm(hidden[:, :width], forward.weight.t()).view(rows, cols, -1),
+                torch.mm(hidden[:, width:], reverse.weight.t()).view(rows, cols, -1))
+
+    def message_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The biases `grid_messages` leaves out: forward, reverse."""
+        return self.forward_messages.message_mlp[2].bias, self.reverse_messages.message_mlp[2].bias
 
     def update_terms(self, h: torch.Tensor) -> "UpdateTerms":
-        """Per-node parts of the edge update's LayerNorm and first layer, for one round."""
+        """Per-node parts of the edge update's LayerNorm and first layer, for one round.
+
+        The LayerNorm's gain is folded into the first layer, and so is its centring: the
+        layer applied to ``x - mean(x)`` is the layer minus its row sums / n in every column,
+        so the per-node and per-edge products already come centred.
+        """
         norm, first = self.edge_norm, self.edge_update[0]
         width = h.shape[-1]
         scaled = first.weight * norm.weight  # LayerNorm's gain folded into the layer
+        centred = scaled - scaled.sum(1, keepdim=True) / (3 * width)
         return UpdateTerms(
-            F.linear(h, scaled[:, :width]), F.linear(h, scaled[:, width:2 * width]),
-            scaled[:, 2 * width:], scaled.sum(1), F.linear(norm.bias, first.weight, first.bias),
+            F.linear(h, centred[:, :width]), F.linear(h, centred[:, width:2 * width]),
+            centred[:, 2 * width:], F.linear(norm.bias, first.weight, first.bias),
             h.sum(-1), h.square().sum(-1), norm.eps)
 
     def grid_update_edges(self, terms: "UpdateTerms", src: torch.Tensor, dst: torch.Tensor,
                           e: torch.Tensor) -> torch.Tensor:
         """`update_edges` of a grid: LayerNorm statistics of [h_src, h_dst, e] from per-node
-        and per-edge sums, so the 3 * hidden concatenation is never built."""
-        count = 3 * e.shape[-1]
-        mean = (terms.sums[src] + terms.sums[dst] + e.sum(-1)) / count
-        square = (terms.squares[src] + terms.squares[dst] + e.square().sum(-1)) / count
-        inv_std = (square - mean * mean + terms.eps).rsqrt().unsqueeze(-1)
-        projected = F.linear(e, terms.edge_weight)
+        and per-edge sums, so the 3 * hidden concatenation is never built.
+
+        Without gradients `e` is consumed: the new embeddings are written over it.
+        """
+        rows, cols, width = e.shape
+        count = 3 * width
+        flat = e.reshape(rows * cols, width)
+        node = (terms.at_src[src] + terms.at_dst[dst]).expand(rows, cols, width)
+        node = node.reshape(rows * cols, width)
+        mean = ((terms.sums[src] + terms.sums[dst]).expand(rows, cols).reshape(-1)
+                + flat.sum(-1)) / count
         last = self.edge_update[2]
         if torch.is_grad_enabled():
-            pre = (projected + terms.at_src[src] + terms.at_dst[dst]
-                   - mean.unsqueeze(-1) * terms.gain_sum) * inv_std + terms.bias
-            return e + last(F.silu(pre))
+            square = (terms.squares[src] + terms.squares[dst]).expand(rows, cols).reshape(-1) \
+                + flat.square().sum(-1)
+            inv_std = (square / count - mean * mean + terms.eps).rsqrt().unsqueeze(-1)
+            pre = torch.addmm(node, flat, terms.edge_weight.t()) * inv_std + terms.bias
+            return (flat + last(F.silu(pre))).view(rows, cols, width)
         # the same in place: no second buffer of the edges' size
-        pre = projected.add_(terms.at_src[src]).add_(terms.at_dst[dst])
-        pre.addcmul_(mean.unsqueeze(-1), terms.gain_sum, value=-1).mul_(inv_std)
-        return last(F.silu(pre.add_(terms.bias), inplace=True)).add_(e)
+        square = torch.linalg.vector_norm(flat, dim=-1).square_()
+        square.add_((terms.squares[src] + terms.squares[dst]).expand(rows, cols).reshape(-1))
+        inv_std = square.div_(count).addcmul_(mean, mean, value=-1).add_(terms.eps).rsqrt_()
+        pre = node.addmm_(flat, terms.edge_weight.t())
+        pre = torch.addcmul(terms.bias, pre, inv_std.unsqueeze(-1), out=pre)
+        hidden = F.silu(pre, inplace=True)
+        return flat.addmm_(hidden, last.weight.t()).add_(last.bias).view(rows, cols, width)
 
 
 @dataclass
@@ -156,10 +183,9 @@ class MessageTerms:
 
 @dataclass
 class UpdateTerms:
-    at_src: torch.Tensor  # [nodes, hidden]
-    at_dst: torch.Tensor  # [nodes, hidden]
+    at_src: torch.Tensor  # [nodes, hidden], centred (see `update_terms`)
+    at_dst: torch.Tensor  # [nodes, hidden], centred
     edge_weight: torch.Tensor  # [hidden, hidden]
-    gain_sum: torch.Tensor  # [hidden]: the first layer times the LayerNorm gain, summed
     bias: torch.Tensor  # [hidden]: the first layer of the LayerNorm bias, plus its own bias
     sums: torch.Tensor  # [nodes]: sum of each node's embedding
     squares: torch.Tensor  # [nodes]: sum of its squares
