@@ -362,8 +362,8 @@ def _accuracy(args, lines: list[str]) -> dict:
                 f"{args.accuracy_batch})\n")
     _say(lines, f"Global allocation at {args.accuracy_speedup}x MACs; its latency speed-up L "
                 f"timed against the dense model; the latency allocation pruned to L (with data it "
-                f"picks, of {len(CANDIDATES)} candidates, the one leaving the lowest loss on 4 "
-                f"training batches), then the dense and both pruned models timed together and "
+                f"picks, of {len(CANDIDATES)} candidates, the one with the lowest loss on 4 "
+                f"training batches after 24 AdamW steps on others), then the dense and both pruned models timed together and "
                 f"the latency allocation pruned again with the target corrected while the two "
                 f"differ by more than {MATCH_TOLERANCE:.0%} (up to {_MATCH_TRIES} tries, the "
                 f"closest kept); {args.finetune_epochs} fine-tune epochs each (AdamW 1e-3), same "
