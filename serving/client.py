@@ -17,7 +17,9 @@ import itertools
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -170,8 +172,15 @@ class PruningClient:
 
     @_remote_errors
     def upload_model(self, path: str | Path, *, spec_path: str | Path | None = None) -> pb.UploadReply:
-        """Upload a .pt2, or a .safetensors with its spec (default: the sibling NAME.json)."""
+        """Upload a .pt2, a .safetensors with its spec (default: the sibling NAME.json), or a
+        HuggingFace folder (config.json + safetensors), sent as an uncompressed tar of it."""
         path = Path(path)
+        if path.is_dir():
+            from metaprune.formats.hf_archive import write_hf_archive
+
+            with tempfile.TemporaryDirectory() as scratch:
+                archive = write_hf_archive(path, Path(scratch) / f"{path.name or 'model'}.tar")
+                return self.upload_model(archive)
         spec = ""
         if path.suffix == ".safetensors":
             spec = Path(spec_path or path.with_suffix(".json")).read_text()
@@ -294,7 +303,10 @@ class PruningClient:
             if digest.hexdigest() != header.sha256:
                 temporary.unlink(missing_ok=True)
                 raise RemoteError("DATA_LOSS", f"the downloaded {header.kind} does not match its sha256")
-            os.replace(temporary, targets[header.kind])
+            if header.filename.endswith(".tar") and targets[header.kind].suffix != ".tar":
+                _unpack_folder(temporary, targets[header.kind])  # a HuggingFace folder
+            else:
+                os.replace(temporary, targets[header.kind])
 
         stream = self._retrying(lambda: _first_and_rest(self.stub.DownloadResult(
             pb.DownloadResultRequest(job_id=job_id), metadata=self._metadata)))
@@ -382,6 +394,18 @@ def _submit_arguments(request: PruneRequest, client: PruningClient) -> dict:
                                               f"{', '.join(refused)}")
     submit["extra"] = extra
     return submit
+
+
+def _unpack_folder(archive: Path, folder: Path) -> None:
+    """A downloaded HuggingFace folder's tar, checked and unpacked into `folder` (replaced)."""
+    from metaprune.formats.hf_archive import extract_hf_archive
+
+    try:
+        if folder.is_dir():
+            shutil.rmtree(folder)
+        extract_hf_archive(archive, folder)
+    finally:
+        archive.unlink(missing_ok=True)
 
 
 def prune_remote(server: str, input_path: str | Path, out_path: str | Path, *, token: str | None = None,

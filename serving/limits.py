@@ -18,6 +18,7 @@ from metaprune.vocabulary import (  # noqa: F401  (re-exported: the service's vo
     OPTIMIZERS,
     OUTPUT_FORMATS,
     SCHEDULES,
+    TEXT_DATASETS,
 )
 
 MiB = 1 << 20

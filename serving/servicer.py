@@ -46,10 +46,11 @@ from .metanets import describe_checkpoints
 from .model_facts import check_options
 from .scheduler import Scheduler
 from .store import FINISHED, JobStore, Upload, new_id
-from .worker import TaskFailure
+from .worker import TaskFailure, result_file_name
 
 _DOWNLOAD_CHUNK = 1 << 20
-_MODEL_SUFFIXES = {".pt2": "pt2", ".safetensors": "safetensors"}
+# ".tar": a HuggingFace folder as an uncompressed tar (metaprune.formats.hf_archive)
+_MODEL_SUFFIXES = {".pt2": "pt2", ".safetensors": "safetensors", ".tar": "hf"}
 # a watcher re-reads its job this often even without a notification (belt and braces)
 _WATCH_RECHECK_SECONDS = 30.0
 _MAX_REQUEST_KEY = 128
@@ -299,7 +300,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             folder = self.store.upload_dir(upload_id)
             try:
                 folder.mkdir()
-                task = prepare(folder, incoming, file_format, metadata)
+                task = await self._blocking(prepare, folder, incoming, file_format, metadata)
                 info = await self._validate(task)
                 upload = Upload(upload_id, tenant, kind, file_format, size, sha, info, time.time())
                 await self._blocking(self._record_upload, upload)
@@ -320,6 +321,15 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
     async def UploadModel(self, request_iterator, context):
         def prepare(folder, incoming, file_format, metadata):
             model_path = folder / f"model.{file_format}"
+            if file_format == "hf":  # the worker checks the tar entry by entry, unpacks it
+                archive = folder / "model.tar"
+                os.replace(incoming, archive)
+                if metadata.spec_json:
+                    raise RequestError("INVALID_ARGUMENT", "a spec JSON only goes with a "
+                                       ".safetensors model")
+                return {"kind": "validate_model", "model_path": str(model_path),
+                        "archive": str(archive), "max_parameters": self.limits.max_parameters,
+                        "max_bytes": self.limits.max_upload_bytes}
             os.replace(incoming, model_path)
             if file_format == "safetensors":
                 (folder / "model.json").write_text(_spec_json(metadata.spec_json))
@@ -431,7 +441,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             raise RequestError("FAILED_PRECONDITION", f"job {job.id} is {job.state}{detail}; no result to download")
         result = self.store.job_dir(job.id) / "result"
         fmt = job.task["output_format"]
-        artifacts = [] if request.report_only else [("model", result / f"model.{fmt}")]
+        artifacts = [] if request.report_only else [("model", result / result_file_name(fmt))]
         if fmt == "safetensors" and not request.report_only:
             artifacts.append(("spec", result / "model.json"))
         artifacts.append(("report", result / "report.json"))
@@ -454,7 +464,7 @@ class PruningServicer(pruning_pb2_grpc.PruningServiceServicer):
             version=metaprune.__version__, methods=vocabulary.METHODS, criteria=vocabulary.CRITERIA,
             allocations=vocabulary.ALLOCATIONS, metanetworks=list(self._metanetworks()),
             metanet_info=self._metanet_info,
-            datasets=vocabulary.DATASETS, input_formats=vocabulary.INPUT_FORMATS,
+            datasets=vocabulary.DATASETS + vocabulary.TEXT_DATASETS, input_formats=vocabulary.INPUT_FORMATS,
             output_formats=vocabulary.OUTPUT_FORMATS,
             limits=pb.Limits(
                 max_upload_bytes=limits.max_upload_bytes, max_parameters=limits.max_parameters,

@@ -8,6 +8,8 @@ and Ray) call :func:`run_task`; they differ only in how events travel back.
 A task is a plain dict (it crosses process boundaries)::
 
     {"kind": "validate_model", "model_path": ".../model.pt2", "max_parameters": 100_000_000}
+    {"kind": "validate_model", "model_path": ".../model.hf", "archive": ".../model.tar",
+     "max_parameters": ..., "max_bytes": ...}   (a HuggingFace folder, unpacked here)
     {"kind": "validate_data", "data_path": ".../data.npz"}
     {"kind": "prune", "model_path": ..., "out_dir": ..., "output_format": "pt2",
      "options": {"method": "l2", "speedup": 2.0, ...}, "data": "digits" | ".../data.npz" | None}
@@ -118,6 +120,13 @@ def validate_model(task: dict, emit: Emit) -> dict:
 
     emit({"kind": "phase", "phase": "validating"})
     limit = task["max_parameters"]
+    if task.get("archive"):  # a HuggingFace folder's tar: checked entry by entry, unpacked
+        from metaprune.formats.hf_archive import extract_hf_archive
+
+        try:
+            extract_hf_archive(task["archive"], task["model_path"], max_bytes=task["max_bytes"])
+        finally:
+            Path(task["archive"]).unlink(missing_ok=True)
     try:  # the intake counts parameters from the file's metadata, before allocating them
         module, example_inputs = load_model(task["model_path"], max_params=limit)
     except ModelFormatError as error:
@@ -159,12 +168,11 @@ def pruning_facts(module, example_inputs) -> dict:
     the job then reports the problem itself."""
     import torch
     from metaprune.pruning.cost import CostModel
-    from metaprune.pruning.groups import build_dependency_graph, collect_groups, output_layers
+    from metaprune.pruning.graph_groups import plan_channel_groups
 
     names = [name for name, _ in module.named_modules() if name]
-    try:
-        graph = build_dependency_graph(module, example_inputs)
-        groups = collect_groups(graph, output_layers(graph))
+    try:  # the pruner's own groups (torch-pruning's search never ends on hand-written attention)
+        graph, groups = plan_channel_groups(module, example_inputs)
         cost = CostModel(module, example_inputs, graph, groups)
         cost.set_orders([torch.arange(group.size) for group in groups])
         macs, params = cost.evaluate([group.size - 1 if group.blocked is None else 0 for group in groups])
@@ -253,8 +261,14 @@ def run_prune(task: dict, emit: Emit) -> dict:
         chosen = _choose_in_folder(options, module, task.get("data"), task.get("metanet_dir"))
         result = prune(module, example_inputs, data=task.get("data"), **options)
         emit({"kind": "phase", "phase": "saving"})
-        model_path = out_dir / f"model.{task['output_format']}"
-        save_model(result.model, example_inputs, str(model_path))
+        if task["output_format"] == "hf":  # save_pretrained, sent as one archive
+            from metaprune.formats.hf_archive import write_hf_archive
+
+            save_model(result.model, example_inputs, str(out_dir / "model"))
+            write_hf_archive(out_dir / "model", out_dir / result_file_name("hf"))
+        else:
+            model_path = out_dir / result_file_name(task["output_format"])
+            save_model(result.model, example_inputs, str(model_path))
     finally:
         library_log.removeHandler(handler)
     report = dict(result.report)
@@ -262,6 +276,11 @@ def run_prune(task: dict, emit: Emit) -> dict:
         report["metanet"] = chosen
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def result_file_name(output_format: str) -> str:
+    """The pruned model's file in a job's result folder (a HuggingFace folder: its tar)."""
+    return "model.tar" if output_format == "hf" else f"model.{output_format}"
 
 
 TASKS = {"validate_model": validate_model, "validate_data": validate_data, "prune": run_prune}

@@ -10,6 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import tiny_llama_folder  # noqa: E402
+
 from metaprune import load_model, prune, save_model  # noqa: E402
 from metaprune.errors import ModelFormatError  # noqa: E402
 
@@ -21,13 +23,7 @@ def _logits(model, inputs):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    folder = tmp_path_factory.mktemp("hf") / "llama"
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return tiny_llama_folder(tmp_path_factory.mktemp("hf") / "llama")
 
 
 def test_llama_folder_prunes_2x_with_whole_heads(llama_folder, tmp_path):
@@ -43,6 +39,15 @@ def test_llama_folder_prunes_2x_with_whole_heads(llama_folder, tmp_path):
     with pytest.raises(ModelFormatError, match="config cannot state"):
         save_model(result.model, inputs, tmp_path / "pruned")
     assert not (tmp_path / "pruned").exists()
+    # any widths go to .pt2 (transformers' vmap-built mask replaced while exporting), read
+    # back through the strict intake, with a dynamic batch
+    save_model(result.model, inputs, tmp_path / "pruned.pt2")
+    exported, _ = load_model(tmp_path / "pruned.pt2")
+    three = (torch.randint(0, 96, (3, inputs[0].shape[1])),)
+    for tokens in (inputs, three):
+        with torch.no_grad():
+            assert torch.allclose(exported(*tokens)["logits"], _logits(result.model, tokens),
+                                  atol=1e-5)
 
 
 def test_uniform_widths_save_pretrained_and_reload(llama_folder, tmp_path):
@@ -91,3 +96,28 @@ def test_folders_asking_for_remote_code_or_pickles_are_refused(llama_folder, tmp
     (pickled / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ModelFormatError, match="no .safetensors"):
         load_model(pickled)
+
+
+def test_vit_graph_round_trip_prunes_2x_and_round_trips(tmp_path):
+    from metaprune import to_graph
+
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=10,
+        attn_implementation="eager")).eval()
+    images = (torch.randn(2, 3, 32, 32),)
+    assert torch.equal(_logits(to_graph(model, images).write_back(), images),
+                       _logits(model, images))  # exact graph round trip
+    result = prune(model, images, speedup=2.0, allocation="uniform", latency=False)
+    assert abs(result.report["speedup"] / 2 - 1) <= 0.02
+    assert all(kept < total for kept, total in result.report["kept_heads"].values())
+    save_model(result.model, images, tmp_path / "vit.pt2")
+    exported, _ = load_model(tmp_path / "vit.pt2")
+    with torch.no_grad():
+        assert torch.allclose(exported(*images)["logits"], _logits(result.model, images),
+                              atol=1e-5)
+    save_model(result.model, images, tmp_path / "vit")  # uniform widths: save_pretrained
+    direct = transformers.ViTForImageClassification.from_pretrained(
+        tmp_path / "vit", local_files_only=True, trust_remote_code=False).eval()
+    assert torch.allclose(_logits(direct, images), _logits(result.model, images), atol=1e-5)

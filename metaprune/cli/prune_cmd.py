@@ -82,9 +82,6 @@ def _run(args) -> int:
     hf_folder = (Path(args.input) / "config.json").is_file()  # a HuggingFace folder
     if not (Path(args.input).is_file() or hf_folder):
         raise MetaPruneError(f"input model {args.input!r} does not exist")
-    if hf_folder and args.server:
-        raise MetaPruneError("--server takes one model file; prune a HuggingFace folder locally, "
-                             "or save it as .pt2 first")
     report_path = _report_path(args)
     request = request_of(args)
     if args.server:

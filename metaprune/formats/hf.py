@@ -16,9 +16,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -59,12 +61,21 @@ def load_hf_folder(path: str | os.PathLike, *, max_params: int = 100_000_000
         config_json = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise ModelFormatError(f"{path}/config.json is not readable JSON ({error})") from error
+    if not isinstance(config_json, dict):
+        raise ModelFormatError(f"{path}/config.json is not a JSON object")
     if "auto_map" in config_json:
         raise ModelFormatError("config.json asks for remote code (auto_map); only architectures "
                                "that ship with transformers are loaded")
-    if not list(path.glob("*.safetensors")):
+    if "quantization_config" in config_json:
+        raise ModelFormatError("config.json asks for a quantized model (quantization_config), "
+                               "which is not read")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise ModelFormatError(f"{path} holds no .safetensors weights (pickled weights are "
                                "never read)")
+    declared = _declared_parameters(weights)
+    if declared > max_params:  # counted from the headers, before any tensor is allocated
+        raise ModelFormatError(f"{declared} parameters, more than the limit {max_params}")
     transformers = _transformers()
     architectures = config_json.get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
@@ -91,6 +102,39 @@ def load_hf_folder(path: str | os.PathLike, *, max_params: int = 100_000_000
     return model.eval(), example_inputs_for(model.config)
 
 
+@contextlib.contextmanager
+def export_patches(model: nn.Module):
+    """While torch.export captures a transformers model: its eager attention mask built by
+    broadcasting instead of ``torch.vmap`` (whose ``flat_apply`` nodes torch.export cannot
+    serialise). Nothing changes for any other model."""
+    if not type(model).__module__.startswith("transformers."):
+        yield
+        return
+    from transformers import masking_utils
+
+    with mock.patch.dict(masking_utils.AttentionMaskInterface._global_mapping,
+                         {"eager": _broadcast_eager_mask}):
+        yield
+
+
+def _broadcast_eager_mask(batch_size, cache_position, kv_length, kv_offset=0,
+                          mask_function=None, attention_mask=None, dtype=torch.float32,
+                          **ignored):
+    """transformers' eager mask (0 where a query may attend, the dtype's minimum elsewhere,
+    ``[batch, 1, queries, keys]``), with `mask_function` evaluated on broadcast index tensors
+    rather than under vmap. Padding is already folded into `mask_function`."""
+    if mask_function is None:
+        from transformers.masking_utils import causal_mask_function as mask_function
+    device = cache_position.device
+    batch = torch.arange(batch_size, device=device)[:, None, None, None]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    query = cache_position[None, None, :, None]
+    key = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]
+    allowed = mask_function(batch, head, query, key).expand(batch_size, 1, -1, -1)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device),
+                       torch.finfo(dtype).min)
+
+
 def is_masked_language_model(model: nn.Module) -> bool:
     """Whether `model` is a transformers masked language model (BERT-style: it predicts hidden
     tokens rather than the next one), by transformers' own task table; False for any other
@@ -100,6 +144,26 @@ def is_masked_language_model(model: nn.Module) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     return type(model).__name__ in set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+
+
+def _declared_parameters(files: list[Path]) -> int:
+    """Entries of every tensor the safetensors headers declare (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as weights:
+                for key in weights.keys():
+                    shape = weights.get_slice(key).get_shape()
+                    count = 1
+                    for size in shape:
+                        count *= int(size)
+                    total += count
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ModelFormatError(f"{file.name} is not a valid safetensors file ({error})") \
+                from None
+    return total
 
 
 def example_inputs_for(config) -> tuple[torch.Tensor]:
@@ -122,38 +186,52 @@ def pruned_config(model: nn.Module):
     """
     config = model.config.__class__.from_dict(model.config.to_dict())
     old = model.config
-    hidden = model.get_input_embeddings().embedding_dim
+    hidden = _embedding_width(model.get_input_embeddings())
+    if hidden is None:
+        return None, "the model's input embedding has no width this reader knows"
     if hasattr(old, "head_dim") and getattr(old, "head_dim", None):
         config.head_dim = old.head_dim  # stated explicitly: the hidden size no longer implies it
     widths = {"hidden_size": hidden}
     pruned_shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    vocab = getattr(old, "vocab_size", None)  # None: a vision model
     for key in ("intermediate_size", "n_inner"):
         before = getattr(old, key, None)
         if before:  # the rows of every parameter the old config sized by it
             rows = {pruned_shapes[name][0] for name, shape in _shapes_from(old, model).items()
                     if shape and shape[0] == before and name in pruned_shapes
-                    and len(shape) > 1 and shape[1] != old.vocab_size
-                    and before != old.vocab_size}
+                    and len(shape) > 1 and shape[1] != vocab and before != vocab}
             if len(rows) == 1:
                 widths[key] = rows.pop()
     from metaprune.pruning.graph_groups import attention_heads  # the traced head axes
 
-    heads = list(attention_heads(model, example_inputs_for(old)).values())
-    if heads:
-        if len(set(heads)) != 1:
-            return None, f"attention modules keep different head counts {sorted(set(heads))}"
-        widths["num_attention_heads"] = heads[0]
+    # head counts an attention module states (refreshed by head removal; the trace sees no
+    # head axis where one head is left), then the traced head axes
+    heads = {path: count for path, module in model.named_modules()
+             if path and type(vars(module).get("num_attention_heads")) is int
+             for count in [vars(module)["num_attention_heads"]]}
+    heads.update(attention_heads(model, example_inputs_for(old)))
+    if heads and _states_pruned_heads(model, old, hidden):
+        # the hidden size is intact: whole heads removed per layer go into config.pruned_heads,
+        # which from_pretrained removes again (any heads: the saved weights fill the rest)
+        config.pruned_heads = _pruned_heads(heads, old)
+    elif heads:
+        counts = sorted(set(heads.values()))
+        if len(counts) != 1:
+            return None, f"attention modules keep different head counts {counts}"
+        widths["num_attention_heads"] = counts[0]
         if getattr(old, "num_key_value_heads", None):
             ratio = old.num_attention_heads // old.num_key_value_heads
-            widths["num_key_value_heads"] = heads[0] // ratio
+            widths["num_key_value_heads"] = counts[0] // ratio
     derived_head = not getattr(old, "head_dim", None) and "num_attention_heads" in widths
     head_size = old.hidden_size // old.num_attention_heads if derived_head else None
     if derived_head and hidden != widths["num_attention_heads"] * head_size:
+        hint = " (or keep the hidden size, e.g. exclude the embeddings: heads then go into " \
+               "config.pruned_heads)" if hasattr(model.base_model, "_prune_heads") else ""
         return None, (
             f"{type(old).__name__} derives the head size as hidden_size / num_attention_heads, "
             f"so a pruned hidden size must equal kept heads x head size "
             f"({widths['num_attention_heads']} x {head_size} = "
-            f"{widths['num_attention_heads'] * head_size}), but it is {hidden}")
+            f"{widths['num_attention_heads'] * head_size}), but it is {hidden}{hint}")
     for key, value in widths.items():
         setattr(config, key, value)
     try:
@@ -170,6 +248,41 @@ def pruned_config(model: nn.Module):
     return config, None
 
 
+def _embedding_width(embedding: nn.Module) -> int | None:
+    """The hidden size an input embedding produces: a token table's width, or the output
+    channels of the first layer of a patch embedding (ViT)."""
+    if isinstance(embedding, nn.Embedding):
+        return embedding.embedding_dim
+    for layer in embedding.modules():
+        if isinstance(layer, nn.modules.conv._ConvNd):
+            return layer.out_channels
+        if isinstance(layer, nn.Linear):
+            return layer.out_features
+    return None
+
+
+def _states_pruned_heads(model: nn.Module, old, hidden: int) -> bool:
+    """Whether removed heads are stated as ``config.pruned_heads`` (transformers' own head
+    pruning): the config derives the head size from an unchanged hidden size, and the model
+    class can prune heads."""
+    return (not getattr(old, "head_dim", None) and hidden == old.hidden_size
+            and not old.pruned_heads and hasattr(model.base_model, "_prune_heads"))
+
+
+def _pruned_heads(heads: dict[str, int], old) -> dict[int, list[int]]:
+    """Layer index -> heads to remove, from module path -> heads kept (the layer index is the
+    first number in the path, ``bert.encoder.layer.1.attention.self`` -> 1). A layer the trace
+    does not list kept all its heads."""
+    kept = {}
+    for path, count in heads.items():
+        index = next((int(part) for part in path.split(".") if part.isdigit()), None)
+        if index is not None:
+            kept[index] = count
+    total = old.num_attention_heads
+    return {layer: list(range(kept.get(layer, total), total))
+            for layer in range(old.num_hidden_layers) if kept.get(layer, total) < total}
+
+
 def save_pretrained_note(model: nn.Module) -> dict | None:
     """For the report: whether `save_hf_folder` can write this (pruned) transformers model, and
     why not; None for a model that is not a transformers model."""
@@ -181,8 +294,15 @@ def save_pretrained_note(model: nn.Module) -> dict | None:
 
 def _shapes_from(config, model: nn.Module) -> dict[str, tuple]:
     """Parameter shapes a fresh model of `model`'s class gets from `config` (built on meta)."""
-    with torch.device("meta"):
-        fresh = type(model)(config)
+    pruned_heads = dict(config.pruned_heads or {})
+    config.pruned_heads = {}  # removed below: head pruning picks indices, which meta cannot
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    finally:
+        config.pruned_heads = pruned_heads
+    if pruned_heads:
+        fresh.prune_heads(pruned_heads)
     return {n: tuple(p.shape) for n, p in fresh.state_dict().items()}
 
 

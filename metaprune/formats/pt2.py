@@ -147,23 +147,38 @@ def export_program(module: nn.Module, example_inputs: tuple) -> torch.export.Exp
 
     Falls back to a static batch (with a warning) when the module itself bakes its batch size.
     """
+    from metaprune.formats.hf import export_patches
+
     example_inputs, dynamic = dynamic_batch(tuple(example_inputs))
     was_training = module.training
     module.eval()
     try:
-        try:
-            return torch.export.export(module, example_inputs, dynamic_shapes=dynamic)
-        except Exception as dynamic_err:  # constraint violations come in several types
+        with export_patches(module):  # transformers: a mask torch.export can serialise
             try:
-                program = torch.export.export(module, example_inputs)
-            except Exception as err:
-                raise UnsupportedModelError(
-                    f"torch.export cannot capture the model: {type(err).__name__}: {err}"[:2000]) from err
-            warnings.warn(f"exported with a static batch size ({type(dynamic_err).__name__}: "
-                          f"{str(dynamic_err)[:200]})", stacklevel=3)
-            return program
+                return _inline_mode_wrappers(
+                    torch.export.export(module, example_inputs, dynamic_shapes=dynamic))
+            except Exception as dynamic_err:  # constraint violations come in several types
+                try:
+                    program = torch.export.export(module, example_inputs)
+                except Exception as err:
+                    raise UnsupportedModelError(
+                        f"torch.export cannot capture the model: {type(err).__name__}: {err}"[:2000]) from err
+                warnings.warn(f"exported with a static batch size ({type(dynamic_err).__name__}: "
+                              f"{str(dynamic_err)[:200]})", stacklevel=3)
+                return _inline_mode_wrappers(program)
     finally:
         module.train(was_training)
+
+
+def _inline_mode_wrappers(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A program without higher-order wrappers: code under ``torch.no_grad()`` or
+    ``torch.autocast(enabled=False)`` (transformers' rotary embeddings) is exported as
+    ``wrap_with_set_grad_enabled`` / ``wrap_with_autocast`` around a submodule, which the strict
+    intake refuses (ATen operators only); lowering to the inference IR inlines them."""
+    if any(isinstance(node.target, torch._ops.HigherOrderOperator)
+           for node in program.graph.nodes):
+        return program.run_decompositions({})
+    return program
 
 
 def save_pt2(module: nn.Module, example_inputs: tuple, path: str | os.PathLike) -> None:

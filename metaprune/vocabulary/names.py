@@ -20,7 +20,8 @@ DATASETS = ("mnist1d", "digits", "fashion-mnist", "cifar10")
 # holds perplexity before/after (next-token for decoders, masked tokens for BERT-style models).
 TEXT_DATASETS = ("sklearn-descr",)
 # Model files: what a model is read from, and what a pruned model may be written to.
-INPUT_FORMATS = ("pt2", "safetensors")
+# "hf": a HuggingFace folder (config.json + safetensors); to the service, a .tar of it
+INPUT_FORMATS = ("pt2", "safetensors", "hf")
 OUTPUT_FORMATS = ("pt2", "safetensors", "onnx")
 # Fine-tuning choices (`metaprune.finetune.FinetuneConfig`).
 OPTIMIZERS = ("sgd", "adamw")
