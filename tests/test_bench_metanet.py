@@ -64,7 +64,7 @@ def test_null_metanetwork_is_the_budget_split_with_an_identity_rewrite():
     common = {"speedup": 2.0, "data": loaders, "finetune": {"bn_recalibration": False}}
     null = prune(model, inputs, method="metanet", metanet=NullMetanet(), **common)
     plain = prune(model, inputs, method="l2", allocation="global", **common)
-    # an identity rewrite has nothing to fine-tune: the whole budget follows pruning
+    # the whole budget follows pruning, as for the classic rows
     spent = prune(model, inputs, method="metanet", metanet=NullMetanet(), finetune_epochs=2,
                   **common).report["finetune"]
     assert (spent["epochs_after_metanet"], spent["epochs_after_prune"]) == (0, 2)

@@ -232,15 +232,14 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         + ", ".join(f"{family} {len(metas)}" for family, metas in sorted(families.items()))
         + f"; seeds {settings['seeds']}; budgets {settings['budgets']} epochs "
         "(a budget is a number of optimiser steps on the model's data, equal for every row; "
-        "the metanet rows split it as `prune()` does: half after the rewrite and the rest "
-        "after pruning when the checkpoint rewrites weights, all of it after pruning when its "
-        "rewrite is off, as for the null metanetwork"
+        "the metanet rows split it as `prune()` does by default: all of it after pruning, "
+        "as for every other row"
         + _split_note(runs) + "); speed-ups " + ", ".join(f"{s:g}×" for s in settings["speedups"]) + ".",
         "",
         *([QUICK_NOTE, ""] if settings.get("quick") else []),
         "Rows: `metanet` = `prune(method=\"metanet\")`; `null-metanet` = the same path with an "
         "exact-identity metanetwork and no sparsity head (global allocation, the same budget "
-        "split as an identity rewrite), i.e. the metanet path with nothing learned; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
+        "split), i.e. the metanet path with nothing learned; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
         "pruning; `sparse-learning` = torch-pruning's group sparse-learning penalty "
         "(reg 5e-4, α 16) for half the budget, group-L2 global prune, the rest (at budgets 0 "
         "and 1 it is the group-L2 prune). \"Best classic\" is the single best classic row over "

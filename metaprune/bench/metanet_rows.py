@@ -4,12 +4,10 @@ A *budget* is a number of fine-tune epochs on the target model's training data, 
 loader (batch size, drop-last) for every row, so equal epochs are equal optimiser steps. Each
 row spends exactly ``budget * steps_per_epoch`` optimiser steps, wherever it spends them:
 
-- ``metanet``: `prune(method="metanet")` as a user calls it (rewrite, ``budget // 2`` epochs,
-  prune, the rest; with the rewrite off, as in a head-only checkpoint, the whole budget after
-  pruning; allocation from the checkpoint's sparsity head).
+- ``metanet``: `prune(method="metanet")` as a user calls it (rewrite, prune, the whole budget
+  after pruning, the engine's default split; allocation from the checkpoint's sparsity head).
 - ``null-metanet``: the same call with `NullMetanet`, an exact identity with an untrained head
-  (so global allocation, and like any identity rewrite the whole budget after pruning): the
-  metanet path without anything learned.
+  (so global allocation, the same split): the metanet path without anything learned.
 - ``CRITERION/ALLOCATION``: a classic criterion with global or uniform allocation, pruned once
   per (model, speed-up) and fine-tuned for the whole budget after pruning.
 - ``sparse-learning``: DepGraph-style sparse learning (torch-pruning's `GroupNormPruner`
@@ -62,7 +60,7 @@ class NullMetanet:
     """
 
     head_trained = False  # the engine then allocates globally instead of asking the head
-    rewrites_weights = False  # the engine then spends the whole budget after pruning
+    rewrites_weights = False  # `transform` is a copy
 
     def transform(self, module: nn.Module, example_inputs) -> nn.Module:
         return copy.deepcopy(module)

@@ -32,8 +32,8 @@ class FinetuneConfig:
     distill_alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs cross-entropy
     bn_recalibration: bool = True  # re-estimate BatchNorm statistics after the last epoch
     seed: int = 0  # seeds torch/NumPy/Python before training
-    # With a metanetwork, `prune` splits its fine-tune budget: this many epochs right after the
-    # weight rewrite (None: half, rounded down), the rest after pruning. `train` ignores it.
+    # With a metanetwork, `prune` may split its fine-tune budget: this many epochs right after
+    # the weight rewrite (None: 0, measured better), the rest after pruning. `train` ignores it.
     metanet_epochs: int | None = None
 
     def __post_init__(self) -> None:

@@ -69,8 +69,8 @@ class LoadedMetanet:
 
     @property
     def rewrites_weights(self) -> bool:
-        """False when the rewrite is exactly the identity (`MetaNetwork.rewrites_weights`): the
-        engine then spends the whole fine-tune budget after pruning, and `transform` copies."""
+        """False when the rewrite is exactly the identity (`MetaNetwork.rewrites_weights`):
+        `transform` then copies the module instead of running the message passing."""
         return self.metanet.rewrites_weights
 
     def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:

@@ -169,10 +169,7 @@ class _Run:
                 self.figures["perplexity_objective"] = training_bridge.text_objective(
                     self.module)
         finetune_epochs = request.finetune_epochs
-        # a metanetwork that leaves the weights as they are gets the whole budget after pruning
-        self.after_metanet = training_bridge.metanet_epochs(
-            finetune_epochs, request.finetune,
-            rewrites=getattr(self.metanet, "rewrites_weights", True)) \
+        self.after_metanet = training_bridge.metanet_epochs(finetune_epochs, request.finetune) \
             if self.metanet is not None else 0
         self.after_prune = finetune_epochs - self.after_metanet
 
@@ -530,9 +527,9 @@ def prune(
             shape differs from the model's example input only by size-1 dimensions are reshaped
             (the report says so); any other mismatch is an error before any work.
         finetune_epochs: epochs of fine-tuning in all (needs `data`). Without a metanetwork
-            they all follow pruning; with one they are split: ``finetune["metanet_epochs"]``
-            (default half, rounded down, when the metanetwork rewrites weights; 0 when its
-            rewrite is off) right after the rewrite, the rest after pruning.
+            they all follow pruning, and with one too unless ``finetune["metanet_epochs"]``
+            moves some right after the rewrite (default 0: measured better, see
+            `benchmarks/metanet.md`).
         finetune: fine-tune settings (`optimizer`, `lr`, `schedule`, `distill`,
             `bn_recalibration`, `seed`).
         latency_speedup: latency before / after to reach, measured on this machine at

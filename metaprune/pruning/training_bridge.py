@@ -92,17 +92,16 @@ def finetune_config(config: dict | None):
     return _component("metaprune.finetune", "FinetuneConfig").from_dict(config)
 
 
-def metanet_epochs(total: int, config: dict | None, *, rewrites: bool = True) -> int:
+def metanet_epochs(total: int, config: dict | None) -> int:
     """Epochs of the `total` fine-tune budget spent right after the metanetwork's rewrite.
 
-    By default half (rounded down) when the metanetwork rewrites weights, and none when it does
-    not (a head-only checkpoint, the null metanetwork): fine-tuning an unchanged model before
-    pruning only takes steps from after pruning, which costs 3-5 pts at 4 epochs (issue 12).
-    ``config["metanet_epochs"]`` overrides either default.
+    None by default: the whole budget follows pruning. With the rewrite off (the head-only
+    checkpoint) half the budget before pruning cost 3-5 pts at 4 epochs on held-out models,
+    and with a rewriting checkpoint (the previous one) it cost 4.0 +- 0.9 pts at 3x on the
+    validation split (issue 12; `benchmarks/metanet.md`). ``config["metanet_epochs"]`` moves it.
     """
     chosen = finetune_config(config).metanet_epochs if config is not None else None
-    default = total // 2 if rewrites else 0
-    epochs = default if chosen is None else chosen
+    epochs = 0 if chosen is None else chosen
     if epochs > total:
         raise InvalidTargetError(f"finetune metanet_epochs ({epochs}) exceeds finetune_epochs "
                              f"({total}), the whole budget")
