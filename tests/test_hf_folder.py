@@ -121,3 +121,27 @@ def test_vit_graph_round_trip_prunes_2x_and_round_trips(tmp_path):
     direct = transformers.ViTForImageClassification.from_pretrained(
         tmp_path / "vit", local_files_only=True, trust_remote_code=False).eval()
     assert torch.allclose(_logits(direct, images), _logits(result.model, images), atol=1e-5)
+
+
+def test_gpt2_conv1d_addmm_is_traced_like_a_linear(tmp_path):
+    from metaprune import to_graph
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+        attn_implementation="eager", use_cache=False)).eval()
+    tokens = (torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0)),)
+    assert torch.equal(_logits(to_graph(model, tokens).write_back(), tokens),
+                       _logits(model, tokens))  # Conv1D's [in, out] weights, exactly
+    result = prune(model, tokens, speedup=2.0, latency=False)
+    assert abs(result.report["speedup"] / 2 - 1) <= 0.02 and not result.report["left_alone"]
+    assert all(kept < total for kept, total in result.report["kept_heads"].values())
+    pruned = result.model
+    assert pruned.lm_head.weight is pruned.transformer.wte.weight  # still tied
+    mlp = pruned.transformer.h[0].mlp
+    assert mlp.c_fc.nf == mlp.c_fc.weight.shape[1] == mlp.c_proj.weight.shape[0]
+    save_model(pruned, tokens, tmp_path / "gpt2.pt2")
+    exported, _ = load_model(tmp_path / "gpt2.pt2")
+    with torch.no_grad():
+        assert torch.allclose(exported(*tokens)["logits"], _logits(pruned, tokens), atol=1e-5)
+    assert "hidden_size / num_attention_heads" in result.report["save_pretrained"]["why_not"]

@@ -56,6 +56,14 @@ def committed():
     return read_metanet(default_checkpoint())[0]
 
 
+def _rewriting(metanet: MetaNetwork) -> MetaNetwork:
+    """`metanet` with its rewrite gain at 1: a fresh network's gain is 0, which would make
+    every decoder's output (and gradient) vanish from the comparison."""
+    with torch.no_grad():
+        metanet.rewrite_gain.fill_(1.0)
+    return metanet
+
+
 def _max_difference(a, b) -> float:
     return max(float((u - v).abs().max()) for u, v in zip(a, b))
 
@@ -81,8 +89,8 @@ def test_the_committed_checkpoint_matches_the_edge_list_oracle(graphs, committed
 @pytest.mark.parametrize("aggregations", [["sum", "mean", "max"], ["min", "var", "std"]])
 def test_every_aggregation_matches_the_oracle(graphs, aggregations):
     torch.manual_seed(1)
-    metanet = MetaNetwork(hidden=8, num_layers=2, aggregations=aggregations,
-                          gate_range=3.0).eval()
+    metanet = _rewriting(MetaNetwork(hidden=8, num_layers=2, aggregations=aggregations,
+                                     gate_range=3.0).eval())
     metanet.chunk_entries = 256  # several chunks per grid, reductions across chunks
     with torch.no_grad():
         for graph in graphs:
@@ -95,7 +103,7 @@ def test_meta_training_gradients_match_the_oracle():
     graph = to_graph(model, (inputs,))
     labels = torch.arange(inputs.shape[0]) % 4
     torch.manual_seed(0)
-    metanet = MetaNetwork(hidden=16, num_layers=2, gate_range=3.0)
+    metanet = _rewriting(MetaNetwork(hidden=16, num_layers=2, gate_range=3.0))
     metanet.chunk_entries, metanet.cache_bytes = 128, 4096  # some cached, some recomputed
 
     def gradients(forward):
@@ -138,10 +146,7 @@ def test_the_edge_list_is_built_only_on_request():
 def test_a_switched_off_rewrite_is_the_identity_so_transform_may_skip_it(graphs, committed):
     # The shipped checkpoint's decoders end in zero layers: the whole message passing gives
     # back the very features it read, which is what lets `transform` return a copy instead.
-    switched_on = MetaNetwork()
-    with torch.no_grad():
-        switched_on.rewrite_gain.fill_(1.0)
-    assert not committed.rewrites_weights and switched_on.rewrites_weights
+    assert not committed.rewrites_weights and _rewriting(MetaNetwork()).rewrites_weights
     with torch.no_grad():
         for graph in graphs:
             new_x, new_edge_attr, _ = committed(graph)

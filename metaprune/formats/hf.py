@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -111,6 +112,10 @@ def export_patches(model: nn.Module):
         yield
         return
     from transformers import masking_utils
+
+    if "cache_position" not in inspect.signature(masking_utils.eager_mask).parameters:
+        yield  # transformers 5 builds the eager mask without vmap unless asked to
+        return
 
     with mock.patch.dict(masking_utils.AttentionMaskInterface._global_mapping,
                          {"eager": _broadcast_eager_mask}):
@@ -266,7 +271,8 @@ def _states_pruned_heads(model: nn.Module, old, hidden: int) -> bool:
     pruning): the config derives the head size from an unchanged hidden size, and the model
     class can prune heads."""
     return (not getattr(old, "head_dim", None) and hidden == old.hidden_size
-            and not old.pruned_heads and hasattr(model.base_model, "_prune_heads"))
+            and not getattr(old, "pruned_heads", None)
+            and hasattr(model.base_model, "_prune_heads"))  # transformers 5 dropped head pruning
 
 
 def _pruned_heads(heads: dict[str, int], old) -> dict[int, list[int]]:
@@ -294,13 +300,15 @@ def save_pretrained_note(model: nn.Module) -> dict | None:
 
 def _shapes_from(config, model: nn.Module) -> dict[str, tuple]:
     """Parameter shapes a fresh model of `model`'s class gets from `config` (built on meta)."""
-    pruned_heads = dict(config.pruned_heads or {})
-    config.pruned_heads = {}  # removed below: head pruning picks indices, which meta cannot
+    pruned_heads = dict(getattr(config, "pruned_heads", None) or {})
+    if pruned_heads:
+        config.pruned_heads = {}  # removed below: head pruning picks indices, which meta cannot
     try:
         with torch.device("meta"):
             fresh = type(model)(config)
     finally:
-        config.pruned_heads = pruned_heads
+        if pruned_heads:
+            config.pruned_heads = pruned_heads
     if pruned_heads:
         fresh.prune_heads(pruned_heads)
     return {n: tuple(p.shape) for n, p in fresh.state_dict().items()}

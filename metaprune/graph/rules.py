@@ -10,6 +10,8 @@ the layer: they read the input channels from the planes the tracer attached to t
 - Linear: edge from input node to output neuron carrying ``W[j, i]``. When several input
   features belong to one node (flatten of a ``C x H x W`` map into a Linear), the edge carries
   all of that node's weights in feature order (k = H*W), so no weight is padded or dropped.
+- Functional linear ``addmm(b, x, W)`` on a module's own ``W`` stored ``[in, out]`` (GPT-2's
+  ``Conv1D``): the Linear rule with the transposed layout (`functional_linear`).
 - Embedding: one ``vocabulary`` node per row; edge (token v -> embedding dim e) carries W[v, e].
 - MultiheadAttention: q/k/v projections are a Linear from the query/key/value channels to 3E
   ``attention_in`` nodes, the output projection a Linear from the E value nodes.
@@ -130,6 +132,27 @@ def linear_rule(builder, name, module, args, kwargs, output):
     if module.bias is not None:
         builder.add_slot(layer, _path(name, "bias"), module.bias, out_nodes, "bias")
     # planes labelling other axes (tokens, batch) pass through a per-position Linear
+    kept = [p for p in planes_of(source) if p.shape[-1] == 1 and signature(p)]
+    return kept + [along(output.dim(), -1, out_nodes)]
+
+
+def functional_linear(builder, where, weight_name, weight, bias_name, bias, source, output,
+                      module_type):
+    """``addmm(bias, x, W)`` with ``W`` stored ``[in, out]`` (transformers' GPT-2 ``Conv1D``):
+    a Linear whose weight rows are its inputs. Edge (input i -> output j) carries ``W[i, j]``;
+    the layer is named after the module owning ``W``. Returns the output's planes."""
+    labels = input_labels(builder, source, -1, where)
+    if torch.unique(labels).numel() != labels.numel():
+        raise UnsupportedModelError(
+            f"'{where}' (addmm) reads several input features from one graph channel; only "
+            "one feature per channel is supported for a weight stored [in, out]")
+    in_features, out_features = weight.shape
+    layer = builder.add_layer(where, "linear", module_type, out_features)
+    out_nodes = builder.nodes_of(layer)
+    builder.add_weight_edges(layer, weight_name, weight, (in_features, out_features, 1),
+                             labels[:, None], out_nodes[None, :], labels)
+    if bias is not None:
+        builder.add_slot(layer, bias_name, bias, out_nodes, "bias")
     kept = [p for p in planes_of(source) if p.shape[-1] == 1 and signature(p)]
     return kept + [along(output.dim(), -1, out_nodes)]
 

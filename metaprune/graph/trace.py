@@ -53,7 +53,7 @@ from metaprune.graph.planes import (
     signature,
 )
 from metaprune.graph.planes import channel_labels as channel_labels_of
-from metaprune.graph.rules import fold_norm
+from metaprune.graph.rules import fold_norm, functional_linear
 
 # per-channel tensors of functional normalisations: (slot, positional index, keyword)
 FUNCTIONAL_NORMS = {
@@ -159,7 +159,9 @@ class ChannelTracer(TorchFunctionMode):
             for pname, _ in module.named_parameters(recurse=False)
         }
         self.used_free_params: set[str] = set()
-        self.scale_params: set[str] = set()  # free parameters read into `scale` slots
+        # free parameters whose values are graph features: `scale` slots, functional norms and
+        # functional linears (used once; never kept in the side store)
+        self.scale_params: set[str] = set()
         self._free_tensors = {
             n: p for n, p in model.named_parameters() if id(p) not in owned
         }
@@ -184,6 +186,8 @@ class ChannelTracer(TorchFunctionMode):
             return self._metadata(func, args, kwargs, flat_in)
         if name in FUNCTIONAL_NORMS and any(self._parameter_name(t) for t in flat_in[1:]):
             return self._functional_norm(name, func, args, kwargs)
+        if name == "addmm" and len(args) >= 3 and self._free_weight(args[2]):
+            return self._functional_linear(func, args, kwargs)
         free_in = self._check_parameters(name, flat_in)
         out = func(*args, **kwargs)
         if name in IN_PLACE_WRITES and planes_of(args[0]):
@@ -267,6 +271,41 @@ class ChannelTracer(TorchFunctionMode):
                            groups)
         self.scale_params.update(p for p in used if p in self._free_tensors)
         self.functional_norms += 1
+        set_planes(out, planes)
+        return out
+
+    def _free_weight(self, tensor) -> str | None:
+        """The name of a 2-D free parameter of the model (a weight no layer rule owns)."""
+        pname = self._parameter_name(tensor) if isinstance(tensor, torch.Tensor) else None
+        if pname in self._free_tensors and tensor.dim() == 2:
+            return pname
+        return None
+
+    def _functional_linear(self, func, args, kwargs):
+        """``addmm(bias, x, W)`` on a module's own parameters, ``W`` stored ``[in, out]``:
+        the Linear rule with the transposed layout (`rules.functional_linear`)."""
+        bias, source, weight = args[:3]
+        weight_name = self._free_weight(weight)
+        bias_name = self._parameter_name(bias) if isinstance(bias, torch.Tensor) else None
+        module_path = weight_name.rsplit(".", 1)[0] if "." in weight_name else ""
+        scaled = any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or len(args) > 3
+        if scaled or source.dim() != 2 or bias_name not in self._free_tensors \
+                or bias.shape != (weight.shape[1],) or not bias_name.startswith(module_path):
+            raise UnsupportedModelError(
+                f"operator 'addmm' in {self._where_text()} uses parameter '{weight_name}' in a "
+                "way the graph cannot represent (only addmm(own bias [out], x [N, in], own "
+                "weight [in, out]) with alpha = beta = 1 is a linear layer)")
+        used = {weight_name, bias_name}
+        if used & self.scale_params:
+            raise UnsupportedModelError(
+                f"operator 'addmm' in {self._where_text()} reuses parameters {sorted(used)}; "
+                "the graph cannot represent one weight at two places")
+        out = func(*args, **kwargs)
+        planes = functional_linear(
+            self.builder, module_path, weight_name, self._free_tensors[weight_name], bias_name,
+            self._free_tensors[bias_name], source, out,
+            self.owner_type.get(weight_name, "addmm"))
+        self.scale_params.update(used)
         set_planes(out, planes)
         return out
 

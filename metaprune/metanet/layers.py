@@ -111,8 +111,7 @@ class BidirectionalBlock(nn.Module):
         a shift, so `NodeAggregation` adds them per node instead of per edge."""
         rows, cols, width = e.shape
         # node parts summed once into the product's output: the gemm accumulates into them
-        node = (terms.at_src[src] + terms.at_dst[dst]).expand(rows, cols, 2 * width)
-        node = node.reshape(rows * cols, 2 * width)
+        node = at_both_ends(terms.at_src, terms.at_dst, src, dst, rows, cols)
         flat = e.reshape(rows * cols, width)
         if torch.is_grad_enabled():
             hidden = F.silu(torch.addmm(node, flat, terms.edge_weight.t()))
@@ -153,25 +152,38 @@ class BidirectionalBlock(nn.Module):
         rows, cols, width = e.shape
         count = 3 * width
         flat = e.reshape(rows * cols, width)
-        node = (terms.at_src[src] + terms.at_dst[dst]).expand(rows, cols, width)
-        node = node.reshape(rows * cols, width)
-        mean = ((terms.sums[src] + terms.sums[dst]).expand(rows, cols).reshape(-1)
+        node = at_both_ends(terms.at_src, terms.at_dst, src, dst, rows, cols)
+        mean = (at_both_ends(terms.sums, terms.sums, src, dst, rows, cols)
                 + flat.sum(-1)) / count
         last = self.edge_update[2]
         if torch.is_grad_enabled():
-            square = (terms.squares[src] + terms.squares[dst]).expand(rows, cols).reshape(-1) \
+            square = at_both_ends(terms.squares, terms.squares, src, dst, rows, cols) \
                 + flat.square().sum(-1)
             inv_std = (square / count - mean * mean + terms.eps).rsqrt().unsqueeze(-1)
             pre = torch.addmm(node, flat, terms.edge_weight.t()) * inv_std + terms.bias
             return (flat + last(F.silu(pre))).view(rows, cols, width)
         # the same in place: no second buffer of the edges' size
         square = torch.linalg.vector_norm(flat, dim=-1).square_()
-        square.add_((terms.squares[src] + terms.squares[dst]).expand(rows, cols).reshape(-1))
+        square.add_(at_both_ends(terms.squares, terms.squares, src, dst, rows, cols))
         inv_std = square.div_(count).addcmul_(mean, mean, value=-1).add_(terms.eps).rsqrt_()
         pre = node.addmm_(flat, terms.edge_weight.t())
         pre = torch.addcmul(terms.bias, pre, inv_std.unsqueeze(-1), out=pre)
         hidden = F.silu(pre, inplace=True)
         return flat.addmm_(hidden, last.weight.t()).add_(last.bias).view(rows, cols, width)
+
+
+def take(table: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """``table[nodes]`` for a grid's node tensor (``[rows or 1, cols or 1]``), by
+    `index_select`: several times faster than advanced indexing on the CPU."""
+    return table.index_select(0, nodes.reshape(-1)).view(*nodes.shape, *table.shape[1:])
+
+
+def at_both_ends(at_src: torch.Tensor, at_dst: torch.Tensor, src: torch.Tensor,
+                 dst: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``at_src[src] + at_dst[dst]`` for every edge of a rows x cols grid, flat
+    (``[rows * cols, ...]``) and freshly allocated: callers write over it."""
+    both = take(at_src, src) + take(at_dst, dst)
+    return both.expand(rows, cols, *both.shape[2:]).reshape(rows * cols, *both.shape[2:])
 
 
 @dataclass

@@ -21,6 +21,8 @@ from metaprune.pruning.groups import ChannelGroup
 
 # Attention score/value products: linear in the embedding width (the sequence length is fixed).
 _LINEAR_IN_WIDTH_OPS = ("bmm", "baddbmm", "_scaled_dot_product")
+# What a layer that is no nn.Linear/Conv computes when its cost scales with kept_in * kept_out.
+_MATRIX_PRODUCT_OPS = ("addmm", "mm", "linear")
 
 
 @dataclass
@@ -97,6 +99,11 @@ def _unit_cost(DG, unit, macs_by_op: dict, own_params: dict[str, int]) -> UnitCo
                             params_out=weight + rest)
         return UnitCost(out_total, in_total, False, macs_both=total_macs, params_both=weight,
                         params_out=rest)
+    if in_total and out_total and any(op.startswith(_MATRIX_PRODUCT_OPS) for op in macs_by_op):
+        # a functional linear on the module's own weight (GPT-2's Conv1D computes addmm)
+        weight = own_params.get("weight", 0)
+        return UnitCost(out_total, in_total, False, macs_both=total_macs, params_both=weight,
+                        params_out=sum(own_params.values()) - weight)
     return UnitCost(out_total, in_total, False, macs_out=total_macs,
                     params_out=sum(own_params.values()))
 

@@ -151,11 +151,15 @@ class GraphPlan:
                 self._pin(block.src_grid, f"{reason} cannot be resized here")
                 self._pin(block.dst_grid, f"{reason} cannot be resized here")
                 continue
-            rows_are_sources = isinstance(module, nn.Embedding)
+            rows, cols = block.grid_shape
+            # an embedding's rows are its tokens; a weight stored [in, out] (GPT-2's Conv1D)
+            # has its inputs along the rows too: the grid says so
+            rows_are_sources = isinstance(module, nn.Embedding) or (
+                tuple(block.src_grid.shape) == (rows, 1) and rows > 1
+                and tuple(block.dst_grid.shape) == (1, cols))
             row_grid, col_grid = (block.src_grid, block.dst_grid) if rows_are_sources \
                 else (block.dst_grid, block.src_grid)
             row_side, col_side = ("in", "out") if rows_are_sources else ("out", "in")
-            rows, cols = block.grid_shape
             if tuple(row_grid.shape) == (rows, 1):
                 self._add(name, 0, row_grid[:, 0], module_name, row_side, block.tied)
             if tuple(col_grid.shape) == (1, cols):
@@ -361,6 +365,10 @@ class GraphPlan:
             value = current.get(record.tensor, tensors[record.tensor].detach())
             current[record.tensor] = value.index_select(record.dim, torch.nonzero(keep)[:, 0])
         old_widths = {name: _width(module) for name, module in model.named_modules()}
+        old_bias = {name: module.bias.shape[0] for name, module in model.named_modules()
+                    if not isinstance(module, _STANDARD)
+                    and isinstance(getattr(module, "bias", None), torch.Tensor)
+                    and module.bias.dim() == 1}
         for name, value in current.items():
             module = model.get_submodule(_owner(name))
             attr = name.rsplit(".", 1)[-1]
@@ -380,6 +388,8 @@ class GraphPlan:
             _owner(r.tensor) for r in self.records if r.tied_to}
         for name in touched:
             _refresh_attributes(model.get_submodule(name), old_widths.get(name))
+            if name in old_bias:
+                _refresh_output_width(model.get_submodule(name), old_bias[name])
         for where, heads in self.graph.head_splits:
             kept = int((~gone[heads]).sum())
             if kept < heads.numel():
@@ -412,6 +422,18 @@ def _refresh_head_counts(module: nn.Module, before: int, after: int) -> None:
             setattr(module, name, after * head_size)
 
 
+def _refresh_output_width(module: nn.Module, before: int) -> None:
+    """A non-standard layer computing a functional linear (GPT-2's ``Conv1D`` keeps its output
+    width as ``self.nf`` for a reshape): an integer attribute equal to its old output width
+    (its bias's length) becomes the new one. The pruned model is run and checked afterwards."""
+    after = module.bias.shape[0]
+    if after == before:
+        return
+    for name, value in list(vars(module).items()):
+        if type(value) is int and not name.startswith("_") and value == before:
+            setattr(module, name, after)
+
+
 def _entry_importance(name, weight, grad, dim) -> torch.Tensor | None:
     """Per-entry importance along `dim` of one parameter."""
     rows = weight.movedim(dim, 0).reshape(weight.shape[dim], -1)
@@ -425,6 +447,11 @@ def _entry_importance(name, weight, grad, dim) -> torch.Tensor | None:
         g = grad.movedim(dim, 0).reshape(weight.shape[dim], -1)
         return (rows * g).abs().sum(1) if name == "taylor" else (rows.pow(2) * g).sum(1) / 2
     return None
+
+
+# modules whose shape attributes `_refresh_attributes` knows
+_STANDARD = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.GroupNorm, nn.LayerNorm,
+             nn.modules.batchnorm._NormBase)
 
 
 def _width(module: nn.Module):
