@@ -294,7 +294,22 @@ def test_a_step_in_a_layer_table_does_not_freeze_or_strip_that_layer():
     assert any(counts[other] > 0 for counts in path[:floor_reached])
 
 
-def test_with_data_the_latency_allocation_is_chosen_by_training_loss(monkeypatch):
+def _fake_layer_times(monkeypatch, tmp_path):
+    """Per-layer tables from a deterministic stand-in (time grows with kept in x out channels),
+    cached apart: a tiny model's measured tables are mostly per-call overhead, and on a loaded
+    machine they can predict too little speed-up for any target."""
+    from metaprune.latency import layer_model
+
+    def time_layer(module, shape, fraction_in, fraction_out, clock):
+        kept_in, kept_out = layer_model._channel_counts(module)
+        return 0.01 + 1e-4 * (layer_model._width(kept_in, fraction_in)
+                              * layer_model._width(kept_out, fraction_out))
+
+    monkeypatch.setattr(layer_model, "_time_layer", time_layer)
+    monkeypatch.setattr(layer_model, "_cache_file", lambda: tmp_path / "layers.json")
+
+
+def test_with_data_the_latency_allocation_is_chosen_by_training_loss(monkeypatch, tmp_path):
     from metaprune import prune
     from metaprune.data import load_dataset
     from metaprune.measure import count_macs
@@ -311,6 +326,7 @@ def test_with_data_the_latency_allocation_is_chosen_by_training_loss(monkeypatch
                        first[0][1])
     monkeypatch.setattr(latency_target, "measure_report_latency",
                         _fake_measurement(count_macs(model, inputs)))
+    _fake_layer_times(monkeypatch, tmp_path)
     report = prune(model, inputs, latency_speedup=1.5, allocation="latency",
                    data=digits.loaders(64, seed=3, train_subset=128)).report
     choice = report["target"]["allocation_choice"]
