@@ -72,14 +72,25 @@ def fixed_batches(loader, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     return batches
 
 
+def _loss(model: nn.Module, inputs, labels, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of one batch, scored as fine-tuning scores it (`scored_rows`: logits or a
+    transformers output, one row per token for a language model, unlabelled tokens skipped)."""
+    from metaprune.finetune.loop import scored_rows  # the fine-tuning's own scoring
+
+    logits, rows = scored_rows(model(inputs), labels)
+    return F.cross_entropy(logits, rows, reduction=reduction)
+
+
 @torch.no_grad()
 def loss_on(model: nn.Module, batches) -> float:
-    """Mean cross-entropy of `model` (in eval mode) over `batches`."""
+    """Mean cross-entropy of `model` (in eval mode) over the labelled rows of `batches`."""
+    from metaprune.data.text_corpus import IGNORED
+
     model.eval()
     total, samples = 0.0, 0
     for inputs, labels in batches:
-        total += float(F.cross_entropy(model(inputs), labels, reduction="sum"))
-        samples += len(labels)
+        total += float(_loss(model, inputs, labels, reduction="sum"))
+        samples += int((labels != IGNORED).sum())
     return total / max(samples, 1)
 
 
@@ -92,7 +103,7 @@ def short_finetuned_loss(model: nn.Module, batches, lr: float = 1e-3) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for inputs, labels in steps:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(inputs), labels).backward()
+        _loss(model, inputs, labels).backward()
         optimizer.step()
     return loss_on(model, held)
 
