@@ -75,6 +75,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="accuracy: seeds per model")
     parser.add_argument("--accuracy-models", type=int, default=len(ACCURACY_MODELS),
                         help="accuracy: how many of the held-out model configs to run")
+    parser.add_argument("--accuracy-configs", default=None,
+                        help="accuracy: which configs to run, by index (e.g. 3,4,5: the ViTs; "
+                             "default: the first --accuracy-models); runs of separate configs "
+                             "are joined by --merge")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="accuracy: the first of the --seeds seeds (to run seeds apart)")
     parser.add_argument("--accuracy-set", choices=("held-out", "dev"), default="held-out",
                         help="accuracy: the held-out models on the test set (reported), or the "
                              "development models on a validation split of the training set")
@@ -124,11 +130,17 @@ def run(args) -> int:
 def _merge(folders: list[Path], out: Path) -> int:
     """One page from runs of separate parts (each folder holds a run's `latency-run.json`);
     every run's own lines, its machine and command line first, in the order given."""
-    lines, figures = [], {}
+    lines, figures, accuracy_rows = [], {}, []
     for number, folder in enumerate(folders, start=1):
         run_record = json.loads((folder / "latency-run.json").read_text())
         lines += ["", f"### Run {number}", ""] + run_record["lines"]
+        accuracy_rows += run_record["figures"].get("accuracy", {}).get("rows", [])
         figures.update(run_record["figures"])
+    if accuracy_rows and len(accuracy_rows) > len(figures["accuracy"]["rows"]):
+        # part 3 ran in pieces (--accuracy-configs, --first-seed): one summary over them all
+        _say(lines, "\n### All accuracy runs above together")
+        mean, se = _accuracy_summary(accuracy_rows, lines)
+        figures["accuracy"] = {"rows": accuracy_rows, "mean": mean, "se": se}
     _write_page(out, lines, figures)
     return 0
 
@@ -380,11 +392,15 @@ def _accuracy(args, lines: list[str]) -> dict:
     _say(lines, "|---|---|---|---|---|---|---|---|---|---|---|---|")
     finetune = {"optimizer": "adamw", "lr": 1e-3}
     dataset = load_dataset("mnist1d")
-    models, first_seed = ACCURACY_MODELS[:args.accuracy_models], 0
+    models, first_seed = ACCURACY_MODELS, args.first_seed
     if args.accuracy_set == "dev":
-        dataset, models, first_seed = _validation_split(dataset), DEV_MODELS, DEV_SEED_OFFSET
+        dataset, models, first_seed = (_validation_split(dataset), DEV_MODELS,
+                                       DEV_SEED_OFFSET + args.first_seed)
+    chosen = (range(min(args.accuracy_models, len(models))) if args.accuracy_configs is None
+              else [int(i) for i in args.accuracy_configs.split(",")])
     rows = []
-    for index, (family, overrides) in enumerate(models):
+    for index in chosen:
+        family, overrides = models[index]
         for seed in range(first_seed, first_seed + args.seeds):
             torch.manual_seed(100 + seed)
             config = zoo.default_config(family, input_shape=(1, 40), num_classes=10, **overrides)
@@ -418,13 +434,7 @@ def _accuracy(args, lines: list[str]) -> dict:
                         f"{row['latency_x']:.2f} | {row['global_macs_x']:.2f} | "
                         f"{row['latency_macs_x']:.2f} | {', '.join(map(str, matching))} | "
                         f"{_chosen(row['choice'])} |")
-    differences = [r["latency"] - r["global"] for r in rows]
-    mean, se = _mean_se(differences)
-    latency_ratio = _mean_se([r["latency_x"] / r["global_x"] for r in rows])
-    _say(lines, f"\nlatency allocation minus global allocation: {100 * mean:+.2f} ± "
-                f"{100 * se:.2f} points (paired mean ± s.e., {len(rows)} runs); measured "
-                f"latency speed-up ratio latency/global {latency_ratio[0]:.3f} ± "
-                f"{latency_ratio[1]:.3f}")
+    mean, se = _accuracy_summary(rows, lines)
     _say(lines, f"\nKept output channels per stage (summed over its layers), seed {first_seed}: "
                 "global / latency allocation\n")
     for row in rows:
@@ -436,6 +446,17 @@ def _accuracy(args, lines: list[str]) -> dict:
             f"{stage} {global_stages[stage]}/{latency_stages.get(stage)}"
             for stage in global_stages))
     return {"rows": rows, "mean": mean, "se": se}
+
+
+def _accuracy_summary(rows: list[dict], lines: list[str]) -> tuple[float, float]:
+    """Says (and returns) the paired mean ± s.e. of latency minus global accuracy."""
+    mean, se = _mean_se([r["latency"] - r["global"] for r in rows])
+    latency_ratio = _mean_se([r["latency_x"] / r["global_x"] for r in rows])
+    _say(lines, f"\nlatency allocation minus global allocation: {100 * mean:+.2f} ± "
+                f"{100 * se:.2f} points (paired mean ± s.e., {len(rows)} runs); measured "
+                f"latency speed-up ratio latency/global {latency_ratio[0]:.3f} ± "
+                f"{latency_ratio[1]:.3f}")
+    return mean, se
 
 
 MATCH_TOLERANCE = 0.04  # the two pruned models' measured latencies agree within this share

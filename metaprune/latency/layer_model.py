@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from metaprune.data.cache import cache_dir
+from metaprune.latency.allocator import steady_allocator
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
 from metaprune.latency.timing import _time_once, clock_for
@@ -262,6 +263,7 @@ def measure_layer_times(
         if signature not in cached:
             missing.setdefault(signature, name)
     if missing:
+        steady_allocator()  # tables timed as the whole model is (see `compare_latency`)
         with measurement_lock(progress), fixed_threads(threads):
             cached = _read_cache(path)  # another process may have timed them meanwhile
             todo = [(s, n) for s, n in missing.items() if s not in cached]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from metaprune.latency.allocator import steady_allocator
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
 from metaprune.measure import _at_batch
@@ -34,6 +35,7 @@ class LatencyComparison:
         speedups: per model, the median over rounds of (model 0 time / this model's time).
         speedup_quartiles: per model, the quartiles of those per-round ratios.
         batch, threads, cpu, clock: where and how it was measured (`clock_for`).
+        allocator: the C allocator's settings while timing (`steady_allocator`).
         rounds: samples per model; seconds: wall time of the whole measurement.
     """
 
@@ -48,12 +50,13 @@ class LatencyComparison:
     seconds: float
     samples_ms: list[list[float]] = field(repr=False, default_factory=list)
     clock: str = "wall"
+    allocator: str = ""
 
     def pooled(self, other: "LatencyComparison") -> "LatencyComparison":
         """This measurement and another of the same models, as one with all their rounds."""
         samples = [a + b for a, b in zip(self.samples_ms, other.samples_ms)]
         return _summarise(samples, self.batch, self.threads, self.rounds + other.rounds,
-                          self.seconds + other.seconds, self.clock, self.cpu)
+                          self.seconds + other.seconds, self.clock, self.cpu, self.allocator)
 
     def spread(self, index: int) -> dict:
         """The report's spread of model `index` against model 0: quartiles and rounds."""
@@ -63,6 +66,7 @@ class LatencyComparison:
             "speedup": [round(v, 4) for v in self.speedup_quartiles[index]],
             "rounds": self.rounds,
             "clock": self.clock,
+            "allocator": self.allocator,
         }
 
 
@@ -134,6 +138,7 @@ def compare_latency(
         raise ValueError(f"batch must be at least 1, got {batch}")
     inputs = _at_batch(example_inputs, int(batch))
     clock_name, read_clock = clock_for(threads, clock)
+    allocator = steady_allocator()  # else a fresh process page-faults where an old one does not
     modes = [m.training for m in models]
     for module in models:
         module.eval()
@@ -165,11 +170,12 @@ def compare_latency(
         for module, mode in zip(models, modes):
             module.train(mode)
     return _summarise(samples, int(batch), int(threads), rounds, time.perf_counter() - started,
-                      clock_name)
+                      clock_name, allocator=allocator)
 
 
 def _summarise(samples: list[list[float]], batch: int, threads: int, rounds: int,
-               seconds: float, clock: str, cpu: str | None = None) -> LatencyComparison:
+               seconds: float, clock: str, cpu: str | None = None,
+               allocator: str = "") -> LatencyComparison:
     ratios = [[a / b for a, b in zip(samples[0], s)] for s in samples]
     return LatencyComparison(
         median_ms=[statistics.median(s) for s in samples],
@@ -177,5 +183,5 @@ def _summarise(samples: list[list[float]], batch: int, threads: int, rounds: int
         speedups=[statistics.median(r) for r in ratios],
         speedup_quartiles=[_quartiles(r) for r in ratios],
         batch=batch, threads=threads, cpu=cpu or cpu_model(), rounds=rounds, seconds=seconds,
-        samples_ms=samples, clock=clock,
+        samples_ms=samples, clock=clock, allocator=allocator,
     )

@@ -51,7 +51,8 @@ REPORT_FIELDS = (
     ReportField("latency_batch", "batch size of the latency measurement"),
     ReportField("latency_threads", "torch intra-op threads during the latency measurement"),
     ReportField("latency_spread", "quartiles of before_ms, after_ms and speedup over the "
-                                  "interleaved rounds, their number, and the clock read"),
+                                  "interleaved rounds, their number, the clock read and the "
+                                  "C allocator's settings"),
     ReportField("cpu", "the CPU the latency was measured on"),
     ReportField("latency_ms_onnxruntime_before", "median latency (ms) in ONNX Runtime at "
                                                  "latency_batch, when onnxruntime is installed"),
