@@ -1,16 +1,15 @@
 """The metanetwork at real model sizes: `transform()` seconds and peak memory beside torch-pruning.
 
 For each model (ResNet-56 at 32², a ResNet-50 at 224², a ViT-B/16 at 224² with
-``nn.MultiheadAttention``), three fresh processes:
-
-- one builds the model, times `to_graph`, `write_back` and a whole `transform(model, inputs)`
-  call of the shipped checkpoint with its weight rewrite switched back on
-  (`rewrite_switched_on`: every round of message passing, decoding, write-back), and reports
-  its resident-set high-water mark (VmHWM: the whole process's life, model included);
-- one times ``metaprune.load_metanet("default").transform(model, inputs)`` as shipped (its
-  rewrite is off, so that call is a copy: reported beside, never as the metanetwork's cost);
-- one builds the model and times the anchor: torch-pruning's
-  ``DependencyGraph().build_dependency`` plus one forward/backward of the model, median of 3.
+``nn.MultiheadAttention``) and each `--precision`, one fresh process (`measure_transform`)
+builds the model, times `to_graph` and `write_back`, then the anchor (torch-pruning's
+``DependencyGraph().build_dependency`` plus one forward/backward, median of 3), the whole
+`transform(model, inputs)` of the shipped checkpoint with its weight rewrite switched back on
+(`rewrite_switched_on`: every round of message passing, decoding, write-back), the anchor again,
+and the shipped checkpoint's own `transform` (a copy: its rewrite is off). The ratio divides by
+the mean of the two anchors, timed in the same minutes as the transform. VmHWM excludes the
+anchor (the peak is reset before the transform). With bf16 among the precisions,
+`measure_precision_error` compares bf16's rewrite with fp32's on `--error-models`.
 
 The ratio full transform / anchor is the figure that travels between machines; seconds per million
 parameters tells whether the cost is linear in size. `--metatrain` adds meta-training steps/s
@@ -81,15 +80,41 @@ def rewrite_switched_on(loaded):
     return LoadedMetanet(metanet, loaded.document)
 
 
-def measure_transform(name: str, rewrite: str = "on") -> dict:
-    """Child process: to_graph, write_back and transform() seconds, and the process's VmHWM.
+def _anchor(model, inputs, repeats: int) -> dict:
+    """torch-pruning's DependencyGraph build + one forward/backward: the median of `repeats`
+    runs, wall and CPU seconds."""
+    import torch_pruning as tp
 
-    `rewrite` "on": the whole message passing (`rewrite_switched_on`); "shipped": the
-    shipped checkpoint as it is (its rewrite is off, so `transform` is a copy).
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        began, cpu = time.perf_counter(), time.process_time()
+        tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+        model(*inputs).sum().backward()
+        times.append(time.perf_counter() - began)
+        cpu_times.append(time.process_time() - cpu)
+        model.zero_grad(set_to_none=True)
+    return {"s": statistics.median(times), "cpu_s": statistics.median(cpu_times),
+            "runs": times, "cpu_runs": cpu_times}
+
+
+def measure_transform(name: str, precision: str = "fp32", anchor_repeats: int = 3) -> dict:
+    """Child process: one model's figures, the anchor timed in the same process around the
+    transform, so both see the same minutes of load.
+
+    In order: build the model; time `to_graph` and `write_back`; the anchor (`_anchor`); the
+    whole `transform(model, inputs)` of the shipped checkpoint with its rewrite switched on
+    (`rewrite_switched_on`), per-edge work in `precision`; the anchor again; the shipped
+    checkpoint's own `transform` (a copy: its rewrite is off). The peak resident set is reset
+    (``/proc/self/clear_refs``) after the first anchor, so VmHWM is the larger of the peak
+    while building the model and converting it, and the peak from the transform's start (the
+    model and what the anchor left resident included): the anchor's backward never sets it.
     """
+    import gc
+
     import torch
 
     import metaprune
+    from metaprune.bench.graph import _reset_peak
     from metaprune.graph import to_graph
 
     model, inputs = build(name)
@@ -102,36 +127,84 @@ def measure_transform(name: str, rewrite: str = "on") -> dict:
     write_back_s = time.perf_counter() - began
     edges, nodes = graph.num_edges, graph.num_nodes
     del graph
-    metanet = metaprune.load_metanet("default")
-    if rewrite == "on":
-        metanet = rewrite_switched_on(metanet)
+    build_peak = _vmhwm_mib()
+    before = _anchor(model, inputs, anchor_repeats)
+    shipped = metaprune.load_metanet("default")
+    metanet = rewrite_switched_on(shipped)
+    metanet.precision = precision
+    gc.collect()
+    if not _reset_peak():
+        raise OSError("cannot reset VmHWM (/proc/self/clear_refs): the anchor would set it")
     began, cpu = time.perf_counter(), time.process_time()
     rewritten = metanet.transform(model, inputs)
     transform_s, transform_cpu_s = time.perf_counter() - began, time.process_time() - cpu
+    transform_peak = _vmhwm_mib()
+    after = _anchor(model, inputs, anchor_repeats)
+    began = time.perf_counter()
+    shipped.transform(model, inputs)
+    shipped_s = time.perf_counter() - began
     with torch.no_grad():
-        before, after = model(*inputs), rewritten(*inputs)
-    change = float((after - before).norm() / before.norm())
-    return {"model": name, "params": params, "nodes": nodes, "edges": edges,
-            "to_graph_s": to_graph_s, "write_back_s": write_back_s, "transform_s": transform_s,
-            "transform_cpu_s": transform_cpu_s, "rewrites": metanet.rewrites_weights,
-            "vmhwm_mib": _vmhwm_mib(), "output_change": change}
+        before_out, after_out = model(*inputs), rewritten(*inputs)
+    change = float((after_out - before_out).norm() / before_out.norm())
+    return {"model": name, "precision": precision, "params": params, "nodes": nodes,
+            "edges": edges, "to_graph_s": to_graph_s, "write_back_s": write_back_s,
+            "transform_s": transform_s, "transform_cpu_s": transform_cpu_s,
+            "anchor_before": before, "anchor_after": after,
+            "anchor_s": (before["s"] + after["s"]) / 2,
+            "anchor_cpu_s": (before["cpu_s"] + after["cpu_s"]) / 2,
+            "shipped_transform_s": shipped_s, "rewrites": metanet.rewrites_weights,
+            "vmhwm_mib": max(build_peak, transform_peak), "build_vmhwm_mib": build_peak,
+            "transform_vmhwm_mib": transform_peak, "output_change": change}
 
 
-def measure_anchor(name: str, repeats: int = 3) -> dict:
-    """Child process: DependencyGraph build + one forward/backward, median of `repeats`."""
-    import torch_pruning as tp
+def measure_precision_error(name: str) -> dict:
+    """Child process: how far bf16 per-edge work moves the full transform from fp32's.
+
+    The same graph through the rewrite-on network (`rewrite_switched_on`) with
+    ``precision="fp32"`` and ``"bf16"``: the rewritten weights' |bf16 - fp32| relative to
+    their layer's weight RMS (max) and to the weights' mean |w| (mean), the rewrite's own
+    error (|Δdelta| / |delta| in norm, delta = new - old), the keep ratios of every layer
+    (the shipped checkpoint's sparsity head, which the rewrite does not change), and the
+    rewritten models' outputs.
+    """
+    import torch
+
+    import metaprune
+    from metaprune.graph import to_graph
+    from metaprune.metanet.grids import GraphView
 
     model, inputs = build(name)
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        began, cpu = time.perf_counter(), time.process_time()
-        tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
-        model(*inputs).sum().backward()
-        times.append(time.perf_counter() - began)
-        cpu_times.append(time.process_time() - cpu)
-        model.zero_grad(set_to_none=True)
-    return {"model": name, "anchor_s": statistics.median(times), "anchor_runs": times,
-            "anchor_cpu_s": statistics.median(cpu_times), "anchor_cpu_runs": cpu_times}
+    graph = to_graph(model, inputs)
+    metanet = rewrite_switched_on(metaprune.load_metanet("default")).metanet
+    results, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        metanet.precision = precision
+        began = time.process_time()
+        with torch.no_grad():
+            results[precision] = metanet(graph)
+        seconds[precision] = time.process_time() - began
+    (x32, w32, keep32), (x16, w16, keep16) = results["fp32"], results["bf16"]
+    old = graph.features.edge_attr
+    layer_rms = torch.zeros_like(old)
+    for grid in GraphView.of(graph).grids:
+        if grid.k:
+            piece = grid.attr(old)
+            grid.attr(layer_rms).fill_(float(piece.square().mean().sqrt()))
+    error = (w16 - w32).abs()
+    weighted = layer_rms > 0
+    with torch.no_grad():
+        out32 = graph.write_back(x32, w32)(*inputs)
+        out16 = graph.write_back(x16, w16)(*inputs)
+        out = model(*inputs)
+    return {"model": name, "edges": graph.num_edges, "cpu_s": seconds,
+            "weights_max_rel_to_layer_rms":
+                float((error[weighted] / layer_rms[weighted]).max()),
+            "weights_mean_rel": float(error.sum() / w32.abs().sum()),
+            "delta_rel_norm": float((w16 - w32).norm() / (w32 - old).norm()),
+            "nodes_max_abs": float((x16 - x32).abs().max()),
+            "keep_max_abs": float((keep16 - keep32).abs().max()),
+            "keep_mean_abs": float((keep16 - keep32).abs().mean()),
+            "output_rel_to_rewrite": float((out16 - out32).norm() / (out32 - out).norm())}
 
 
 def measure_prune(samples: int = 64, batch: int = 16) -> dict:
@@ -175,6 +248,14 @@ def _run_json(command: list[str]) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="models to measure (default: all three)")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"),
+                        default=["fp32", "bf16"],
+                        help="per-edge precisions of the full transform, a row each "
+                             "(default: fp32 bf16)")
+    parser.add_argument("--error-models", nargs="*", choices=MODELS,
+                        default=["resnet56", "resnet50"],
+                        help="models on which bf16's rewrite is compared with fp32's (two more "
+                             "full passes each; default: resnet56 resnet50)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of every measuring process (default 1)")
     parser.add_argument("--metatrain", action="store_true",
@@ -184,64 +265,109 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=OUT, help=f"page to write (default {OUT})")
 
 
+def _row(figures: dict) -> tuple[str, dict]:
+    """A table row of `measure_transform`'s figures, and the ratios it derives."""
+    before, after = figures["anchor_before"], figures["anchor_after"]
+    derived = {"ratio": figures["transform_s"] / figures["anchor_s"],
+               "cpu_ratio": figures["transform_cpu_s"] / figures["anchor_cpu_s"],
+               "seconds_per_million": figures["transform_cpu_s"] / (figures["params"] / 1e6),
+               "shipped_ratio": figures["shipped_transform_s"] / figures["anchor_s"]}
+    row = (f"| {figures['model']} | {figures['precision']} | {figures['params']:,} "
+           f"| {figures['edges']:,} | {figures['to_graph_s']:.2f} | {figures['write_back_s']:.2f} "
+           f"| {figures['transform_s']:.2f} ({figures['transform_cpu_s']:.2f}) "
+           f"| {before['s']:.2f} ({before['cpu_s']:.2f}) | {after['s']:.2f} ({after['cpu_s']:.2f}) "
+           f"| {derived['ratio']:.1f}x | {derived['cpu_ratio']:.1f}x "
+           f"| {derived['seconds_per_million']:.2f} | {figures['vmhwm_mib']:,.0f} "
+           f"| {figures['shipped_transform_s']:.2f} | {derived['shipped_ratio']:.2f}x |")
+    return row, derived
+
+
 def run(args) -> int:
     lines = [
-        "Each figure comes from a fresh process. **full transform** is the whole "
+        "Each row comes from one fresh process. **full transform** is the whole "
         "`LoadedMetanet.transform(model, inputs)` call (to_graph + every round of message "
         "passing + decoding + write_back) of the shipped checkpoint with its weight rewrite "
         "switched back on (decoders' last layers reset to a fresh metanetwork's, "
-        "`rewrite_switched_on`: same architecture, same cost); the ratio and s per M params "
-        "are of this call. VmHWM is that process's peak resident set, model included.",
-        "**shipped transform** is `metaprune.load_metanet(\"default\").transform(model, "
-        "inputs)` as shipped: its rewrite is off (head-only checkpoint), so `transform` returns "
-        "a copy without running the metanetwork (the weights are the same either way).",
+        "`rewrite_switched_on`: same architecture, same cost), its per-edge work in the row's "
+        "**precision** (`LoadedMetanet.precision`; node terms, aggregations across chunks, "
+        "LayerNorm statistics and the rewritten weights stay fp32). The ratios and s per M "
+        "params are of this call.",
         "Anchor: torch-pruning `DependencyGraph().build_dependency` + one forward/backward of the "
-        "same model, in the same run (median of 3).",
+        "same model, median of 3, timed in the same process right **before** and right "
+        "**after** the transform; the ratios divide by the mean of the two. VmHWM: the larger "
+        "of the process's peak resident set while building and converting the model, and its "
+        "peak from the transform's start (reset through /proc/self/clear_refs after the first "
+        "anchor, so the anchor's backward never sets it; the model is resident throughout).",
+        "**shipped transform** is `metaprune.load_metanet(\"default\").transform(model, "
+        "inputs)` as shipped, in the same process: its rewrite is off (head-only checkpoint), so "
+        "`transform` returns a copy without running the metanetwork.",
         f"torch threads per process: {args.threads}. The machine (2 cores) was shared with other "
-        "jobs (3 other engineers' tests and benches) while this ran: compare the ratios to the "
-        "same-run anchor, not the seconds. Wall-clock ratios move with the load of the minutes "
-        "each process happened to run in; the CPU-time ratios (process CPU seconds of the same "
-        "calls) are the steadier figure. s per M params is of CPU seconds.",
+        "jobs (other engineers' tests and benches) while this ran: compare the ratios, not the "
+        "seconds; the CPU-time ratios (process CPU seconds of the same calls) are the steadier "
+        "figure. s per M params is of CPU seconds.",
         "",
-        "| model | params | edges | to_graph s | write_back s | full transform s (CPU s) "
-        "| anchor s (CPU s) | full / anchor, wall | full / anchor, CPU | s per M params "
-        "| VmHWM MiB | shipped transform s | shipped / anchor |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | precision | params | edges | to_graph s | write_back s "
+        "| full transform s (CPU s) | anchor before s (CPU s) | anchor after s (CPU s) "
+        "| full / anchor, wall | full / anchor, CPU | s per M params | VmHWM MiB "
+        "| shipped transform s | shipped / anchor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    print("\n".join(lines[:7]), flush=True)
+    print("\n".join(lines), flush=True)
     figures = {}
     for name in args.models:
-        transform = _child(f"measure_transform({name!r})", args.threads)
-        shipped = _child(f"measure_transform({name!r}, rewrite='shipped')", args.threads)
-        anchor = _child(f"measure_anchor({name!r})", args.threads)
-        figures[name] = {**transform, **anchor, "shipped": shipped}
-        failed = next((part["error"] for part in (transform, shipped, anchor)
-                       if "error" in part), None)
-        if failed:
-            row = f"| {name} | failed: {failed} |"
-        else:
-            ratio = transform["transform_s"] / anchor["anchor_s"]
-            cpu_ratio = transform["transform_cpu_s"] / anchor["anchor_cpu_s"]
-            per_million = transform["transform_cpu_s"] / (transform["params"] / 1e6)
-            shipped_ratio = shipped["transform_s"] / anchor["anchor_s"]
-            figures[name].update(ratio=ratio, cpu_ratio=cpu_ratio,
-                                 seconds_per_million=per_million, shipped_ratio=shipped_ratio)
-            row = (f"| {name} | {transform['params']:,} | {transform['edges']:,} "
-                   f"| {transform['to_graph_s']:.2f} | {transform['write_back_s']:.2f} "
-                   f"| {transform['transform_s']:.2f} ({transform['transform_cpu_s']:.2f}) "
-                   f"| {anchor['anchor_s']:.2f} ({anchor['anchor_cpu_s']:.2f}) | {ratio:.1f}x "
-                   f"| {cpu_ratio:.1f}x | {per_million:.2f} | {transform['vmhwm_mib']:,.0f} "
-                   f"| {shipped['transform_s']:.2f} | {shipped_ratio:.2f}x |")
-        lines.append(row)
-        print(row, flush=True)
-    big = [figures[n]["seconds_per_million"] for n in ("resnet50", "vit_b16")
-           if "seconds_per_million" in figures.get(n, {})]
-    if len(big) == 2:
-        line = f"\nCPU seconds per million parameters (full transform), max / min over ResNet-50 " \
-               f"and ViT-B/16: " \
-               f"{max(big) / min(big):.2f}"
+        for precision in args.precision:
+            key = name if precision == "fp32" else f"{name}/{precision}"
+            result = _child(f"measure_transform({name!r}, {precision!r})", args.threads)
+            figures[key] = result
+            if "error" in result:
+                row = f"| {name} | {precision} | failed: {result['error']} |"
+            else:
+                row, derived = _row(result)
+                result.update(derived)
+            lines.append(row)
+            print(row, flush=True)
+    for precision in args.precision:
+        per_million = [figures.get(n if precision == "fp32" else f"{n}/{precision}", {})
+                       .get("seconds_per_million") for n in ("resnet50", "vit_b16")]
+        if all(per_million):
+            line = (f"\nCPU seconds per million parameters ({precision} full transform), "
+                    f"max / min over ResNet-50 and ViT-B/16: "
+                    f"{max(per_million) / min(per_million):.2f}")
+            lines.append(line)
+            print(line, flush=True)
+    for precision in args.precision:
+        pairs = [(n, figures.get(n, {}), figures.get(f"{n}/{precision}", {}))
+                 for n in args.models]
+        if precision == "fp32" or not all("ratio" in a and "ratio" in b for _, a, b in pairs):
+            continue
+        speedups = ", ".join(f"{n} {fp32['transform_cpu_s'] / other['transform_cpu_s']:.2f}x"
+                             for n, fp32, other in pairs)
+        line = f"\n{precision} speed-up of the full transform over fp32 (CPU seconds): {speedups}"
         lines.append(line)
         print(line, flush=True)
+    if args.error_models and "bf16" in args.precision:
+        header = ("\nbf16 against fp32, the same graph through the rewrite-on network "
+                  "(`measure_precision_error`): rewritten weights |Δ| (max relative to the "
+                  "layer's weight RMS; mean relative to mean |w|), the rewrite's own error "
+                  "(norm of Δ over the norm of new - old), keep ratios |Δ| (every graph layer), "
+                  "and the rewritten models' outputs (norm of Δ over the norm of the rewrite's "
+                  "change of the output).\n\n"
+                  "| model | edges | fp32 CPU s | bf16 CPU s | weights max | weights mean "
+                  "| rewrite | keep max | keep mean | output |\n"
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append(header)
+        print(header, flush=True)
+        for name in args.error_models:
+            error = _child(f"measure_precision_error({name!r})", args.threads)
+            figures[f"{name}/error"] = error
+            row = (f"| {name} | failed: {error['error']} |" if "error" in error else
+                   f"| {name} | {error['edges']:,} | {error['cpu_s']['fp32']:.2f} "
+                   f"| {error['cpu_s']['bf16']:.2f} | {error['weights_max_rel_to_layer_rms']:.1e} "
+                   f"| {error['weights_mean_rel']:.1e} | {error['delta_rel_norm']:.1e} "
+                   f"| {error['keep_max_abs']:.1e} | {error['keep_mean_abs']:.1e} "
+                   f"| {error['output_rel_to_rewrite']:.1e} |")
+            lines.append(row)
+            print(row, flush=True)
     if args.metatrain:
         # the pipeline runs in its own process: metaprune/ never imports metaprune.training
         rates = _run_json([sys.executable, "-m", "metaprune.training.metatrain_speed",

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch_geometric.utils import scatter
 
 from metaprune.graph import edge_groups
+from metaprune.metanet.precision import amax
 
 NUM_POSITION_FEATURES = 6  # see `entry_features`
 
@@ -146,8 +147,9 @@ class EdgeSetEncoder(nn.Module):
         # the entries' last layer without its bias (mean and max commute with the shift):
         # the bias is added per edge, after pooling, not per entry
         entries = torch.matmul(hidden, second.weight.t())
-        return split_linear(self.pool[0], [entries.mean(2) + second.bias,
-                                           entries.amax(2) + second.bias])
+        # sum / k rather than mean, and `amax`: both several times faster in bf16
+        return split_linear(self.pool[0], [entries.sum(2) / k + second.bias,
+                                           amax(entries, (2,)).squeeze(2) + second.bias])
 
 
 class EdgeSetDecoder(nn.Module):

@@ -23,6 +23,7 @@ import torch
 
 from metaprune.graph import EdgeGrid, NetworkGraph, edge_grids
 from metaprune.metanet.edges import entry_features
+from metaprune.metanet.precision import amax, lowered
 
 CHUNK_ENTRIES = 1 << 14  # weights (edges x k) per chunk: activations stay in the CPU's cache
 DEFAULT_CACHE_BYTES = 1 << 30  # edge states kept between rounds instead of recomputed
@@ -119,9 +120,12 @@ class NodeAggregation:
     Nodes that receive nothing aggregate to 0, as in PyG.
     """
 
-    def __init__(self, aggregations, num_nodes: int):
+    def __init__(self, aggregations, num_nodes: int, dtype: torch.dtype = torch.float32):
         self.aggregations = list(aggregations)
         self.num_nodes = num_nodes
+        # partials are kept and combined in `dtype` (the node embeddings'), whatever the
+        # messages' dtype: a bf16 chunk's reduction accumulates in fp32 and is rounded once
+        self.dtype = dtype
         self._nodes, self._count = [], []
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._last_target = None  # successive chunks of one grid reading the same row
@@ -143,12 +147,13 @@ class NodeAggregation:
             if stat == "sum":
                 value = messages.sum(axes, keepdim=True) if axes else messages
             elif stat == "square":
-                value = messages.square().sum(axes, keepdim=True) if axes else messages.square()
+                square = messages.to(self.dtype).square()
+                value = square.sum(axes, keepdim=True) if axes else square
             elif stat == "max":
-                value = messages.amax(axes, keepdim=True) if axes else messages
+                value = amax(messages, axes) if axes else messages
             else:
                 value = messages.amin(axes, keepdim=True) if axes else messages
-            reduced[stat] = value.reshape(-1, messages.shape[-1])
+            reduced[stat] = value.reshape(-1, messages.shape[-1]).to(self.dtype)
         shape = next(iter(reduced.values())).shape[0]
         nodes = target.expand(*(1 if axis in axes else messages.shape[axis]
                                 for axis in (0, 1))).reshape(-1)
@@ -165,7 +170,7 @@ class NodeAggregation:
             return
         self._last_target = target
         self._nodes.append(nodes)
-        self._count.append(torch.full((shape,), float(count), dtype=messages.dtype))
+        self._count.append(torch.full((shape,), float(count), dtype=self.dtype))
         for stat, value in reduced.items():
             self._parts.setdefault(stat, []).append(value)
 
@@ -218,6 +223,8 @@ class EdgeStates:
 
     ``state(chunk, t)`` is the embedding after ``t`` edge updates: the encoder's output,
     then ``blocks[s].update_edges`` with the node embeddings after round ``s`` for s < t.
+    Edge states live in `edge_dtype` (see `metaprune.metanet.precision`): the per-edge work
+    runs in `lowered`, the metanetwork in that dtype; per-node terms come from `metanet`.
     Chunks are cached while their states fit `cache_bytes`, those with the longest kernels
     (the dearest to re-encode) first, then in order; the others are
     recomputed from their weights each round, so memory stays proportional to the parameters
@@ -225,15 +232,17 @@ class EdgeStates:
     """
 
     def __init__(self, metanet, view: GraphView, chunks: list[Chunk], edge_scale: torch.Tensor,
-                 dtype: torch.dtype, cache_bytes: int):
+                 dtype: torch.dtype, cache_bytes: int, edge_dtype: torch.dtype | None = None):
         self.metanet = metanet
         self.view = view
         self.edge_scale = edge_scale  # [num_layers], the layer's weight RMS
         self.dtype = dtype
+        self.edge_dtype = edge_dtype or dtype
+        self.lowered = lowered(metanet, self.edge_dtype)
         self._update_terms = []  # per round: `BidirectionalBlock.update_terms` of its h
         self._cache: dict[int, tuple[torch.Tensor, int]] = {}
         hidden = metanet.config["hidden"]
-        element = torch.finfo(dtype).bits // 8
+        element = torch.finfo(self.edge_dtype).bits // 8
         budget, self._cached = cache_bytes, set()
         # the dearest to recompute first: a k-entry kernel costs the encoder k entries an edge
         by_cost = sorted(range(len(chunks)), key=lambda index: -chunks[index].grid.k)
@@ -245,19 +254,20 @@ class EdgeStates:
 
     def end_round(self, t: int, h: torch.Tensor) -> None:
         """Round t is over, its node embeddings are `h`: edges may move past it."""
-        self._update_terms.append(self.metanet.blocks[t].update_terms(h))
+        self._update_terms.append(self.metanet.blocks[t].update_terms(h).to(self.edge_dtype))
 
     def values(self, chunk: Chunk) -> torch.Tensor:
-        """The chunk's weights in the metanetwork's dtype, divided by the layer's RMS."""
+        """The chunk's weights divided by the layer's RMS (in the metanetwork's dtype), in the
+        edge dtype."""
         scale = self.edge_scale[chunk.grid.layer]
-        return chunk.weights(self.view.edge_attr).to(self.dtype) / scale
+        return (chunk.weights(self.view.edge_attr).to(self.dtype) / scale).to(self.edge_dtype)
 
     def state(self, index: int, chunk: Chunk, t: int) -> torch.Tensor:
         e, at = self._cache.get(index, (None, 0))
         if e is None:
-            e = self.metanet.edge_encoder.encode_grid(self.values(chunk), chunk.grid.k)
+            e = self.lowered.edge_encoder.encode_grid(self.values(chunk), chunk.grid.k)
         for s in range(at, t):
-            e = self.metanet.blocks[s].grid_update_edges(self._update_terms[s], chunk.src,
+            e = self.lowered.blocks[s].grid_update_edges(self._update_terms[s], chunk.src,
                                                          chunk.dst, e)
         if index in self._cached:
             self._cache[index] = (e, t)
@@ -269,12 +279,13 @@ def aggregate_round(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
     """Round t's forward (along the edges) and reverse aggregates, each [nodes, A * hidden]."""
     block = metanet.blocks[t]
     aggregations = metanet.config["aggregations"]
-    forward = NodeAggregation(aggregations, h.shape[0])
-    reverse = NodeAggregation(aggregations, h.shape[0])
-    terms = block.message_terms(h)
+    forward = NodeAggregation(aggregations, h.shape[0], h.dtype)
+    reverse = NodeAggregation(aggregations, h.shape[0], h.dtype)
+    terms = block.message_terms(h).to(states.edge_dtype)
+    edge_block = states.lowered.blocks[t]
     for index, chunk in enumerate(chunks):
         e = states.state(index, chunk, t)
-        to_dst, to_src = block.grid_messages(terms, chunk.src, chunk.dst, e)
+        to_dst, to_src = edge_block.grid_messages(terms, chunk.src, chunk.dst, e)
         forward.add(to_dst, chunk.dst)
         reverse.add(to_src, chunk.src)
     forward_bias, reverse_bias = block.message_biases()
@@ -294,7 +305,8 @@ def decode_edges(metanet, states: EdgeStates, chunks: list[Chunk], t: int,
             continue
         e = states.state(index, chunk, t)
         scale = states.edge_scale[chunk.grid.layer]
-        delta = metanet.edge_decoder.decode_grid(e, states.values(chunk), scale)
+        delta = states.lowered.edge_decoder.decode_grid(e, states.values(chunk), scale)
+        delta = delta.to(states.dtype)  # the rewrite adds in fp32 whatever the edge dtype
         old = chunk.weights(edge_attr)
         new = old + (metanet.delta_scale() * delta).to(old.dtype)
         if log_gate is not None:

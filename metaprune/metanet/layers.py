@@ -153,8 +153,12 @@ class BidirectionalBlock(nn.Module):
         count = 3 * width
         flat = e.reshape(rows * cols, width)
         node = at_both_ends(terms.at_src, terms.at_dst, src, dst, rows, cols)
+        # statistics combined in the node terms' dtype (fp32) even when the edges are bf16:
+        # the per-edge sums accumulate in fp32 inside the kernel and are rounded once
+        # (a cast of every edge state to fp32 first would cost more than the update saves)
+        stats = terms.sums.dtype
         mean = (at_both_ends(terms.sums, terms.sums, src, dst, rows, cols)
-                + flat.sum(-1)) / count
+                + flat.sum(-1).to(stats)) / count
         last = self.edge_update[2]
         if torch.is_grad_enabled():
             square = at_both_ends(terms.squares, terms.squares, src, dst, rows, cols) \
@@ -163,11 +167,11 @@ class BidirectionalBlock(nn.Module):
             pre = torch.addmm(node, flat, terms.edge_weight.t()) * inv_std + terms.bias
             return (flat + last(F.silu(pre))).view(rows, cols, width)
         # the same in place: no second buffer of the edges' size
-        square = torch.linalg.vector_norm(flat, dim=-1).square_()
+        square = torch.linalg.vector_norm(flat, dim=-1).to(stats).square_()
         square.add_(at_both_ends(terms.squares, terms.squares, src, dst, rows, cols))
         inv_std = square.div_(count).addcmul_(mean, mean, value=-1).add_(terms.eps).rsqrt_()
         pre = node.addmm_(flat, terms.edge_weight.t())
-        pre = torch.addcmul(terms.bias, pre, inv_std.unsqueeze(-1), out=pre)
+        pre = torch.addcmul(terms.bias, pre, inv_std.to(pre.dtype).unsqueeze(-1), out=pre)
         hidden = F.silu(pre, inplace=True)
         return flat.addmm_(hidden, last.weight.t()).add_(last.bias).view(rows, cols, width)
 
@@ -192,6 +196,11 @@ class MessageTerms:
     at_dst: torch.Tensor  # [nodes, 2 * hidden]: forward receiver / reverse sender parts + bias
     edge_weight: torch.Tensor  # [2 * hidden, hidden]: both directions' edge blocks
 
+    def to(self, dtype: torch.dtype) -> "MessageTerms":
+        """The terms in the edges' dtype (computed in the nodes')."""
+        return MessageTerms(self.at_src.to(dtype), self.at_dst.to(dtype),
+                            self.edge_weight.to(dtype))
+
 
 @dataclass
 class UpdateTerms:
@@ -202,3 +211,9 @@ class UpdateTerms:
     sums: torch.Tensor  # [nodes]: sum of each node's embedding
     squares: torch.Tensor  # [nodes]: sum of its squares
     eps: float
+
+    def to(self, dtype: torch.dtype) -> "UpdateTerms":
+        """The per-edge terms in the edges' dtype; the statistics stay in the nodes'."""
+        return UpdateTerms(self.at_src.to(dtype), self.at_dst.to(dtype),
+                           self.edge_weight.to(dtype), self.bias.to(dtype), self.sums,
+                           self.squares, self.eps)

@@ -20,6 +20,7 @@ from metaprune.metanet.grids import (
 )
 from metaprune.metanet.grids import layer_weight_rms as grid_weight_rms
 from metaprune.metanet.layers import BidirectionalBlock
+from metaprune.metanet.precision import edge_dtype
 
 NUM_SLOTS = len(PARAM_SLOTS)
 NUM_STRUCTURAL = NUM_NODE_FEATURES - NUM_SLOTS
@@ -103,6 +104,10 @@ class MetaNetwork(nn.Module):
         # and the bytes of edge embeddings kept between rounds instead of recomputed
         self.chunk_entries = CHUNK_ENTRIES
         self.cache_bytes = DEFAULT_CACHE_BYTES
+        # the dtype of the per-edge work: "fp32", "bf16" (inference) or "auto" (bf16 for large
+        # graphs on a CPU with native bf16); node terms, statistics and results stay fp32
+        # (see `metaprune.metanet.precision`)
+        self.precision = "fp32"
         # structural columns, normalised slots, slot mask, log RMS of the layer's weights
         self.node_encoder = mlp([NUM_STRUCTURAL + 2 * NUM_SLOTS + 1, hidden, hidden])
         self.edge_encoder = EdgeSetEncoder(hidden)
@@ -165,7 +170,11 @@ class MetaNetwork(nn.Module):
             rms = grid_weight_rms(view, dtype)
         h, slot_scale = self._encode_nodes(x, view.x_param_mask, view.node_layer, rms)
         chunks = chunks_of(view.grids, self.chunk_entries)
-        states = EdgeStates(self, view, chunks, rms.clamp_min(1e-12), dtype, self.cache_bytes)
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        per_edge = edge_dtype(self.precision, sum(grid.num_edges for grid in view.grids), dtype,
+                              training)
+        states = EdgeStates(self, view, chunks, rms.clamp_min(1e-12), dtype, self.cache_bytes,
+                            per_edge)
         for t, block in enumerate(self.blocks):
             forward, reverse = aggregate_round(self, states, chunks, t, h)
             h = block.update_nodes(h, forward, reverse)

@@ -46,6 +46,7 @@ class LoadedMetanet:
 
         loaded = load_metanet("metaprune/checkpoints/metanet.safetensors")
         rewritten = loaded.transform(model, (x,))             # model itself is untouched
+        loaded.precision = "auto"     # bf16 message passing for a large model (inference)
         policy = loaded.layer_keep_ratios(rewritten, (x,), speedup=2.0)
         prune(model, (x,), method="metanet", metanet=loaded, data="mnist1d", speedup=2.0)
     """
@@ -72,6 +73,17 @@ class LoadedMetanet:
         """False when the rewrite is exactly the identity (`MetaNetwork.rewrites_weights`):
         `transform` then copies the module instead of running the message passing."""
         return self.metanet.rewrites_weights
+
+    @property
+    def precision(self) -> str:
+        """The dtype of the metanetwork's per-edge work, for `transform` and the keep ratios:
+        "fp32" (the default), "bf16" or "auto" (bf16 for large graphs on a CPU with native
+        bf16). Set it on this object; see `metaprune.metanet.precision`."""
+        return self.metanet.precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.metanet.precision = value
 
     def transform(self, module: nn.Module, example_inputs: Sequence) -> nn.Module:
         """A new module with the metanetwork's rewritten weights (`module` is left untouched)."""
