@@ -26,7 +26,12 @@ from metaprune.metanet.edges import entry_features
 from metaprune.metanet.precision import amax, lowered
 
 CHUNK_ENTRIES = 1 << 14  # weights (edges x k) per chunk: activations stay in the CPU's cache
-DEFAULT_CACHE_BYTES = 1 << 30  # edge states kept between rounds instead of recomputed
+# edge states kept between rounds instead of recomputed (`cache_budget`): at least 1 GiB, and
+# 48 bytes per weight of the model, so memory stays proportional to the parameters (a
+# ResNet-50: 1.1 GB; a ViT-B/16: 4.1 GB, 38 % of its fp32 states, 76 % in bf16). Caching
+# every state of a 3-block ViT-B took its forward from 40 to 32 CPU s (fp32; 38 to 28 bf16).
+MIN_CACHE_BYTES = 1 << 30
+CACHE_BYTES_PER_WEIGHT = 48
 
 
 @dataclass
@@ -60,6 +65,11 @@ class GraphView:
     @property
     def num_layers(self) -> int:
         return int(self.node_layer.max()) + 1 if self.node_layer.numel() else 0
+
+
+def cache_budget(view: GraphView) -> int:
+    """Bytes of edge states `EdgeStates` may keep for this graph (see `MIN_CACHE_BYTES`)."""
+    return max(MIN_CACHE_BYTES, CACHE_BYTES_PER_WEIGHT * view.edge_attr.numel())
 
 
 @dataclass
