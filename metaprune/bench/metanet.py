@@ -72,10 +72,12 @@ def _numbers(text: str, kind=float) -> list:
 def checkpoint_identity(metanet: str) -> tuple[str, str]:
     """(name, short sha256 of the weights) of the checkpoint(s) the metanet row may use.
 
-    Only the weights are hashed: documentation edits in a checkpoint's JSON (its scope, its
-    training record) do not change what it computes, so they do not invalidate finished runs.
+    Only the weights and the engine's head-strength choice (`metanet_choice.CHOICE_ID`) are
+    hashed: documentation edits in a checkpoint's JSON (its scope, its training record) do not
+    change what it computes, so they do not invalidate finished runs; a new choice does.
     """
     from metaprune.metanet.scope import checkpoint_info, discover_checkpoints
+    from metaprune.pruning.metanet_choice import CHOICE_ID
     from metaprune.pruning.metanet_bridge import CHECKPOINT_DIR
 
     if metanet == "default":
@@ -84,7 +86,7 @@ def checkpoint_identity(metanet: str) -> tuple[str, str]:
     else:
         found = [checkpoint_info(metanet)]
         name = found[0].name
-    digest = hashlib.sha256("".join(info.sha256 for info in found).encode())
+    digest = hashlib.sha256(("".join(info.sha256 for info in found) + CHOICE_ID).encode())
     return name, digest.hexdigest()[:12]
 
 

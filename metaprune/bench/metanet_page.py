@@ -237,7 +237,11 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         + _split_note(runs) + "); speed-ups " + ", ".join(f"{s:g}×" for s in settings["speedups"]) + ".",
         "",
         *([QUICK_NOTE, ""] if settings.get("quick") else []),
-        "Rows: `metanet` = `prune(method=\"metanet\")`; `null-metanet` = the same path with an "
+        "Rows: `metanet` = `prune(method=\"metanet\")`, which blends the sparsity head's "
+        "policy with uniform allocation at a strength chosen per model by the pruned model's "
+        "loss on training batches after BatchNorm recalibration (forward passes only: no "
+        "optimiser step, so the budget is unchanged; never the test data; report key "
+        "`metanet.allocation_choice`; see `metaprune.pruning.metanet_choice`); `null-metanet` = the same path with an "
         "exact-identity metanetwork and no sparsity head (global allocation, the same budget "
         "split), i.e. the metanet path with nothing learned; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
         "pruning; `sparse-learning` = torch-pruning's group sparse-learning penalty "

@@ -47,6 +47,7 @@ from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
 from metaprune.pruning.metanet_bridge import apply_metanet
+from metaprune.pruning.metanet_choice import choose_head_strength, strengths_for, uniform_prior
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
@@ -134,6 +135,7 @@ class _Run:
         self.finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0,
                                 "history": []}
         self.policy_from_metanet = None
+        self.head_choice = None  # how strongly the head's policy was followed, and why
         self.latency_steps = LatencySteps(LatencySettings(batch=request.latency_batch),
                                           request.round_to, measure=request.latency)
 
@@ -269,10 +271,41 @@ class _Run:
         with self.timer.phase("latency"):
             return self.latency_steps.model(self.work, self.example_inputs, self.cost)
 
+    def _metanet_policy(self):
+        """The sparsity head's policy, blended towards uniform allocation as far as a forward
+        pass on training batches says is best for this model (`metanet_choice`)."""
+        if self.head_choice is not None or not self.loaders or self.target is None \
+                or self.target.kind == "latency_speedup":
+            return self.policy_from_metanet
+        # a metanetwork object may fix its own candidates (e.g. one strength: no choice)
+        strengths = getattr(self.metanet, "head_strengths", None) or \
+            strengths_for(self.after_prune)
+        names = {name for name, _ in self.work.named_modules()}
+        goal = self.target.goal(self.cost)
+
+        def counts_of(policy):
+            allocation = policy_allocation(self.groups, self.keys,
+                                           policy_to_groups(policy, self.groups, names))
+            return solve_counts(allocation, self.cost, self.target, goal)
+
+        def remove(counts):
+            return remove_channels(self.work, self.example_inputs, self.groups, self.orders,
+                                   counts)
+
+        with self.timer.phase("choose"):
+            self.policy_from_metanet, self.head_choice = choose_head_strength(
+                self.policy_from_metanet, prior=uniform_prior(self.request.speedup,
+                                                              self.request.params_ratio),
+                counts_of=counts_of, remove=remove, loader=self.loaders[0],
+                strengths=strengths)
+        self.metanet_entry = {**(self.metanet_entry or {}), "allocation_choice": self.head_choice}
+        return self.policy_from_metanet
+
     def _allocation(self):
         """The allocation family the target is bisected over (built after groups are final)."""
         names = {name for name, _ in self.work.named_modules()}
-        policy = self.policy_from_metanet or self.request.policy
+        policy = self._metanet_policy() if self.policy_from_metanet \
+            else self.request.policy
         if policy is not None:
             return policy_allocation(self.groups, self.keys,
                                      policy_to_groups(policy, self.groups, names))

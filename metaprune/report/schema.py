@@ -69,7 +69,9 @@ REPORT_FIELDS = (
     ReportField("allocation", "the allocation used (global, uniform, metanet, policy, ...)",
                 True),
     ReportField("metanet", "the metanetwork checkpoint used: name, sha256, scope and why it "
-                           "was chosen; null without one (or for a loaded object)"),
+                           "was chosen (absent for a loaded object); allocation_choice: the "
+                           "head strengths tried, each one's loss on training batches and the "
+                           "one used (metanet_choice); null without a metanetwork"),
     ReportField("seed", "the fine-tuning seed (FinetuneConfig.seed); data loaders use seed 0"),
     ReportField("seconds", "phase -> wall seconds", True),
 )
