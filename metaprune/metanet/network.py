@@ -11,10 +11,10 @@ from metaprune.graph.features import KIND_OFFSET, NODE_KINDS, SCALAR, SLOT
 from metaprune.metanet.edges import EdgeSetDecoder, EdgeSetEncoder, mlp
 from metaprune.metanet.grids import (
     CHUNK_ENTRIES,
-    DEFAULT_CACHE_BYTES,
     EdgeStates,
     GraphView,
     aggregate_round,
+    cache_budget,
     chunks_of,
     decode_edges,
 )
@@ -103,7 +103,7 @@ class MetaNetwork(nn.Module):
         # how the forward pass walks the edges (no effect on its result): weights per chunk,
         # and the bytes of edge embeddings kept between rounds instead of recomputed
         self.chunk_entries = CHUNK_ENTRIES
-        self.cache_bytes = DEFAULT_CACHE_BYTES
+        self.cache_bytes = None  # None: `grids.cache_budget` of the graph
         # the dtype of the per-edge work: "fp32", "bf16" (inference) or "auto" (bf16 for large
         # graphs on a CPU with native bf16); node terms, statistics and results stay fp32
         # (see `metaprune.metanet.precision`)
@@ -173,8 +173,8 @@ class MetaNetwork(nn.Module):
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         per_edge = edge_dtype(self.precision, sum(grid.num_edges for grid in view.grids), dtype,
                               training)
-        states = EdgeStates(self, view, chunks, rms.clamp_min(1e-12), dtype, self.cache_bytes,
-                            per_edge)
+        cache = cache_budget(view) if self.cache_bytes is None else self.cache_bytes
+        states = EdgeStates(self, view, chunks, rms.clamp_min(1e-12), dtype, cache, per_edge)
         for t, block in enumerate(self.blocks):
             forward, reverse = aggregate_round(self, states, chunks, t, h)
             h = block.update_nodes(h, forward, reverse)
