@@ -7,7 +7,7 @@ Example::
     comparison.speedups[1], comparison.spread(1)    # 1.93, {'before_ms': [...], ...}
 """
 
-from metaprune.latency.allocator import steady_allocator
+from metaprune.latency.allocator import allocator_note, steady_allocator
 from metaprune.latency.layer_model import LayerTimes, measure_layer_times
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_THREADS",
     "LatencyComparison",
     "LayerTimes",
+    "allocator_note",
     "compare_latency",
     "cpu_model",
     "fixed_threads",

@@ -263,8 +263,8 @@ def measure_layer_times(
         if signature not in cached:
             missing.setdefault(signature, name)
     if missing:
-        steady_allocator()  # tables timed as the whole model is (see `compare_latency`)
-        with measurement_lock(progress), fixed_threads(threads):
+        # tables timed as the whole model is (see `compare_latency`)
+        with measurement_lock(progress), fixed_threads(threads), steady_allocator():
             cached = _read_cache(path)  # another process may have timed them meanwhile
             todo = [(s, n) for s, n in missing.items() if s not in cached]
             told = time.perf_counter()

@@ -138,13 +138,14 @@ def compare_latency(
         raise ValueError(f"batch must be at least 1, got {batch}")
     inputs = _at_batch(example_inputs, int(batch))
     clock_name, read_clock = clock_for(threads, clock)
-    allocator = steady_allocator()  # else a fresh process page-faults where an old one does not
     modes = [m.training for m in models]
     for module in models:
         module.eval()
     started = time.perf_counter()
     try:
-        with measurement_lock(progress), fixed_threads(threads):
+        # the allocator: else a process page-faults on every pass where another does not
+        with measurement_lock(progress), fixed_threads(threads), \
+                steady_allocator() as allocator:
             locked_at = time.perf_counter()
             # Warm-up: the first pass allocates buffers and builds kernels; the second estimates
             # the time of one pass, which sizes the inner repeats and the number of rounds.
