@@ -15,10 +15,11 @@ from metaprune.pruning.metanet_bridge import default_checkpoint
 
 # bf16 against fp32, the committed checkpoint with its rewrite on, on the two models below,
 # measured 2026-12-03: rewrite error 0.36-0.54 %, weights within 3.3e-5-4.0e-5 of their
-# layer's RMS, keep ratios within 1.4e-4-3.4e-4. The bounds leave 4-5x of margin.
+# layer's RMS, keep ratios within 4.8e-4-2.2e-3 (1.4e-4-3.4e-4 with the checkpoint before;
+# the keep ratios move with the sparsity head, which meta-training keeps changing).
 REWRITE_TOLERANCE = 2e-2  # |new16 - new32| / |new32 - old|, in norm: the rewrite's own error
 WEIGHT_TOLERANCE = 2e-4  # max |new16 - new32| / the layer's weight RMS
-KEEP_TOLERANCE = 1.5e-3  # max |keep16 - keep32|
+KEEP_TOLERANCE = 1e-2  # max |keep16 - keep32|: under a channel in a hundred
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

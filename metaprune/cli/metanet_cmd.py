@@ -215,6 +215,25 @@ def _register_policy_head(actions) -> None:
     labels.add_argument("--workers", type=int, default=2,
                         help="CPUs of the local Ray, one trial per CPU (default 2)")
     labels.set_defaults(handler=_labels)
+    damage = actions.add_parser(
+        "damage-labels", help="measured per-group damage of corpus training models: labels "
+        "for the sparsity head",
+        description="For every corpus training model, prune each channel group alone by each "
+        "fraction (the engine's criterion), re-estimate BatchNorm on 8 training batches and "
+        "read the loss increase on 4 others (forward passes only); write the allocation with "
+        "the least summed damage at each speed-up as MODEL@Sx.json in --out, in the format "
+        "train-head reads. Models whose labels exist are skipped when re-run.")
+    damage.add_argument("--corpus", required=True, metavar="DIR", help="the corpus folder")
+    damage.add_argument("--out", required=True, metavar="DIR", help="the label folder")
+    damage.add_argument("--speedups", default="2,3,4", help="MACs speed-ups (default 2,3,4)")
+    damage.add_argument("--fractions", default="0.125,0.25,0.375,0.5,0.625,0.75,0.875",
+                        help="shares of a group's channels removed, one try each "
+                        "(default eighths)")
+    damage.add_argument("--criterion", default="l2", help="criterion ordering a group's "
+                        "channels (default l2, the metanet path's)")
+    damage.add_argument("--models", type=int, metavar="K",
+                        help="measure at most K training models (default all)")
+    damage.set_defaults(handler=_damage_labels)
 
     head = actions.add_parser(
         "train-head", help="train only the sparsity head of a checkpoint on policy labels",
@@ -270,6 +289,19 @@ def _labels(args) -> int:
     print(f"{summary['written']} labels written, {summary['skipped']} already there, "
           f"{summary['without_policy']} without a policy meeting the target; "
           f"{summary['seconds']} s now, {summary['search_seconds']} s of searches in all")
+    return 0
+
+
+def _damage_labels(args) -> int:
+    from metaprune.training.damage_labels import DamageSettings, build_damage_labels
+
+    summary = build_damage_labels(DamageSettings(
+        corpus=args.corpus, out_dir=args.out,
+        speedups=tuple(float(value) for value in _names(args.speedups)),
+        fractions=tuple(float(value) for value in _names(args.fractions)),
+        criterion=args.criterion, max_models=args.models))
+    print(f"{summary['written']} labels written, {summary['skipped']} already there; "
+          f"{summary['seconds']} s")
     return 0
 
 

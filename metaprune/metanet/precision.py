@@ -9,8 +9,11 @@ the dtype of that per-edge work only; what needs the range or the digits stays i
 network's dtype (fp32): the weights read from the model and their per-layer RMS, node
 embeddings and every per-node term, the aggregation of messages across chunks (each chunk's
 reduction accumulates in fp32 inside the kernel and is rounded once), the LayerNorm
-statistics of the edge update, and the rewritten weights (``old + delta``, the delta cast up
-before it is added).
+statistics of the edge update (the node parts in fp32; each edge's own sum and norm
+accumulate in fp32 and are rounded once, as casting every edge state up first cost more than
+bf16 saved), and the rewritten weights (``old + delta``, the delta cast up before it is
+added). The edge states themselves (the residual stream of every edge) are bf16, so the
+cache holds twice as many of them.
 
 - ``"fp32"`` (the default): the network's own dtype everywhere; equal to the edge-list
   reference within float rounding.
