@@ -35,10 +35,11 @@ import torch
 
 PRECISIONS = ("fp32", "bf16", "auto")
 # "auto" switches to bf16 from this many edges. Measured (benchmarks/metanet-scale.md, full
-# transform, 1 thread, AMX): bf16 0.77x fp32's speed on ResNet-56 (0.1 M edges), 1.09x on a
-# ResNet-50 (15 M), 1.15x on a ViT-B/16 (86 M); the crossover lies between, not located more
-# finely. "fp32" stays the default: bf16 saves 10-15 % on large models, moves the rewrite by
-# 0.5-0.7 % of itself and keep ratios by up to 1.5e-3, and small graphs run slower in it.
+# transform, 1 thread, AMX): bf16 0.77-0.87x fp32's speed on ResNet-56 (0.1 M edges),
+# 1.05-1.09x on a ResNet-50 (15 M), 1.15x on a ViT-B/16 (86 M); the crossover lies between,
+# not located more finely. "fp32" stays the default: bf16 saves 5-15 % on large models, moves
+# the rewrite by 0.5-0.7 % of itself and keep ratios by up to 1.9e-2 with the damage-trained
+# head (1.5e-3 with the one before), and small graphs run slower in it.
 AUTO_MIN_EDGES = 1 << 22
 
 
