@@ -87,16 +87,9 @@ def measure_group_damage(model, example_inputs, loader, *, fractions=(0.25, 0.5,
 
     from metaprune.pruning import prune
     from metaprune.pruning.graph_groups import plan_channel_groups
-    from metaprune.pruning.latency_choice import fixed_batches
-    from metaprune.pruning.metanet_choice import (
-        CALIBRATION_BATCHES,
-        SCORE_BATCHES,
-        recalibrated_loss,
-    )
+    from metaprune.pruning.metanet_choice import calibration_and_scoring, recalibrated_loss
 
-    batches = fixed_batches(loader, CALIBRATION_BATCHES + SCORE_BATCHES)
-    split = max(1, len(batches) - SCORE_BATCHES)
-    calibration, scoring = batches[:split], batches[split:] or batches
+    calibration, scoring = calibration_and_scoring(loader)
     with torch.no_grad():
         dense_loss = recalibrated_loss(copy.deepcopy(model), calibration, scoring)
     _, groups = plan_channel_groups(copy.deepcopy(model), example_inputs)

@@ -60,6 +60,13 @@ def blended_policy(head: dict[str, float], prior: float, strength: float) -> dic
             for name, ratio in head.items()}
 
 
+def calibration_and_scoring(loader) -> tuple[list, list]:
+    """The fixed training batches that re-estimate BatchNorm, and the others that score."""
+    batches = fixed_batches(loader, CALIBRATION_BATCHES + SCORE_BATCHES)
+    split = max(1, len(batches) - SCORE_BATCHES)
+    return batches[:split], batches[split:] or batches
+
+
 def recalibrated_loss(model: nn.Module, calibration, scoring) -> float:
     """Loss on `scoring` after BatchNorm statistics are re-estimated on `calibration` (as the
     engine's budget-0 fine-tune does, on fewer batches). Changes `model`'s BatchNorm only."""
@@ -92,9 +99,7 @@ def choose_head_strength(head: dict[str, float], *, prior: float,
     if len(policies) == 1:
         return policies[0], {"candidates": [{"head_strength": strengths[0], "loss": None}],
                              "chosen": 0, "head_strength": strengths[0], "scored_on": None}
-    batches = fixed_batches(loader, CALIBRATION_BATCHES + SCORE_BATCHES)
-    split = max(1, len(batches) - SCORE_BATCHES)
-    calibration, scoring = batches[:split], batches[split:] or batches
+    calibration, scoring = calibration_and_scoring(loader)
 
     def loss_of(policy) -> float:
         try:
