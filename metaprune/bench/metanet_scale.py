@@ -72,8 +72,7 @@ def rewrite_switched_on(loaded):
     torch.manual_seed(0)
     fresh = MetaNetwork(**metanet.config)
     with torch.no_grad():
-        for mine, new in ((metanet.node_decoder[-1], fresh.node_decoder[-1]),
-                          (metanet.edge_decoder.out[-1], fresh.edge_decoder.out[-1])):
+        for mine, new in zip(metanet.rewrite_layers()[:-1], fresh.rewrite_layers()[:-1]):
             mine.weight.copy_(new.weight)
             mine.bias.copy_(new.bias)
         metanet.rewrite_gain.fill_(1.0)  # a fresh network's gain starts at 0 (the identity)
