@@ -93,3 +93,18 @@ def test_a_linear_checkpoint_round_trips_and_its_config_is_checked(tmp_path, gra
             validate_config({**good, **bad})
     old_style = {key: value for key, value in good.items() if key not in ("message", "rank")}
     assert validate_config({**old_style, "aggregations": ["sum"]})["message"] == "mlp"
+
+
+def test_metanet_init_writes_an_untrained_linear_checkpoint(tmp_path, graphs):
+    from metaprune.cli.main import main as cli_main
+    from metaprune.metanet import load_metanet
+
+    path = tmp_path / "fresh.safetensors"
+    assert cli_main(["metanet", "init", "--out", str(path), "--hidden", "8", "--seed", "3"]) == 0
+    loaded = load_metanet(str(path))
+    assert loaded.metanet.message == "linear" and not loaded.rewrites_weights
+    assert not loaded.head_trained  # the engine allocates globally until train-head has run
+    torch.manual_seed(3)
+    same = MetaNetwork(hidden=8, message="linear", gate_range=3.0)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.metanet.state_dict().values(),
+                                                 same.state_dict().values()))
