@@ -31,13 +31,13 @@ def _zoo(family, shape, **overrides):
     return zoo.build(family, config).eval(), zoo.example_inputs(config)
 
 
-def _small_resnet():
+def small_resnet():
     return _zoo("resnet", (3, 12, 12), depth=8, stage_widths=[4, 8, 8])
 
 
 def _models():
     yield from (build(name) for name in MODELS)
-    yield _small_resnet()
+    yield small_resnet()
     yield _zoo("mobilenetv2", (3, 12, 12), stem_width=6, blocks=[
         {"hidden": 12, "out": 6, "stride": 1, "residual": True}])
     yield _zoo("vit", (3, 12, 12), embed_dim=12, blocks=[{"heads": 3, "mlp": 24}])
@@ -66,6 +66,19 @@ def _rewriting(metanet: MetaNetwork) -> MetaNetwork:
 
 def _max_difference(a, b) -> float:
     return max(float((u - v).abs().max()) for u, v in zip(a, b))
+
+
+def training_gradients(metanet, model, graph, inputs, forward) -> dict[str, torch.Tensor]:
+    """Gradients in `metanet` of a meta-training loss (the task loss of the rewritten `model`
+    plus the keep ratios' sum) computed from ``forward() -> (new_x, new_edge_attr, keep)``."""
+    labels = torch.arange(inputs.shape[0]) % 4
+    metanet.zero_grad()
+    new_x, new_edge_attr, keep = forward()
+    params = parameters_from_features(graph, new_x, new_edge_attr)
+    logits = torch.func.functional_call(model, params, (inputs,))
+    (F.cross_entropy(logits, labels) + keep.sum()).backward()
+    return {name: p.grad.clone() for name, p in metanet.named_parameters()
+            if p.grad is not None}
 
 
 @pytest.mark.parametrize("chunk_entries,cache_bytes",
@@ -99,24 +112,16 @@ def test_every_aggregation_matches_the_oracle(graphs, aggregations):
 
 
 def test_meta_training_gradients_match_the_oracle():
-    model, (inputs,) = _small_resnet()
+    model, (inputs,) = small_resnet()
     graph = to_graph(model, (inputs,))
-    labels = torch.arange(inputs.shape[0]) % 4
     torch.manual_seed(0)
     metanet = _rewriting(MetaNetwork(hidden=16, num_layers=2, gate_range=3.0))
     metanet.chunk_entries, metanet.cache_bytes = 128, 4096  # some cached, some recomputed
 
-    def gradients(forward):
-        metanet.zero_grad()
-        new_x, new_edge_attr, keep = forward()
-        params = parameters_from_features(graph, new_x, new_edge_attr)
-        logits = torch.func.functional_call(model, params, (inputs,))
-        (F.cross_entropy(logits, labels) + keep.sum()).backward()
-        return {name: p.grad.clone() for name, p in metanet.named_parameters()
-                if p.grad is not None}
-
-    new = gradients(lambda: metanet(graph, speedup=2.0))
-    oracle = gradients(lambda: scatter_forward(metanet, graph.data, speedup=2.0))
+    new = training_gradients(metanet, model, graph, inputs,
+                             lambda: metanet(graph, speedup=2.0))
+    oracle = training_gradients(metanet, model, graph, inputs,
+                                lambda: scatter_forward(metanet, graph.data, speedup=2.0))
     assert set(new) == set(oracle)
     assert new["edge_encoder.entry.0.weight"].abs().sum() > 0  # through every round
     for name in oracle:
@@ -126,7 +131,7 @@ def test_meta_training_gradients_match_the_oracle():
 
 
 def test_the_edge_list_is_built_only_on_request():
-    graph = to_graph(*_small_resnet())
+    graph = to_graph(*small_resnet())
     with torch.no_grad():
         MetaNetwork(hidden=8, num_layers=1)(graph)
         graph.write_back()
@@ -151,7 +156,7 @@ def test_a_switched_off_rewrite_is_the_identity_so_transform_may_skip_it(graphs,
         for graph in graphs:
             new_x, new_edge_attr, _ = committed(graph)
             assert torch.equal(new_x, graph.x) and torch.equal(new_edge_attr, graph.edge_attr)
-    model, inputs = _small_resnet()
+    model, inputs = small_resnet()
     copied = LoadedMetanet(committed).transform(model, inputs)
     assert copied is not model
     for (name, before), after in zip(model.state_dict().items(),

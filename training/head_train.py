@@ -300,18 +300,18 @@ def train_head(settings: HeadTrainSettings, *, log: Callable[[str], None] | None
 def head_only_checkpoint(source, out) -> dict:
     """Writes `source` with its weight rewrite switched off: the sparsity head alone remains.
 
-    The last layers of the node, edge and gate decoders are zeroed, so every delta is exactly 0
-    and every channel gate exactly exp(0) = 1: `transform` returns the model bit for bit, while
-    the message passing and the trained head still allocate. This is what ships when no
-    trained rewrite beats the null metanetwork on the validation split (see the README).
+    The last layers of the node, edge and gate decoders (`MetaNetwork.rewrite_layers`) are
+    zeroed, so every delta is exactly 0 and every channel gate exactly exp(0) = 1: `transform`
+    returns the model bit for bit, while the message passing and the trained head still
+    allocate. This is what ships when no trained rewrite beats the null metanetwork on the
+    validation split (see the README).
     Returns the new checkpoint's training record.
     """
     from metaprune.metanet import read_metanet
 
     metanet, document = read_metanet(source)
     with torch.no_grad():
-        for last in (metanet.node_decoder[-1], metanet.edge_decoder.out[-1],
-                     metanet.gate_decoder[-1]):
+        for last in metanet.rewrite_layers():
             last.weight.zero_()
             last.bias.zero_()
     training = dict(document.get("training", {}))

@@ -4,7 +4,8 @@
 metaprune.training.metatrain_speed``) and reports the JSON it prints: the same `meta_loss`
 (task + group lasso + pruned loss) and AdamW steps, the metanetwork's forward once on edge
 lists (`metaprune.metanet.scatter_reference`, the formulation before edge grids) and once on
-edge grids (`MetaNetwork.forward`).
+edge grids (`MetaNetwork.forward`); and the "linear" message kind (`linear_messages`, same width
+and rounds) with its own AdamW.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def measure(steps: int = 6, repeats: int = 3) -> dict:
         tasks = CorpusTasks(folder, batch_size=64)
         torch.manual_seed(0)
         metanet = MetaNetwork(hidden=32, num_layers=3, gate_range=3.0).train()
-        optimizer = torch.optim.AdamW(metanet.parameters(), lr=1e-3)
+        linear = MetaNetwork(hidden=32, num_layers=3, gate_range=3.0, message="linear").train()
+        optimizers = {id(net): torch.optim.AdamW(net.parameters(), lr=1e-3)
+                      for net in (metanet, linear)}
         ids, speedups = tasks.train_ids, (1.5, 2.0, 3.0)
 
         def run_steps(forward, count):
+            optimizer = optimizers[id(getattr(forward, "metanet", forward))]
             began = time.perf_counter()
             for step in range(count):
                 loss = meta_loss(forward, tasks, ids[step % len(ids)], speedups[step % 3],
@@ -64,7 +68,7 @@ def measure(steps: int = 6, repeats: int = 3) -> dict:
                 optimizer.step()
             return count / (time.perf_counter() - began)
 
-        forwards = {"before": EdgeListMetanet(metanet), "after": metanet}
+        forwards = {"before": EdgeListMetanet(metanet), "after": metanet, "linear": linear}
         for forward in forwards.values():
             run_steps(forward, len(ids))  # warm-up: every task loaded, every graph built
         rates = {label: [] for label in forwards}
@@ -74,7 +78,8 @@ def measure(steps: int = 6, repeats: int = 3) -> dict:
         params = [tasks.meta[i]["params"] for i in ids]
     return {"models": len(ids), "model_params": params, "steps": steps,
             "before_steps_per_s": statistics.median(rates["before"]),
-            "after_steps_per_s": statistics.median(rates["after"]), "runs": rates}
+            "after_steps_per_s": statistics.median(rates["after"]),
+            "linear_steps_per_s": statistics.median(rates["linear"]), "runs": rates}
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,8 @@
 """The metanetwork at real model sizes: `transform()` seconds and peak memory beside torch-pruning.
 
-For each model (ResNet-56 at 32², a ResNet-50 at 224², a ViT-B/16 at 224² with
-``nn.MultiheadAttention``) and each `--precision`, one fresh process (`measure_transform`)
+For each checkpoint of `--metanets` (message kind "mlp" or "linear"), each model (ResNet-56 at
+32², a ResNet-50 at 224², a ViT-B/16 at 224² with ``nn.MultiheadAttention``) and each
+`--precision` ("mlp" only), one fresh process (`measure_transform`)
 builds the model, times `to_graph` and `write_back`, then the anchor (torch-pruning's
 ``DependencyGraph().build_dependency`` plus one forward/backward, median of 3), the whole
 `transform(model, inputs)` of the shipped checkpoint with its weight rewrite switched back on
@@ -14,7 +15,8 @@ anchor (the peak is reset before the transform). With bf16 among the precisions,
 The ratio full transform / anchor is the figure that travels between machines; seconds per million
 parameters tells whether the cost is linear in size. `--metatrain` adds meta-training steps/s
 (`python -m metaprune.training.metatrain_speed`: the edge-list formulation of before, kept as
-`metaprune.metanet.scatter_reference`, against the grid one; median of 3), and `--prune` a
+`metaprune.metanet.scatter_reference`, against the grid one and the linear message kind; median
+of 3), and `--prune` a
 ``prune(method="metanet")`` of the ResNet-50 with 64 random 224² samples. Everything runs on
 `--threads` torch threads (default 1: on a shared 2-core machine one thread per process is the
 steadiest).
@@ -72,8 +74,7 @@ def rewrite_switched_on(loaded):
     torch.manual_seed(0)
     fresh = MetaNetwork(**metanet.config)
     with torch.no_grad():
-        for mine, new in ((metanet.node_decoder[-1], fresh.node_decoder[-1]),
-                          (metanet.edge_decoder.out[-1], fresh.edge_decoder.out[-1])):
+        for mine, new in zip(metanet.rewrite_layers()[:-1], fresh.rewrite_layers()[:-1]):
             mine.weight.copy_(new.weight)
             mine.bias.copy_(new.bias)
         metanet.rewrite_gain.fill_(1.0)  # a fresh network's gain starts at 0 (the identity)
@@ -97,14 +98,18 @@ def _anchor(model, inputs, repeats: int) -> dict:
             "runs": times, "cpu_runs": cpu_times}
 
 
-def measure_transform(name: str, precision: str = "fp32", anchor_repeats: int = 3) -> dict:
+def measure_transform(name: str, precision: str = "fp32", anchor_repeats: int = 3,
+                      checkpoint: str = "default") -> dict:
     """Child process: one model's figures, the anchor timed in the same process around the
-    transform, so both see the same minutes of load.
+    transform, so both see the same minutes of load. `checkpoint` is the metanetwork measured
+    (a name for `load_metanet` or a path).
 
     In order: build the model; time `to_graph` and `write_back`; the anchor (`_anchor`); the
     whole `transform(model, inputs)` of the shipped checkpoint with its rewrite switched on
     (`rewrite_switched_on`), per-edge work in `precision`; the anchor again; the shipped
-    checkpoint's own `transform` (a copy: its rewrite is off). The peak resident set is reset
+    checkpoint's own `transform` (a copy: its rewrite is off); its `layer_keep_ratios` at 2x
+    (what every `prune(method="metanet")` pays: graph, message passing, head, group policy).
+    The peak resident set is reset
     (``/proc/self/clear_refs``) after the first anchor, so VmHWM is the larger of the peak
     while building the model and converting it, and the peak from the transform's start (the
     model and what the anchor left resident included): the anchor's backward never sets it.
@@ -129,7 +134,7 @@ def measure_transform(name: str, precision: str = "fp32", anchor_repeats: int = 
     del graph
     build_peak = _vmhwm_mib()
     before = _anchor(model, inputs, anchor_repeats)
-    shipped = metaprune.load_metanet("default")
+    shipped = metaprune.load_metanet(checkpoint)
     metanet = rewrite_switched_on(shipped)
     metanet.precision = precision
     gc.collect()
@@ -143,16 +148,21 @@ def measure_transform(name: str, precision: str = "fp32", anchor_repeats: int = 
     began = time.perf_counter()
     shipped.transform(model, inputs)
     shipped_s = time.perf_counter() - began
+    began, cpu = time.perf_counter(), time.process_time()
+    shipped.layer_keep_ratios(model, inputs, speedup=2.0)
+    keep_s, keep_cpu_s = time.perf_counter() - began, time.process_time() - cpu
     with torch.no_grad():
         before_out, after_out = model(*inputs), rewritten(*inputs)
     change = float((after_out - before_out).norm() / before_out.norm())
-    return {"model": name, "precision": precision, "params": params, "nodes": nodes,
+    return {"model": name, "precision": precision, "checkpoint": checkpoint,
+            "message": metanet.metanet.message, "params": params, "nodes": nodes,
             "edges": edges, "to_graph_s": to_graph_s, "write_back_s": write_back_s,
             "transform_s": transform_s, "transform_cpu_s": transform_cpu_s,
             "anchor_before": before, "anchor_after": after,
             "anchor_s": (before["s"] + after["s"]) / 2,
             "anchor_cpu_s": (before["cpu_s"] + after["cpu_s"]) / 2,
-            "shipped_transform_s": shipped_s, "rewrites": metanet.rewrites_weights,
+            "shipped_transform_s": shipped_s, "keep_ratios_s": keep_s,
+            "keep_ratios_cpu_s": keep_cpu_s, "rewrites": metanet.rewrites_weights,
             "vmhwm_mib": max(build_peak, transform_peak), "build_vmhwm_mib": build_peak,
             "transform_vmhwm_mib": transform_peak, "output_change": change}
 
@@ -246,6 +256,10 @@ def _run_json(command: list[str]) -> dict:
 
 
 def add_arguments(parser) -> None:
+    parser.add_argument("--metanets", nargs="+", default=["default"], metavar="CKPT",
+                        help="checkpoints to measure, rows each (names for load_metanet or "
+                             "paths; default: default). A linear-kind checkpoint gets fp32 rows "
+                             "only: --precision does not apply to it")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="models to measure (default: all three)")
     parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "auto"),
@@ -272,14 +286,30 @@ def _row(figures: dict) -> tuple[str, dict]:
                "cpu_ratio": figures["transform_cpu_s"] / figures["anchor_cpu_s"],
                "seconds_per_million": figures["transform_cpu_s"] / (figures["params"] / 1e6),
                "shipped_ratio": figures["shipped_transform_s"] / figures["anchor_s"]}
-    row = (f"| {figures['model']} | {figures['precision']} | {figures['params']:,} "
+    row = (f"| {figures['checkpoint']} ({figures['message']}) | {figures['model']} "
+           f"| {figures['precision']} | {figures['params']:,} "
            f"| {figures['edges']:,} | {figures['to_graph_s']:.2f} | {figures['write_back_s']:.2f} "
            f"| {figures['transform_s']:.2f} ({figures['transform_cpu_s']:.2f}) "
            f"| {before['s']:.2f} ({before['cpu_s']:.2f}) | {after['s']:.2f} ({after['cpu_s']:.2f}) "
            f"| {derived['ratio']:.1f}x | {derived['cpu_ratio']:.1f}x "
            f"| {derived['seconds_per_million']:.2f} | {figures['vmhwm_mib']:,.0f} "
-           f"| {figures['shipped_transform_s']:.2f} | {derived['shipped_ratio']:.2f}x |")
+           f"| {figures['shipped_transform_s']:.2f} | {derived['shipped_ratio']:.2f}x "
+           f"| {figures['keep_ratios_s']:.2f} ({figures['keep_ratios_cpu_s']:.2f}) |")
     return row, derived
+
+
+def _precisions(checkpoint: str, precisions: list[str]) -> list[str]:
+    """The precisions a checkpoint is measured at: all for the "mlp" kind, fp32 for "linear"
+    (its per-edge work ignores the setting)."""
+    from metaprune.metanet import load_metanet
+
+    return precisions if load_metanet(checkpoint).metanet.message == "mlp" else ["fp32"]
+
+
+def _key(checkpoint: str, name: str, precision: str) -> str:
+    """The figures' key of a row: the default checkpoint's keep the names of before."""
+    key = name if precision == "fp32" else f"{name}/{precision}"
+    return key if checkpoint == "default" else f"{checkpoint}:{key}"
 
 
 def run(args) -> int:
@@ -306,32 +336,42 @@ def run(args) -> int:
         "seconds; the CPU-time ratios (process CPU seconds of the same calls) are the steadier "
         "figure. s per M params is of CPU seconds.",
         "",
-        "| model | precision | params | edges | to_graph s | write_back s "
+        "**metanet** is the checkpoint measured and its message kind: `mlp` (an MLP on every "
+        "edge, `metaprune.metanet.layers`) or `linear` (messages linear in the weights, a matmul "
+        "per weight block, `metaprune.metanet.linear_messages`; its per-edge work is always in "
+        "the network's dtype, so it gets fp32 rows only). **keep ratios s** is the checkpoint's "
+        "`layer_keep_ratios(model, inputs, speedup=2.0)`, what every `prune(method=\"metanet\")` "
+        "pays (graph, message passing, head, group policy).",
+        "",
+        "| metanet | model | precision | params | edges | to_graph s | write_back s "
         "| full transform s (CPU s) | anchor before s (CPU s) | anchor after s (CPU s) "
         "| full / anchor, wall | full / anchor, CPU | s per M params | VmHWM MiB "
-        "| shipped transform s | shipped / anchor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shipped transform s | shipped / anchor | keep ratios s (CPU s) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     figures = {}
-    for name in args.models:
-        for precision in args.precision:
-            key = name if precision == "fp32" else f"{name}/{precision}"
-            result = _child(f"measure_transform({name!r}, {precision!r})", args.threads)
+    measured = [(checkpoint, precision) for checkpoint in args.metanets
+                for precision in _precisions(checkpoint, args.precision)]
+    for checkpoint, precision in measured:
+        for name in args.models:
+            key = _key(checkpoint, name, precision)
+            result = _child(f"measure_transform({name!r}, {precision!r}, "
+                            f"checkpoint={checkpoint!r})", args.threads)
             figures[key] = result
             if "error" in result:
-                row = f"| {name} | {precision} | failed: {result['error']} |"
+                row = f"| {checkpoint} | {name} | {precision} | failed: {result['error']} |"
             else:
                 row, derived = _row(result)
                 result.update(derived)
             lines.append(row)
             print(row, flush=True)
-    for precision in args.precision:
-        per_million = [figures.get(n if precision == "fp32" else f"{n}/{precision}", {})
+    for checkpoint, precision in measured:
+        per_million = [figures.get(_key(checkpoint, n, precision), {})
                        .get("seconds_per_million") for n in ("resnet50", "vit_b16")]
         if all(per_million):
-            line = (f"\nCPU seconds per million parameters ({precision} full transform), "
-                    f"max / min over ResNet-50 and ViT-B/16: "
+            line = (f"\nCPU seconds per million parameters ({checkpoint}, {precision} full "
+                    f"transform), max / min over ResNet-50 and ViT-B/16: "
                     f"{max(per_million) / min(per_million):.2f}")
             lines.append(line)
             print(line, flush=True)
@@ -377,7 +417,8 @@ def run(args) -> int:
                 f"{rates.get('steps')} steps; {rates.get('models')} mnist1d corpus models of "
                 f"{rates.get('model_params')} parameters): edge list (before) "
                 f"{rates.get('before_steps_per_s', float('nan')):.2f}, grids (after) "
-                f"{rates.get('after_steps_per_s', float('nan')):.2f}"
+                f"{rates.get('after_steps_per_s', float('nan')):.2f}, linear message kind "
+                f"{rates.get('linear_steps_per_s', float('nan')):.2f}"
                 if "error" not in rates else f"\nmeta-training: failed: {rates['error']}")
         lines.append(line)
         print(line, flush=True)

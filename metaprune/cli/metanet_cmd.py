@@ -196,6 +196,20 @@ def _register_policy_head(actions) -> None:
     head_only.add_argument("--metanet", required=True, metavar="CKPT")
     head_only.add_argument("--out", required=True, metavar="CKPT")
     head_only.set_defaults(handler=_head_only)
+    init = actions.add_parser(
+        "init", help="a fresh (untrained) metanetwork checkpoint, e.g. to train a head on",
+        description="Write a seeded, untrained MetaNetwork: its rewrite is exactly the identity "
+        "(rewrite gain 0) and its head untrained; `train-head` then trains the head on it.")
+    init.add_argument("--out", required=True, metavar="CKPT",
+                      help="the checkpoint (.safetensors, + .json beside it)")
+    init.add_argument("--message", choices=("mlp", "linear"), default="linear",
+                      help="message kind (default linear: messages linear in the weights)")
+    init.add_argument("--hidden", type=int, default=32, help="embedding width (default 32)")
+    init.add_argument("--rounds", type=int, default=3, help="message rounds (default 3)")
+    init.add_argument("--gate-range", type=float, default=3.0,
+                      help="channel gates shrink by up to exp(-R) (default 3)")
+    init.add_argument("--seed", type=int, default=0, help="torch seed of the weights")
+    init.set_defaults(handler=_init)
     labels = actions.add_parser(
         "labels", help="tuned policies of corpus training models: the sparsity head's labels",
         description="Run the Ray Tune policy search on corpus training models at each speed-up "
@@ -361,6 +375,21 @@ def _print_evidence(evidence: list) -> None:
                 "dropped_energy", "dropped_energy_rewritten"):
         mean, error = mean_and_error([row[key] for row in evidence])
         print(f"mean {key}: {mean:.4f} ± {error:.4f}")
+
+
+def _init(args) -> int:
+    import torch
+
+    from metaprune.metanet import MetaNetwork, save_metanet
+
+    torch.manual_seed(args.seed)
+    metanet = MetaNetwork(hidden=args.hidden, num_layers=args.rounds, message=args.message,
+                          gate_range=args.gate_range)
+    save_metanet(metanet, args.out, training={
+        "backbone": f"untrained (torch seed {args.seed}, `metaprune metanet init`)",
+        "rewrite": "off: untrained (rewrite gain 0, exact identity)"})
+    print(f"wrote {args.out} ({args.message} messages, {metanet.num_parameters} parameters)")
+    return 0
 
 
 def _head_only(args) -> int:

@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from metaprune.errors import ModelFormatError
-from metaprune.metanet.network import MetaNetwork
+from metaprune.metanet.linear_messages import LINEAR_AGGREGATIONS
+from metaprune.metanet.network import MESSAGE_KINDS, MetaNetwork
 from metaprune.metanet.scope import portable_record, scope_of
 
 FORMAT = "metaprune-metanet"
@@ -85,7 +86,9 @@ def _positive_int(config: dict, key: str, high: int, low: int = 1) -> int:
 def validate_config(config) -> dict:
     """`MetaNetwork` keyword arguments from a config read from a file, every value checked."""
     expected = {"hidden", "num_layers", "aggregations", "residual_scale", "head_hidden"}
-    optional = {"gate_range"}  # absent in checkpoints made before channel gates: no gate
+    # absent in checkpoints made before channel gates (no gate) and before the linear
+    # message kind ("mlp")
+    optional = {"gate_range", "message", "rank"}
     if not isinstance(config, dict) or not expected <= set(config) <= expected | optional:
         keys = sorted(config) if isinstance(config, dict) else type(config).__name__
         raise ModelFormatError(f"metanetwork config must have the keys {sorted(expected)} "
@@ -95,12 +98,17 @@ def validate_config(config) -> dict:
             or not math.isfinite(gate_range) or not 0 <= gate_range <= MAX_GATE_RANGE:
         raise ModelFormatError(f"metanetwork config 'gate_range' must be a number in "
                                f"[0, {MAX_GATE_RANGE}], got {gate_range!r}")
+    message = config.get("message", "mlp")
+    if message not in MESSAGE_KINDS:
+        raise ModelFormatError(f"metanetwork config 'message' must be one of "
+                               f"{list(MESSAGE_KINDS)}, got {message!r}")
+    allowed = AGGREGATIONS if message == "mlp" else LINEAR_AGGREGATIONS
     aggregations = config["aggregations"]
     if (not isinstance(aggregations, list) or not aggregations
-            or any(a not in AGGREGATIONS for a in aggregations)
+            or any(a not in allowed for a in aggregations)
             or len(set(aggregations)) != len(aggregations)):
         raise ModelFormatError(f"metanetwork config 'aggregations' must be a non-empty list of "
-                               f"distinct names from {list(AGGREGATIONS)}, got {aggregations!r}")
+                               f"distinct names from {list(allowed)}, got {aggregations!r}")
     scale = config["residual_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or not 0 < scale <= 1:
@@ -113,6 +121,8 @@ def validate_config(config) -> dict:
         "residual_scale": float(scale),
         "head_hidden": _positive_int(config, "head_hidden", MAX_WIDTH),
         "gate_range": float(gate_range),
+        "message": message,
+        "rank": _positive_int({"rank": config.get("rank", 8)}, "rank", MAX_WIDTH),
     }
 
 

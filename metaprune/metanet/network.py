@@ -20,6 +20,14 @@ from metaprune.metanet.grids import (
 )
 from metaprune.metanet.grids import layer_weight_rms as grid_weight_rms
 from metaprune.metanet.layers import BidirectionalBlock
+from metaprune.metanet.linear_messages import (
+    DEFAULT_LINEAR_AGGREGATIONS,
+    LINEAR_CHUNK_ENTRIES,
+    LinearMessageBlock,
+    LowRankEdgeDecoder,
+    linear_decode_edges,
+    linear_rounds,
+)
 from metaprune.metanet.precision import edge_dtype
 
 NUM_SLOTS = len(PARAM_SLOTS)
@@ -32,6 +40,10 @@ MIN_PRIOR_KEEP, MAX_PRIOR_KEEP = 0.05, 0.99
 GATED_KINDS = tuple(KIND_OFFSET + NODE_KINDS.index(kind)
                     for kind in ("conv", "conv_transpose", "linear"))
 MAX_GATE_GROWTH = 0.5  # a gate shrinks a channel by up to exp(-gate_range), grows it by e^0.5
+# how messages are computed: "mlp" (`layers.BidirectionalBlock`: an MLP on every edge, edge
+# states updated every round) or "linear" (`linear_messages`: messages linear in the weights,
+# a matmul per weight block, no per-edge state; ~100x cheaper on large models)
+MESSAGE_KINDS = ("mlp", "linear")
 
 
 def prior_keep_ratio(speedup: torch.Tensor) -> torch.Tensor:
@@ -70,6 +82,12 @@ class MetaNetwork(nn.Module):
         residual_scale: multiplies every delta; small, so a trained rewrite starts gently.
         head_hidden: width of the per-layer sparsity head's MLP.
         gate_range: the most a channel gate shrinks a channel, in log units (0: no gate).
+        message: one of `MESSAGE_KINDS`. "linear" passes messages linear in the edge weights
+            (`metaprune.metanet.linear_messages`), aggregated with `aggregations` from
+            ``("mean", "norm_sum")`` (None: both), and rewrites weights with a low-rank
+            `LowRankEdgeDecoder` of rank `rank`; "mlp" (the default, every checkpoint made
+            before the linear kind) runs an MLP on every edge.
+        rank: rank of the linear kind's weight rewrite (unused by "mlp").
 
     Example::
 
@@ -79,42 +97,59 @@ class MetaNetwork(nn.Module):
         new_x, new_edge_attr, keep = metanet(graph, speedup=2.0)
         rewritten = graph.write_back(new_x.detach(), new_edge_attr.detach())
         keep.shape                                   # [len(graph.layers)]
+        fast = MetaNetwork(hidden=32, num_layers=3, message="linear")  # for large models
     """
 
     def __init__(
         self,
         hidden: int = 32,
         num_layers: int = 3,
-        aggregations: Sequence[str] = ("sum", "mean", "max"),
+        aggregations: Sequence[str] | None = None,
         residual_scale: float = 1e-3,
         head_hidden: int = 32,
         gate_range: float = 0.0,
+        message: str = "mlp",
+        rank: int = 8,
     ):
         super().__init__()
+        if message not in MESSAGE_KINDS:
+            raise ValueError(f"message must be one of {MESSAGE_KINDS}, got {message!r}")
+        if aggregations is None:
+            aggregations = ("sum", "mean", "max") if message == "mlp" \
+                else DEFAULT_LINEAR_AGGREGATIONS
         self.config = {
             "hidden": int(hidden), "num_layers": int(num_layers),
             "aggregations": list(aggregations), "residual_scale": float(residual_scale),
             "head_hidden": int(head_hidden), "gate_range": float(gate_range),
         }
+        if message != "mlp":  # an "mlp" config stays as every checkpoint before wrote it
+            self.config.update(message=message, rank=int(rank))
+        self.message = message
         self.residual_scale = float(residual_scale)
         # ReZero-style: 0 makes the untrained rewrite exactly the identity (see the docstring)
         self.rewrite_gain = nn.Parameter(torch.zeros(()))
         self.gate_range = float(gate_range)
         # how the forward pass walks the edges (no effect on its result): weights per chunk,
         # and the bytes of edge embeddings kept between rounds instead of recomputed
-        self.chunk_entries = CHUNK_ENTRIES
+        self.chunk_entries = CHUNK_ENTRIES if message == "mlp" else LINEAR_CHUNK_ENTRIES
         self.cache_bytes = None  # None: `grids.cache_budget` of the graph
         # the dtype of the per-edge work: "fp32", "bf16" (inference) or "auto" (bf16 for large
         # graphs on a CPU with native bf16); node terms, statistics and results stay fp32
-        # (see `metaprune.metanet.precision`)
+        # (see `metaprune.metanet.precision`; the linear kind always runs in its own dtype)
         self.precision = "fp32"
         # structural columns, normalised slots, slot mask, log RMS of the layer's weights
         self.node_encoder = mlp([NUM_STRUCTURAL + 2 * NUM_SLOTS + 1, hidden, hidden])
-        self.edge_encoder = EdgeSetEncoder(hidden)
-        self.blocks = nn.ModuleList(
-            BidirectionalBlock(hidden, aggregations) for _ in range(num_layers))
+        # (modules made in the order of before: a seeded "mlp" network draws the same weights)
+        if message == "mlp":
+            self.edge_encoder = EdgeSetEncoder(hidden)
+            self.blocks = nn.ModuleList(
+                BidirectionalBlock(hidden, aggregations) for _ in range(num_layers))
+        else:  # edges carry fixed features of their weights, no learned embedding
+            self.blocks = nn.ModuleList(
+                LinearMessageBlock(hidden, aggregations) for _ in range(num_layers))
         self.node_decoder = mlp([hidden, hidden, NUM_SLOTS])
-        self.edge_decoder = EdgeSetDecoder(hidden)
+        self.edge_decoder = EdgeSetDecoder(hidden) if message == "mlp" \
+            else LowRankEdgeDecoder(hidden, rank)
         self.gate_decoder = mlp([hidden, hidden, 1])
         # per layer: mean and max node embedding, mean structure, log width, log speed-up
         self.sparsity_head = mlp([2 * hidden + NUM_STRUCTURAL + 2, head_hidden, 1])
@@ -122,7 +157,8 @@ class MetaNetwork(nn.Module):
             # small last layers: deltas start O(0.1) (the untrained rewrite is near-identity)
             # and keep ratios start at the uniform prior; training moves away from both
             # (zero biases: a shared offset would shift every weight of the model one way)
-            for last in (self.node_decoder[-1], self.edge_decoder.out[-1]):
+            for last in [self.node_decoder[-1]] + ([self.edge_decoder.out[-1]]
+                                                   if message == "mlp" else []):
                 last.weight.mul_(0.5)
                 last.bias.zero_()
             self.sparsity_head[-1].weight.mul_(0.01)
@@ -138,10 +174,20 @@ class MetaNetwork(nn.Module):
         decoder's too (``exp(0)``). A head-only checkpoint is such a network."""
         if self.residual_scale == 0 or float(self.rewrite_gain.detach()) == 0:
             return False
-        lasts = [self.node_decoder[-1], self.edge_decoder.out[-1]]
-        if self.gate_range > 0:
-            lasts.append(self.gate_decoder[-1])
+        lasts = self.rewrite_layers()
+        if self.gate_range <= 0:
+            lasts.remove(self.gate_decoder[-1])
         return any(bool(p.detach().abs().sum() > 0) for last in lasts for p in last.parameters())
+
+    def rewrite_layers(self) -> list[nn.Linear]:
+        """The layers whose zero weights and biases make every rewrite exactly the identity:
+        the last layers of the node and gate decoders, and the edge decoder's last layer
+        ("mlp") or its target-side factors ("linear": u = p = 0 make every delta 0)."""
+        if self.message == "mlp":
+            edge = [self.edge_decoder.out[-1]]
+        else:
+            edge = [self.edge_decoder.scale_target, self.edge_decoder.shift_target]
+        return [self.node_decoder[-1], *edge, self.gate_decoder[-1]]
 
     def delta_scale(self) -> torch.Tensor:
         """What every decoded delta is multiplied by: ``residual_scale * rewrite_gain``."""
@@ -170,6 +216,28 @@ class MetaNetwork(nn.Module):
             rms = grid_weight_rms(view, dtype)
         h, slot_scale = self._encode_nodes(x, view.x_param_mask, view.node_layer, rms)
         chunks = chunks_of(view.grids, self.chunk_entries)
+        if self.message == "linear":
+            h = linear_rounds(self, view, chunks, rms.clamp_min(1e-12), h)
+
+            def decode(log_gate):
+                return linear_decode_edges(self, view, chunks, rms.clamp_min(1e-12), h, log_gate)
+        else:
+            h, decode = self._mlp_rounds(view, chunks, rms, dtype, h)
+
+        new_slots = self._rewrite_slots(view.x, h, view.x_param_mask, slot_scale,
+                                        view.node_layer)
+        log_gate = None
+        if self.gate_range > 0:
+            log_gate = self._log_gate(view.x, h, new_slots.dtype)
+            new_slots = self._gate_slots(new_slots, log_gate)
+        new_edge_attr = decode(log_gate) if rewrite_edges else None
+        new_x = torch.cat([new_slots, view.x[:, NUM_SLOTS:]], dim=-1)
+        keep = self._keep_ratios(view.batch, x, h, view.node_layer, num_layers, speedup)
+        return new_x, new_edge_attr, keep
+
+    def _mlp_rounds(self, view, chunks, rms, dtype, h):
+        """The "mlp" kind's rounds (`grids`): node embeddings, and the edge decoding as a
+        function of the channel gates."""
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         per_edge = edge_dtype(self.precision, sum(grid.num_edges for grid in view.grids), dtype,
                               training)
@@ -180,17 +248,9 @@ class MetaNetwork(nn.Module):
             h = block.update_nodes(h, forward, reverse)
             states.end_round(t, h)
 
-        new_slots = self._rewrite_slots(view.x, h, view.x_param_mask, slot_scale,
-                                        view.node_layer)
-        log_gate = None
-        if self.gate_range > 0:
-            log_gate = self._log_gate(view.x, h, new_slots.dtype)
-            new_slots = self._gate_slots(new_slots, log_gate)
-        new_edge_attr = decode_edges(self, states, chunks, len(self.blocks), log_gate) \
-            if rewrite_edges else None
-        new_x = torch.cat([new_slots, view.x[:, NUM_SLOTS:]], dim=-1)
-        keep = self._keep_ratios(view.batch, x, h, view.node_layer, num_layers, speedup)
-        return new_x, new_edge_attr, keep
+        def decode(log_gate):
+            return decode_edges(self, states, chunks, len(self.blocks), log_gate)
+        return h, decode
 
     def _encode_nodes(self, x, param_mask, node_layer, rms):
         """Initial node embeddings and the per-layer slot scales, from features in our dtype."""
