@@ -140,6 +140,7 @@ def _tables(runs, settings) -> list[str]:
             for label, method, baseline in (
                     ("metanet − best classic", "metanet", None),
                     ("metanet − null metanet", "metanet", "null-metanet"),
+                    ("null metanet (measured, no head) − best classic", "null-metanet", None),
                     ("metanet − l2/global (its fallback)", "metanet", "l2/global"),
                     *((f"metanet − {other}", "metanet", other) for other in compared),
                     ("sparse-learning − best classic", "sparse-learning", None)):
