@@ -59,19 +59,21 @@ def test_best_classic_is_the_best_classic_row_that_covers_every_model():
 
 def test_null_metanetwork_is_the_budget_split_with_an_identity_rewrite():
     model, inputs = _small_model()
-    assert NullMetanet().transform(model, inputs) is not model
+    copied = NullMetanet().transform(model, inputs)
+    assert copied is not model
+    for a, b in zip(copied.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)  # exact identity
     loaders = (_loader(), _loader())
-    common = {"speedup": 2.0, "data": loaders, "finetune": {"bn_recalibration": False}}
-    null = prune(model, inputs, method="metanet", metanet=NullMetanet(), **common)
-    plain = prune(model, inputs, method="l2", allocation="global", **common)
+    common = {"speedup": 2.0, "data": loaders, "finetune": {"bn_recalibration": False},
+              "latency": False}
     # the whole budget follows pruning, as for the classic rows
-    spent = prune(model, inputs, method="metanet", metanet=NullMetanet(), finetune_epochs=2,
-                  **common).report["finetune"]
+    report = prune(model, inputs, method="metanet", metanet=NullMetanet(), finetune_epochs=2,
+                   **common).report
+    spent = report["finetune"]
     assert (spent["epochs_after_metanet"], spent["epochs_after_prune"]) == (0, 2)
-    assert null.report["allocation"] == "global"  # the null head is untrained
-    assert null.report["kept"] == plain.report["kept"]
-    for a, b in zip(null.model.state_dict().values(), plain.model.state_dict().values()):
-        assert torch.equal(a, b)  # exact identity: the same pruned weights as l2 alone
+    # the choice among the non-learned candidates only: the null head is untrained
+    assert {c["source"] for c in report["metanet"]["allocation_choice"]["candidates"]} == {
+        "uniform", "measured"}
 
 
 def test_logged_metanet_runs_name_their_budget_split_and_old_ones_get_the_old_default():
@@ -130,6 +132,8 @@ def test_bench_runs_on_held_out_models_resumes_and_writes_its_page(tmp_path):
     assert [r["kind"] for r in records].count("guard") == 1
     page = (tmp_path / "page" / "metanet.md").read_text()
     assert "metanet − null metanet" in page and "Rewrite alone" in page
+    assert "## Which candidate the choice took" in page  # each metanet-path run's choice
+    assert all(r["choice"] for r in runs if r["method"] in ("metanet", "null-metanet"))
     assert (tmp_path / "page" / "metanet.png").stat().st_size > 0
     notes = tmp_path / "notes.md"
     notes.write_text("2x was not run.")

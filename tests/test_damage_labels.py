@@ -8,7 +8,8 @@ import pytest
 
 from metaprune.cli.main import main as cli_main
 from metaprune.metanet import load_metanet
-from metaprune.training.damage_labels import DAMAGE_SOURCE, damage_policy, measure_group_damage
+from metaprune.pruning.damage import damage_policy, measure_model_damage
+from metaprune.training.damage_labels import DAMAGE_SOURCE
 from metaprune.training.metatrain_tasks import CorpusTasks
 from metaprune.training.policy_labels import LABEL_FORMAT, label_name, read_labels
 from test_metatrain import corpus  # noqa: F401 - the fixture: three digits MLPs, one held out
@@ -36,7 +37,7 @@ def test_damage_is_measured_per_group_without_touching_the_model(corpus):
     model_id = tasks.train_ids[0]
     model, example_inputs = tasks.model(model_id)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    measured = measure_group_damage(model, example_inputs, tasks.loaders(model_id)[0],
+    measured = measure_model_damage(model, example_inputs, tasks.loaders(model_id)[0],
                                     fractions=(0.25, 0.75))
     assert all((before[k] == v).all() for k, v in model.state_dict().items())
     assert measured["groups"] and measured["macs"] > 0 and measured["dense_loss"] > 0

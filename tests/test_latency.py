@@ -20,6 +20,7 @@ from metaprune.latency.layer_model import FRACTIONS, LayerTimes, measure_layer_t
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.timing import LatencyComparison, compare_latency
 from metaprune.pruning.groups import minimum_kept, removal_neighbours, snap_removal
+from metaprune.pruning.rounding import apply_round_to
 from metaprune.vocabulary import check_round_to
 
 
@@ -282,9 +283,10 @@ def test_the_attempt_inside_the_window_is_kept_even_when_an_earlier_one_was_near
     assert note["reached"] and comparison.speedups[1] == 2.16
 
 
-def _mlp_latency_model(layer_ms, out_fractions=FRACTIONS):
+def _mlp_latency_model(layer_ms, out_fractions=FRACTIONS, multiple=None):
     """A 3-layer MLP's groups, cost model and a latency model built from hand-made tables:
-    `layer_ms[name](keep_in, keep_out)` gives each layer's time at the grid points."""
+    `layer_ms[name](keep_in, keep_out)` gives each layer's time at the grid points; with
+    `multiple`, the groups keep multiples of it and the tables count as measured at each."""
     from metaprune.pruning.cost import CostModel
     from metaprune.pruning.graph_groups import plan_channel_groups
     from metaprune.pruning.latency_cost import LatencyModel
@@ -294,13 +296,15 @@ def _mlp_latency_model(layer_ms, out_fractions=FRACTIONS):
                                 torch.nn.ReLU(), torch.nn.Linear(32, 4))
     inputs = (torch.randn(1, 16),)
     DG, groups = plan_channel_groups(model, inputs)
+    if multiple:
+        apply_round_to(groups, multiple)
     cost = CostModel(model, inputs, DG, groups)
     cost.set_orders([torch.arange(g.size) for g in groups])
     tables = {name: LayerTimes(False, [[time(f_in, f_out) for f_out in out_fractions]
                                        for f_in in FRACTIONS], 0, FRACTIONS, out_fractions)
               for name, time in layer_ms.items()}
     dense_ms = sum(time(1.0, 1.0) for time in layer_ms.values())
-    return groups, LatencyModel(cost, tables, dense_ms)
+    return groups, LatencyModel(cost, tables, dense_ms, multiple)
 
 
 def _first_removals(allocation, steps):
@@ -350,6 +354,30 @@ def test_a_step_in_a_layer_table_does_not_freeze_or_strip_that_layer():
     floor_reached = next(t for t, counts in enumerate(path)
                          if counts[step] == allocation.max_removed[step])
     assert any(counts[other] > 0 for counts in path[:floor_reached])
+
+
+def test_with_round_to_a_chunk_that_saves_no_time_waits():
+    from metaprune.pruning.latency_cost import latency_allocation
+
+    # round_to=8 on 32-wide layers: the first hidden layer computes 16 outputs at a time, so
+    # keeping 24 costs what 32 does (a CPU's vector-width step, measured at every multiple)
+    multiples = (0.25, 0.5, 0.75, 1.0)
+    times = {"0": lambda i, o: 1.0 if o > 0.5 else 0.5, "2": lambda i, o: 1.0 * o,
+             "4": lambda i, o: 0.5 * i}
+    groups, latency = _mlp_latency_model(times, out_fractions=multiples, multiple=8)
+    step, other = (next(i for i, g in enumerate(groups) if g.root == root) for root in "02")
+    keys = [torch.linspace(0.5, 1.5, g.size, dtype=torch.float64) for g in groups]
+    allocation = latency_allocation(groups, keys, latency)
+    path = [allocation.counts(t) for t in range(int(allocation.high) + 1)]
+    assert all(count % 8 == 0 for counts in path for count in counts)
+    # the stepped layer's first 8 channels (no time saved) go only once the other layer,
+    # whose every chunk saves time, is at its floor
+    first_step = next(t for t, counts in enumerate(path) if counts[step] > 0)
+    assert path[first_step][other] == allocation.max_removed[other]
+    # the slope over the step (the coarse-grid reading) would have moved it earlier
+    latency.multiple = None
+    smoothed = latency_allocation(groups, keys, latency)
+    assert step in _first_removals(smoothed, 2)
 
 
 def _fake_layer_times(monkeypatch, tmp_path):

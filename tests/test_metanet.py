@@ -394,8 +394,10 @@ def test_prune_runs_through_the_metanet_seam(tmp_path):
     result = prune(model, zoo.example_inputs(config), method="metanet", metanet=str(path),
                    data="mnist1d", speedup=2.0, finetune_epochs=3)
     report = result.report
-    # an untrained sparsity head is not asked: the engine's global ranking allocates
-    assert report["method"] == "metanet" and report["allocation"] == "global"
+    # an untrained sparsity head is not asked: the choice runs over the non-learned candidates
+    assert report["method"] == "metanet" and report["allocation"] == "metanet"
+    assert {c["source"] for c in report["metanet"]["allocation_choice"]["candidates"]} <= {
+        "uniform", "measured"}
     assert abs(report["speedup"] / 2.0 - 1) <= 0.02
     # by default the whole budget of 3 epochs follows pruning
     assert report["finetune"]["epochs_after_metanet"] == 0

@@ -1,5 +1,7 @@
-"""`prune(method="metanet")` follows the sparsity head as far as training batches say."""
+"""`prune(method="metanet")` chooses among the sparsity head's, the measured and uniform
+allocations by the loss on training batches, dropping candidates that miss the target."""
 
+import copy
 import math
 
 import pytest
@@ -9,7 +11,12 @@ from metaprune import zoo
 from metaprune.data import load_dataset
 from metaprune.metanet import load_metanet
 from metaprune.pruning import metanet_choice, prune
-from metaprune.pruning.metanet_choice import blended_policy, strengths_for
+from metaprune.pruning.metanet_choice import (
+    Candidate,
+    blended_policy,
+    candidates_for,
+    choose_candidate,
+)
 
 
 class FixedStrength:
@@ -43,46 +50,87 @@ def _report(model_and_data, *, epochs: int, metanet="default") -> dict:
                  finetune_epochs=epochs, latency=False).report
 
 
-def test_blended_policies_run_from_uniform_allocation_to_the_head():
+def test_blended_policies_run_from_uniform_allocation_to_the_proposal():
     head = {"a": 0.25, "b": 0.64, "c": 1.0}
     assert blended_policy(head, 0.5, 0.0) == {"a": 0.5, "b": 0.5, "c": 0.5}
     assert blended_policy(head, 0.5, 1.0) == head
     halfway = blended_policy(head, 0.5, 0.5)
     assert halfway["a"] == pytest.approx(math.sqrt(0.5 * 0.25))
     assert halfway["c"] == pytest.approx(math.sqrt(0.5))
-    # with fine-tuning to follow, uniform or half way (measured on validation)
-    assert strengths_for(0) == metanet_choice.STRENGTHS and 0.5 in strengths_for(0)
-    assert strengths_for(4) == metanet_choice.STRENGTHS_FINETUNED == (0.0, 0.5)
 
 
-def test_the_chosen_strength_has_the_lowest_training_loss_and_is_the_prune_returned(
-        model_and_data):
+def test_candidates_depend_on_the_budget_and_on_whether_a_head_answered():
+    names = lambda candidates: [c.name for c in candidates]  # noqa: E731
+    assert names(candidates_for(0, head=True)) == [
+        "uniform", "head@0.5", "head@1", "measured@1", "measured@0.5"]
+    # with fine-tuning to follow, half way only (measured on validation)
+    assert names(candidates_for(4, head=True)) == ["uniform", "head@0.5", "measured@0.5"]
+    assert names(candidates_for(0, head=False)) == ["uniform", "measured@1", "measured@0.5"]
+    assert names(candidates_for(0, head=True, head_strengths=(0.5,))) == ["head@0.5"]
+
+
+def test_a_candidate_that_misses_the_target_is_dropped_even_with_the_lowest_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    scales = {"uniform": 1.0, "head@1": 0.0, "measured@1": 0.5}  # head@1: all-zero logits
+
+    def remove(counts):  # counts here: which candidate; its model's logits scaled
+        pruned = copy.deepcopy(model)
+        with torch.no_grad():
+            pruned[0].weight.mul_(counts[0])
+            pruned[0].bias.mul_(counts[0])
+        return pruned
+
+    candidates = [Candidate("uniform", 0.0), Candidate("head", 1.0), Candidate("measured", 1.0)]
+    policies = [(c, {"scale": scales[c.name]}) for c in candidates]
+    losses = {c.name: metanet_choice.recalibrated_loss(remove([scales[c.name]]), batches[:1],
+                                                       batches[1:]) for c in candidates}
+    best = min(losses, key=losses.get)
+    index, note = choose_candidate(
+        policies, counts_of=lambda policy: [policy["scale"]], remove=remove,
+        meets_target=lambda pruned: not torch.equal(pruned[0].weight,
+                                                    remove([scales[best]])[0].weight),
+        calibration=batches[:1], scoring=batches[1:])
+    dropped = next(e for e in note["candidates"] if e["candidate"] == best)
+    assert dropped["loss"] is None and "misses the target" in dropped["dropped"]
+    assert note["candidate"] != best
+    kept = [e for e in note["candidates"] if e["dropped"] is None]
+    assert note["candidates"][index]["loss"] == min(e["loss"] for e in kept)
+
+
+def test_the_choice_takes_the_lowest_training_loss_and_reaches_the_target(model_and_data):
     report = _report(model_and_data, epochs=0)
     choice = report["metanet"]["allocation_choice"]
-    losses = [candidate["loss"] for candidate in choice["candidates"]]
-    assert [c["head_strength"] for c in choice["candidates"]] == list(metanet_choice.STRENGTHS)
-    assert all(math.isfinite(loss) for loss in losses)
-    assert losses[choice["chosen"]] == min(losses)
+    assert [c["candidate"] for c in choice["candidates"]] == [
+        c.name for c in metanet_choice.CANDIDATES]
+    losses = [c["loss"] for c in choice["candidates"] if c["dropped"] is None]
+    assert len(losses) >= 2 and all(math.isfinite(loss) for loss in losses)
+    assert choice["candidates"][choice["chosen"]]["loss"] == min(losses)
+    assert choice["measured"]["groups"] == 2  # both convs of the cnn1d measured
     assert "no optimiser step" in choice["scored_on"] and report["finetune"] is None
-    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
-    # the returned model is the one pruned with the chosen strength alone
-    fixed = _report(model_and_data, epochs=0, metanet=FixedStrength(choice["head_strength"]))
-    assert fixed["kept"] == report["kept"]
-    assert fixed["accuracy_after"] == report["accuracy_after"]
+    assert report["allocation"] == "metanet" and abs(report["speedup"] / 2.0 - 1) <= 0.02
 
 
-def test_a_budget_to_follow_narrows_the_candidates_and_the_budget_is_spent_after_pruning(
+def test_a_fixed_strength_is_the_head_alone_and_a_budget_narrows_the_candidates(
         model_and_data):
+    fixed = _report(model_and_data, epochs=0, metanet=FixedStrength(1.0))
+    assert fixed["metanet"]["allocation_choice"]["candidate"] == "head@1"
+    assert fixed["metanet"]["allocation_choice"]["scored_on"] is None  # nothing to compare
     report = _report(model_and_data, epochs=1)
     choice = report["metanet"]["allocation_choice"]
-    assert [c["head_strength"] for c in choice["candidates"]] == [0.0, 0.5]
+    assert [c["candidate"] for c in choice["candidates"]] == [
+        "uniform", "head@0.5", "measured@0.5"]
+    assert choice["measured"]["reused"]  # the same model and batches were measured above
     assert report["finetune"]["epochs_after_prune"] == 1
     assert report["finetune"]["epochs_after_metanet"] == 0
 
 
 def test_bench_runs_of_a_new_choice_are_new_runs(monkeypatch):
-    from metaprune.bench.metanet import checkpoint_identity
+    from metaprune.bench.metanet import checkpoint_identity, null_identity
 
     _, before = checkpoint_identity("default")
+    null_before = null_identity()
     monkeypatch.setattr(metanet_choice, "CHOICE_ID", metanet_choice.CHOICE_ID + "|changed")
     assert checkpoint_identity("default")[1] != before
+    assert null_identity() != null_before  # the null row runs the choice too

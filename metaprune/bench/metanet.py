@@ -3,7 +3,8 @@
 Models: every model of `--held-out` (a corpus folder built with its own corpus seed, none of
 whose models meta-training or checkpoint selection ever saw; every model there must be marked
 ``held_out``). Rows: the metanetwork (`prune(method="metanet")`), the null metanetwork (exact
-identity, same budget split), every classic criterion with global and uniform allocation, and
+identity, same budget split, the same per-model choice among the non-learned candidates: what
+the measurement gives without the head), every classic criterion with global and uniform allocation, and
 DepGraph-style sparse learning (see `metaprune.bench.metanet_rows`). Speed-ups 2x, 3x, 4x;
 budgets 0 (BatchNorm recalibration only), 1 and 4 fine-tune epochs, i.e. equal optimiser steps
 for every row; several seeds, fresh data loaders for every run. Figures: mean ± standard error
@@ -88,6 +89,14 @@ def checkpoint_identity(metanet: str) -> tuple[str, str]:
         name = found[0].name
     digest = hashlib.sha256(("".join(info.sha256 for info in found) + CHOICE_ID).encode())
     return name, digest.hexdigest()[:12]
+
+
+def null_identity() -> str:
+    """The null metanetwork's identity in the run log: it runs the engine's choice among the
+    non-learned candidates, so a new choice (`metanet_choice.CHOICE_ID`) makes new runs."""
+    from metaprune.pruning.metanet_choice import CHOICE_ID
+
+    return "null-" + hashlib.sha256(("null-metanet" + CHOICE_ID).encode()).hexdigest()[:12]
 
 
 def held_out_models(folders: list[Path], families: list[str],
@@ -206,8 +215,10 @@ def run(args) -> int:
                 _bench_model(meta, args.metanet, sha, settings, log, also)
         wanted = {meta["model_id"] for meta in models}
         # only metanet-path runs with the budget split the engine now uses
+        null = null_identity()
         records = [r for r in log.records.values() if r["model"] in wanted
-                   and r.get("checkpoint") in (None, sha, also and also[1])
+                   and r.get("checkpoint") in (None, sha, null, also and also[1])
+                   and (r.get("method") != "null-metanet" or r.get("checkpoint") == null)
                    and (not is_metanet_path(r.get("method", ""))
                         or r["epochs_after_metanet"] == _after_metanet(r["method"], r["budget"]))
                    and (r["kind"] == "guard" or (r["speedup"] in settings["speedups"]
@@ -285,7 +296,7 @@ def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
         ClassicPrunes,
         NullMetanet,
         finetuned_accuracy,
-        metanet_accuracy,
+        metanet_run,
         sparse_learning_accuracy,
     )
     from metaprune.errors import MetaPruneError
@@ -316,7 +327,8 @@ def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
         classic = ClassicPrunes(model, example_inputs, _loaders(meta, 0), speedup=speedup)
         for budget in settings["budgets"]:
             for seed in settings["seeds"]:
-                rows = [("metanet", sha), ("null-metanet", None), ("sparse-learning", None)]
+                rows = [("metanet", sha), ("null-metanet", null_identity()),
+                        ("sparse-learning", None)]
                 if also is not None:
                     rows.append(also[:2])
                 rows += [(f"{c}/{a}", None) for c in settings["criteria"]
@@ -330,14 +342,15 @@ def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
                     loaders = _loaders(meta, seed)  # fresh for every run
                     started = time.perf_counter()
                     try:
+                        choice = None  # the metanet path's allocation candidate
                         if method == "metanet" or method.startswith("metanet@"):
-                            accuracy, achieved = metanet_accuracy(
+                            accuracy, achieved, choice = metanet_run(
                                 model, example_inputs,
                                 loaded if method == "metanet" else load_metanet(also[2]),
                                 loaders, speedup=speedup, budget=budget, seed=seed,
                                 after_metanet=after)
                         elif method == "null-metanet":
-                            accuracy, achieved = metanet_accuracy(
+                            accuracy, achieved, choice = metanet_run(
                                 model, example_inputs, NullMetanet(), loaders, speedup=speedup,
                                 budget=budget, seed=seed, after_metanet=after)
                         elif method == "sparse-learning":
@@ -360,7 +373,7 @@ def _bench_model(meta: dict, metanet: str, sha: str, settings: dict,
                               "budget": budget, "method": method, "seed": seed,
                               "checkpoint": checkpoint, "accuracy": accuracy, **split,
                               "checkpoint_name": checkpoint_name if checkpoint else None,
-                              "achieved_speedup": achieved,
+                              "achieved_speedup": achieved, "choice": choice,
                               "optimizer_steps": budget * steps_per_epoch,
                               "seconds": round(time.perf_counter() - started, 2)}
                     log.add(record)

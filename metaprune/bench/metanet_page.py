@@ -54,7 +54,8 @@ def _goal_lines(runs, settings) -> list[str]:
             met = not math.isnan(mean) and 100 * mean >= SMALL_BUDGET_GOAL
             lines.append(f"- {speedup:g}×, budget {budget}: metanet − best classic ({best}) = "
                          f"{_points(mean)} ± {100 * error:.2f} pts over {models} models → "
-                         f"**{'MET' if met else 'NOT MET'}** (goal ≥ +{SMALL_BUDGET_GOAL} pts)")
+                         f"**{'MET' if met else 'NOT MET'}** (goal ≥ +{SMALL_BUDGET_GOAL} pts)"
+                         + _without_head(runs, speedup, budget, best))
     if 3.0 in settings["speedups"] and 4 in settings["budgets"]:
         best = best_classic(runs, 3.0, 4)
         if best is not None:
@@ -63,7 +64,8 @@ def _goal_lines(runs, settings) -> list[str]:
             lines.append(f"- 3×, budget 4 (equal budget): metanet − best classic ({best}) = "
                          f"{_points(mean)} ± {100 * error:.2f} pts, lower 95 % bound "
                          f"{_points(low)} over {models} models → **{'MET' if met else 'NOT MET'}**"
-                         f" (goal ≥ +{EQUAL_BUDGET_GOAL} with the bound above 0)")
+                         f" (goal ≥ +{EQUAL_BUDGET_GOAL} with the bound above 0)"
+                         + _without_head(runs, 3.0, 4, best))
     worst = None
     for speedup in settings["speedups"]:
         for budget in settings["budgets"]:
@@ -81,6 +83,18 @@ def _goal_lines(runs, settings) -> list[str]:
                      f"{_points(worst[0])} pts → **{'MET' if met else 'NOT MET'}** "
                      f"(goal: no family below {FAMILY_FLOOR} pts at any budget)")
     return lines
+
+
+def _without_head(runs, speedup: float, budget: int, best: str) -> str:
+    """The same cell for the null metanetwork (the measured candidates, nothing learned), and
+    what the head adds: stated beside each goal, since part of the gain is not learned."""
+    null, _, _, models = paired(runs, speedup, budget, "null-metanet", best)
+    if models == 0:
+        return ""
+    added, error, low, _ = paired(runs, speedup, budget, "metanet", "null-metanet")
+    return (f"; without the head (null metanet) − best classic = {_points(null)}, "
+            f"metanet − null metanet = {_points(added)} ± {100 * error:.2f} "
+            f"[{_points(low)}]")
 
 
 def _guard_lines(guards) -> list[str]:
@@ -143,6 +157,29 @@ def _tables(runs, settings) -> list[str]:
                 lines.append(f"| {label} | {family or 'all'} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _choice_lines(runs, settings) -> list[str]:
+    """How often each allocation candidate was chosen, per metanet-path row and budget (runs
+    logged before the choice was recorded are left out)."""
+    counts: dict[tuple[str, int], dict[str, int]] = {}
+    for run in runs:
+        if run.get("choice"):
+            cell = counts.setdefault((run["method"], run["budget"]), {})
+            cell[run["choice"]] = cell.get(run["choice"], 0) + 1
+    if not counts:
+        return []
+    lines = ["## Which candidate the choice took", "",
+             "Runs per chosen candidate (all models, speed-ups and seeds; `head@s`: the "
+             "sparsity head's policy at strength s, `measured@s`: the measured allocation, "
+             "`uniform`: neither).", "",
+             "| row | budget | " + " | ".join(["chosen"]) + " |", "|---|---|---|"]
+    for (method, budget), cell in sorted(counts.items()):
+        total = sum(cell.values())
+        lines.append(f"| {method} | {budget} | " + ", ".join(
+            f"{name} {count} ({100 * count / total:.0f} %)"
+            for name, count in sorted(cell.items(), key=lambda item: -item[1])) + " |")
+    return lines + [""]
 
 
 def plot(path: Path, runs, settings) -> Path:
@@ -237,13 +274,18 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
         + _split_note(runs) + "); speed-ups " + ", ".join(f"{s:g}×" for s in settings["speedups"]) + ".",
         "",
         *([QUICK_NOTE, ""] if settings.get("quick") else []),
-        "Rows: `metanet` = `prune(method=\"metanet\")`, which blends the sparsity head's "
-        "policy with uniform allocation at a strength chosen per model by the pruned model's "
-        "loss on training batches after BatchNorm recalibration (forward passes only: no "
-        "optimiser step, so the budget is unchanged; never the test data; report key "
-        "`metanet.allocation_choice`; see `metaprune.pruning.metanet_choice`); `null-metanet` = the same path with an "
-        "exact-identity metanetwork and no sparsity head (global allocation, the same budget "
-        "split), i.e. the metanet path with nothing learned; `CRITERION/ALLOCATION` = a classic criterion, all the budget after "
+        "Rows: `metanet` = `prune(method=\"metanet\")`, which chooses per model among "
+        "candidate policies — uniform allocation, the sparsity head's policy blended with it, "
+        "and the allocation measured on the model itself (each channel group alone pruned by "
+        "a few fractions, its loss increase read on training batches; `metaprune.pruning."
+        "damage`) — by the pruned model's loss on training batches after BatchNorm "
+        "recalibration (forward passes only: no optimiser step, so the budget is unchanged; "
+        "never the test data; report key `metanet.allocation_choice`; see "
+        "`metaprune.pruning.metanet_choice`); `null-metanet` = the same path with an "
+        "exact-identity metanetwork and no sparsity head: the same budget split and the same "
+        "choice among the non-learned candidates only (uniform and measured), i.e. the metanet "
+        "path with nothing learned, so `metanet − null metanet` is what the head adds; "
+        "`CRITERION/ALLOCATION` = a classic criterion, all the budget after "
         "pruning; `sparse-learning` = torch-pruning's group sparse-learning penalty "
         "(reg 5e-4, α 16) for half the budget, group-L2 global prune, the rest (at budgets 0 "
         "and 1 it is the group-L2 prune). \"Best classic\" is the single best classic row over "
@@ -267,6 +309,7 @@ def write_page(path: Path, records, *, models, checkpoint, settings, command, fo
     ]
     if png is not None:
         lines += [f"![accuracy against budget]({png.name})", ""]
+    lines += _choice_lines(runs, settings)
     if skipped:
         lines += ["## Skipped runs", ""]
         reasons = {}

@@ -5,9 +5,12 @@ loader (batch size, drop-last) for every row, so equal epochs are equal optimise
 row spends exactly ``budget * steps_per_epoch`` optimiser steps, wherever it spends them:
 
 - ``metanet``: `prune(method="metanet")` as a user calls it (rewrite, prune, the whole budget
-  after pruning, the engine's default split; allocation from the checkpoint's sparsity head).
-- ``null-metanet``: the same call with `NullMetanet`, an exact identity with an untrained head
-  (so global allocation, the same split): the metanet path without anything learned.
+  after pruning, the engine's default split; the allocation chosen per model among the
+  sparsity head's and the measured candidates, `metanet_choice`).
+- ``null-metanet``: the same call with `NullMetanet`, an exact identity with an untrained head:
+  the metanet path without anything learned (the same split, and the same per-model choice
+  among the non-learned candidates only: uniform and the measured allocation,
+  `metanet_choice`).
 - ``CRITERION/ALLOCATION``: a classic criterion with global or uniform allocation, pruned once
   per (model, speed-up) and fine-tuned for the whole budget after pruning.
 - ``sparse-learning``: DepGraph-style sparse learning (torch-pruning's `GroupNormPruner`
@@ -52,14 +55,15 @@ class NullMetanet:
     """A metanetwork that changes nothing: the rewrite is an exact copy, the head is untrained.
 
     `prune(method="metanet", metanet=NullMetanet())` runs the metanetwork path (budget split,
-    global allocation) with nothing learned in it, so a benchmark can tell the method from the
-    split. Example::
+    the choice among uniform and measured allocations; global allocation without data) with
+    nothing learned in it, so a benchmark can tell the method from the split and from the
+    measurement. Example::
 
         prune(model, inputs, method="metanet", metanet=NullMetanet(), data=loaders,
-              speedup=2.0, finetune_epochs=4)     # 2 epochs, l2 global prune, 2 epochs
+              speedup=2.0, finetune_epochs=4)     # choice, l2 prune, 4 epochs
     """
 
-    head_trained = False  # the engine then allocates globally instead of asking the head
+    head_trained = False  # the engine never asks the head: non-learned candidates only
     rewrites_weights = False  # `transform` is a copy
 
     def transform(self, module: nn.Module, example_inputs) -> nn.Module:
@@ -116,11 +120,11 @@ class ClassicPrunes:
         return found
 
 
-def metanet_accuracy(model, example_inputs, metanet, loaders, *, speedup: float, budget: int,
-                     seed: int, after_metanet: int | None = None) -> tuple[float, float]:
-    """(accuracy, achieved speed-up) of `prune(method="metanet")` with `metanet`; an error if
-    the engine did not spend the whole budget or (given) not `after_metanet` epochs before
-    pruning."""
+def metanet_run(model, example_inputs, metanet, loaders, *, speedup: float, budget: int,
+                seed: int, after_metanet: int | None = None) -> tuple[float, float, str | None]:
+    """(accuracy, achieved speed-up, the allocation candidate `metanet_choice` chose or None)
+    of `prune(method="metanet")` with `metanet`; an error if the engine did not spend the
+    whole budget or (given) not `after_metanet` epochs before pruning."""
     result = prune(model, example_inputs, method="metanet", metanet=metanet, speedup=speedup,
                    data=loaders, finetune_epochs=budget, finetune={"seed": seed},
                    **_skip_latency())
@@ -132,7 +136,15 @@ def metanet_accuracy(model, example_inputs, metanet, loaders, *, speedup: float,
     if after_metanet is not None and before != after_metanet:
         raise MetaPruneError(f"the metanet path spent {before} epochs before pruning, "
                              f"not {after_metanet}")
-    return float(result.report["accuracy_after"]), float(result.report["speedup"])
+    choice = ((result.report.get("metanet") or {}).get("allocation_choice") or {})
+    return (float(result.report["accuracy_after"]), float(result.report["speedup"]),
+            choice.get("candidate"))
+
+
+def metanet_accuracy(model, example_inputs, metanet, loaders, **run) -> tuple[float, float]:
+    """(accuracy, achieved speed-up) of `metanet_run` (same arguments)."""
+    accuracy, achieved, _ = metanet_run(model, example_inputs, metanet, loaders, **run)
+    return accuracy, achieved
 
 
 def _protected_layers(model: nn.Module, example_inputs) -> list[nn.Module]:

@@ -47,7 +47,21 @@ from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
 from metaprune.pruning.metanet_bridge import apply_metanet
-from metaprune.pruning.metanet_choice import choose_head_strength, strengths_for, uniform_prior
+from metaprune.pruning.damage import (
+    FRACTIONS,
+    cached_measurement,
+    damage_policy,
+    fingerprint,
+    measure_damage,
+)
+from metaprune.pruning.metanet_choice import (
+    blended_policy,
+    calibration_and_scoring,
+    candidates_for,
+    choose_candidate,
+    recalibrated_loss,
+    uniform_prior,
+)
 from metaprune.pruning.removal import (
     block_breaking_groups,
     check_pruned,
@@ -134,8 +148,8 @@ class _Run:
         self.figures: dict = {}  # report values gathered along the way
         self.finetune_record = {"epochs_after_metanet": 0, "epochs_after_prune": 0,
                                 "history": []}
-        self.policy_from_metanet = None
-        self.head_choice = None  # how strongly the head's policy was followed, and why
+        self.policy_from_metanet = None  # the sparsity head's answer (module -> keep ratio)
+        self.metanet_ratios = None  # per group, the keep ratio `metanet_choice` chose
         self.latency_steps = LatencySteps(LatencySettings(batch=request.latency_batch),
                                           request.round_to, measure=request.latency)
 
@@ -247,6 +261,8 @@ class _Run:
             cost = CostModel(work, self.example_inputs, DG, groups)
             cost.set_orders(orders)
         self.groups, self.orders, self.keys, self.cost = groups, orders, keys, cost
+        self.reference_shapes = [tuple(t.shape) for t in forward_outputs(work,
+                                                                         self.example_inputs)]
         with timer.phase("latency"):
             self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
 
@@ -271,41 +287,109 @@ class _Run:
         with self.timer.phase("latency"):
             return self.latency_steps.model(self.work, self.example_inputs, self.cost)
 
-    def _metanet_policy(self):
-        """The sparsity head's policy, blended towards uniform allocation as far as a forward
-        pass on training batches says is best for this model (`metanet_choice`)."""
-        if self.head_choice is not None or not self.loaders or self.target is None \
-                or self.target.kind == "latency_speedup":
-            return self.policy_from_metanet
-        # a metanetwork object may fix its own candidates (e.g. one strength: no choice)
-        strengths = getattr(self.metanet, "head_strengths", None) or \
-            strengths_for(self.after_prune)
+    def _chooses_metanet_allocation(self) -> bool:
+        """Whether the metanet path picks its allocation by a forward pass (`metanet_choice`):
+        a metanetwork allocates, and data and a MACs or params target are given."""
+        return (self.metanet is not None and self.request.resolved_allocation == "metanet"
+                and bool(self.loaders) and self.target is not None
+                and self.target.kind != "latency_speedup")
+
+    def _remove_checked(self, counts) -> nn.Module:
+        """A pruned copy of the dense model; a removal that breaks a block's shapes raises."""
+        pruned = remove_channels(self.work, self.example_inputs, self.groups, self.orders, counts)
+        check_pruned(pruned, self.example_inputs, self.reference_shapes)
+        return pruned
+
+    def _measured_damage(self, calibration, scoring, fractions=FRACTIONS) -> tuple[dict, bool]:
+        """(`damage.measure_damage` of the dense model, whether it was cached): each group
+        alone pruned by `fractions` of its channels, in the criterion's order."""
+        groups, keys = self.groups, self.keys
+
+        def counts_for(index, fraction):
+            ratios = [1.0 - fraction if i == index else 1.0 for i in range(len(groups))]
+            return policy_allocation(groups, keys, ratios).counts(1.0)
+
+        def measure():
+            with torch.no_grad():
+                dense_loss = recalibrated_loss(copy.deepcopy(self.work), calibration, scoring)
+            return measure_damage(
+                groups, counts_for=counts_for, remove=self._remove_checked,
+                macs_of=lambda counts: self.cost.evaluate(counts)[0],
+                loss_of=lambda model: recalibrated_loss(model, calibration, scoring),
+                dense_loss=dense_loss, fractions=fractions)
+
+        key = fingerprint(self.work, self.orders, [*calibration, *scoring], fractions,
+                          [bool(g.blocked) for g in groups])
+        return cached_measurement(key, measure)
+
+    def _candidate_ratios(self, candidates, calibration, scoring) -> tuple[list, dict | None]:
+        """Per candidate, the keep ratio of every group; and a note of the measurement."""
+        request, groups = self.request, self.groups
+        prior = uniform_prior(request.speedup, request.params_ratio)
         names = {name for name, _ in self.work.named_modules()}
-        goal = self.target.goal(self.cost)
+        measured, note = None, None
+        if any(c.source == "measured" for c in candidates):
+            measurement, cached = self._measured_damage(calibration, scoring)
+            # a params target spends MACs as the equivalent speed-up would
+            equivalent = request.speedup or 1.0 / request.params_ratio
+            measured = damage_policy(measurement, equivalent)
+            note = {"groups": len(measurement["groups"]), "fractions": list(FRACTIONS),
+                    "reused": cached}
+        ratios = []
+        for candidate in candidates:
+            if candidate.source == "head":
+                ratios.append(policy_to_groups(
+                    blended_policy(self.policy_from_metanet, prior, candidate.strength),
+                    groups, names))
+            elif candidate.source == "measured":
+                ratios.append([1.0 if g.root not in measured else
+                               min(1.0, prior ** (1 - candidate.strength)
+                                   * measured[g.root] ** candidate.strength) for g in groups])
+            else:
+                ratios.append([1.0 if g.blocked else prior for g in groups])
+        return ratios, note
 
-        def counts_of(policy):
-            allocation = policy_allocation(self.groups, self.keys,
-                                           policy_to_groups(policy, self.groups, names))
-            return solve_counts(allocation, self.cost, self.target, goal)
+    def _metanet_ratios(self) -> list[float]:
+        """The keep ratio of every group: the `metanet_choice` candidate (the sparsity head's
+        or the measured allocation, blended towards uniform) whose pruned model has the lowest
+        recalibrated loss on training batches. Chosen once per run."""
+        if self.metanet_ratios is not None:
+            return self.metanet_ratios
+        candidates = candidates_for(
+            self.after_prune, head=self.policy_from_metanet is not None,
+            # a metanetwork object may fix its own candidates (e.g. one strength: no choice)
+            head_strengths=getattr(self.metanet, "head_strengths", None)
+            if self.policy_from_metanet is not None else None)
+        goal, target, cost = self.target.goal(self.cost), self.target, self.cost
 
-        def remove(counts):
-            return remove_channels(self.work, self.example_inputs, self.groups, self.orders,
-                                   counts)
+        def counts_of(ratios):
+            return solve_counts(policy_allocation(self.groups, self.keys, ratios), cost,
+                                target, goal)
+
+        def meets_target(pruned):
+            achieved = target.achieved(cost.macs_before, count_macs(pruned, self.example_inputs),
+                                       cost.params_before, count_params(pruned))
+            return target.error(achieved) <= TOLERANCE
 
         with self.timer.phase("choose"):
-            self.policy_from_metanet, self.head_choice = choose_head_strength(
-                self.policy_from_metanet, prior=uniform_prior(self.request.speedup,
-                                                              self.request.params_ratio),
-                counts_of=counts_of, remove=remove, loader=self.loaders[0],
-                strengths=strengths)
-        self.metanet_entry = {**(self.metanet_entry or {}), "allocation_choice": self.head_choice}
-        return self.policy_from_metanet
+            calibration, scoring = calibration_and_scoring(self.loaders[0])
+            ratios, measured = self._candidate_ratios(candidates, calibration, scoring)
+            chosen, note = choose_candidate(
+                list(zip(candidates, ratios)), counts_of=counts_of, remove=self._remove_checked,
+                meets_target=meets_target, calibration=calibration, scoring=scoring)
+        if measured is not None:
+            note["measured"] = measured
+        self.metanet_ratios = ratios[chosen]
+        self.allocation_used = "metanet"
+        self.metanet_entry = {**(self.metanet_entry or {}), "allocation_choice": note}
+        return self.metanet_ratios
 
     def _allocation(self):
         """The allocation family the target is bisected over (built after groups are final)."""
+        if self._chooses_metanet_allocation():
+            return policy_allocation(self.groups, self.keys, self._metanet_ratios())
         names = {name for name, _ in self.work.named_modules()}
-        policy = self._metanet_policy() if self.policy_from_metanet \
-            else self.request.policy
+        policy = self.policy_from_metanet or self.request.policy
         if policy is not None:
             return policy_allocation(self.groups, self.keys,
                                      policy_to_groups(policy, self.groups, names))
@@ -321,7 +405,7 @@ class _Run:
         work, inputs, groups, orders, cost = (self.work, self.example_inputs, self.groups,
                                               self.orders, self.cost)
         timer, target = self.timer, self.target
-        reference_shapes = [tuple(t.shape) for t in forward_outputs(work, inputs)]
+        reference_shapes = self.reference_shapes
         if target is not None and target.kind == "latency_speedup":
             self._prune_to_latency(reference_shapes)
             return
@@ -493,6 +577,27 @@ def _left_alone(groups) -> dict[str, str]:
             for use in group.uses:
                 left.setdefault(use.unit, group.blocked)
     return left
+
+
+def plan_for_damage(module: nn.Module, example_inputs, loader, *, criterion: str = "l2",
+                    fractions=FRACTIONS) -> dict:
+    """`damage.measure_damage` of a dense model, planned as `prune(method=criterion)` plans it
+    (`damage.measure_model_damage` is the public name; the training labels use it).
+
+    Example::
+
+        measurement = plan_for_damage(model, (torch.randn(1, 1, 40),), train_loader)
+        measurement["groups"][0]["damage"]   # loss increase per measured fraction
+    """
+    # the target is never used: only the plan (groups, orders, cost model) is built
+    run = _Run(module, example_inputs, PruneRequest(method=criterion, speedup=2.0,
+                                                    latency=False))
+    run.criterion = build_criterion(criterion)
+    run.loaders = (loader, None)
+    run.work = copy.deepcopy(module)
+    run.plan()
+    calibration, scoring = calibration_and_scoring(loader)
+    return run._measured_damage(calibration, scoring, fractions)[0]
 
 
 def prune_request(module: nn.Module, example_inputs: Sequence[torch.Tensor],

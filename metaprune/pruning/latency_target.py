@@ -158,7 +158,7 @@ def build_latency_model(work: nn.Module, example_inputs: Sequence[torch.Tensor],
     dense = compare_latency([work], example_inputs, batch=settings.batch, threads=settings.threads,
                             budget_s=_DENSE_BUDGET_S, progress=settings.progress)
     # the tables hold each layer's fastest time (load only ever adds time); compare like with like
-    return LatencyModel(cost, tables, min(dense.samples_ms[0]))
+    return LatencyModel(cost, tables, min(dense.samples_ms[0]), multiple)
 
 
 def measure_report_latency(dense: nn.Module, pruned: nn.Module,

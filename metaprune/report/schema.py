@@ -70,8 +70,10 @@ REPORT_FIELDS = (
                 True),
     ReportField("metanet", "the metanetwork checkpoint used: name, sha256, scope and why it "
                            "was chosen (absent for a loaded object); allocation_choice: the "
-                           "head strengths tried, each one's loss on training batches and the "
-                           "one used (metanet_choice); null without a metanetwork"),
+                           "candidates tried (uniform, the head's and the measured allocation "
+                           "at a strength), each one's loss on training batches or why it was "
+                           "dropped, and the one used (metanet_choice); null without a "
+                           "metanetwork"),
     ReportField("seed", "the fine-tuning seed (FinetuneConfig.seed); data loaders use seed 0"),
     ReportField("seconds", "phase -> wall seconds", True),
 )
