@@ -108,3 +108,17 @@ def test_metanet_init_writes_an_untrained_linear_checkpoint(tmp_path, graphs):
     same = MetaNetwork(hidden=8, message="linear", gate_range=3.0)
     assert all(torch.equal(a, b) for a, b in zip(loaded.metanet.state_dict().values(),
                                                  same.state_dict().values()))
+
+
+def test_the_shipped_fast_checkpoint_is_linear_named_and_never_chosen_by_default():
+    from metaprune.metanet import load_metanet
+    from metaprune.metanet.scope import select_metanet
+
+    model, inputs = small_resnet()
+    fast = load_metanet("fast")
+    assert fast.metanet.message == "linear" and fast.head_trained and not fast.rewrites_weights
+    keep = fast.layer_keep_ratios(model, inputs, speedup=2.0)
+    assert keep and all(0 < ratio <= 1 for ratio in keep.values())
+    path, entry = select_metanet("fast", model)
+    assert path.stem == "fast" and entry["reason"] == "checkpoint given by name"
+    assert select_metanet("default", model)[0].stem == "metanet"  # the default stays

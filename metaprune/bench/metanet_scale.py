@@ -328,9 +328,9 @@ def run(args) -> int:
         "of the process's peak resident set while building and converting the model, and its "
         "peak from the transform's start (reset through /proc/self/clear_refs after the first "
         "anchor, so the anchor's backward never sets it; the model is resident throughout).",
-        "**shipped transform** is `metaprune.load_metanet(\"default\").transform(model, "
-        "inputs)` as shipped, in the same process: its rewrite is off (head-only checkpoint), so "
-        "`transform` returns a copy without running the metanetwork.",
+        "**shipped transform** is `metaprune.load_metanet(CKPT).transform(model, inputs)` of "
+        "the row's checkpoint as shipped, in the same process: its rewrite is off (head-only or "
+        "untrained rewrite), so `transform` returns a copy without running the metanetwork.",
         f"torch threads per process: {args.threads}. The machine (2 cores) was shared with other "
         "jobs (other engineers' tests and benches) while this ran: compare the ratios, not the "
         "seconds; the CPU-time ratios (process CPU seconds of the same calls) are the steadier "

@@ -1,7 +1,9 @@
 """The GNN metanetwork: rewrites a network's weights so they are easy to prune, and proposes
 per-layer keep ratios, for any architecture `metaprune.graph` converts.
 
-- `MetaNetwork`: the PyG model, ``forward(data, speedup) -> (new_x, new_edge_attr, keep)``.
+- `MetaNetwork`: the PyG model, ``forward(data, speedup) -> (new_x, new_edge_attr, keep)``;
+  ``message="mlp"`` (an MLP on every edge, `layers`) or ``"linear"`` (messages linear in the
+  weights, a matmul per weight block, `linear_messages`: the ``"fast"`` checkpoint).
 - `metanet_parameters(metanet, graph)`: rewritten parameters, differentiable, for
   ``torch.func.functional_call`` in meta-training; `GroupSparsity` the DepGraph regulariser.
 - `save_metanet` / `load_metanet`: safetensors + JSON config; `load_metanet` returns a

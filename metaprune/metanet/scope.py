@@ -147,7 +147,8 @@ def select_metanet(metanet, module, data=None, *, folder: str | Path | None = No
 
     Args:
         metanet: ``"default"`` (choose among the checkpoints in `folder` by the model's zoo
-            family and the dataset id), a checkpoint path, or a loaded object (used as given).
+            family and the dataset id), a checkpoint's name in `folder` (e.g. ``"fast"``), a
+            checkpoint path, or a loaded object (used as given).
         module: the model to prune; its family is `metaprune.zoo.family_of(module)`.
         data: `prune`'s data argument; a dataset id names the dataset, anything else leaves it
             unknown.
@@ -168,15 +169,19 @@ def select_metanet(metanet, module, data=None, *, folder: str | Path | None = No
         return None, None
     if not isinstance(metanet, (str, Path)):
         return metanet, None
-    if metanet != "default":
-        path = Path(metanet)
-        if not path.is_file():
-            return metanet, None  # the engine's loader reports the missing file
-        return path, {**checkpoint_info(path).describe(), "reason": "checkpoint given by path"}
     if folder is None:
         from metaprune.pruning.metanet_bridge import CHECKPOINT_DIR
 
         folder = CHECKPOINT_DIR
+    if metanet != "default":
+        from metaprune.vocabulary.checkpoints import available_metanetworks
+
+        named = available_metanetworks(folder).get(str(metanet))  # e.g. "fast"
+        path = named or Path(metanet)
+        if not path.is_file():
+            return metanet, None  # the engine's loader reports the missing file
+        how = "checkpoint given by name" if named else "checkpoint given by path"
+        return path, {**checkpoint_info(path).describe(), "reason": how}
     checkpoints = discover_checkpoints(folder) if Path(folder).is_dir() else []
     if not checkpoints:
         return metanet, None  # the engine's loader says no checkpoint is available
