@@ -13,6 +13,8 @@ from metaprune.bench.metanet_stats import best_classic, paired, row_means
 from metaprune.formats import save_model
 from metaprune.pruning import prune
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many tiny forward passes
+
 
 def _run(method, model, seed, accuracy, family="cnn1d", budget=1, speedup=3.0):
     return {"kind": "run", "method": method, "model": model, "seed": seed,

@@ -18,6 +18,8 @@ from metaprune.pruning.metanet_choice import (
     choose_candidate,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the choice runs many tiny passes
+
 
 class FixedStrength:
     """The committed metanetwork with one head strength: no choice left to the engine."""
