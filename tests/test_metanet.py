@@ -384,6 +384,7 @@ def test_policy_targets_index_the_head_outputs(metanet):
     metanet.zero_grad()
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # the allocation choice: many tiny passes
 def test_prune_runs_through_the_metanet_seam(tmp_path):
     from metaprune.pruning import prune
 
@@ -405,6 +406,7 @@ def test_prune_runs_through_the_metanet_seam(tmp_path):
     assert "metanet" in report["seconds"]
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # the allocation choice: many tiny passes
 def test_a_trained_sparsity_head_allocates_and_the_split_is_configurable(tmp_path):
     from metaprune.pruning import prune
 

@@ -52,6 +52,7 @@ def test_the_shipped_rewrite_alone_never_changes_a_model(checkpoint, family, ove
     assert loaded.training_metadata["rewrite"].startswith("off")
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # the allocation choice: many tiny passes
 def test_method_metanet_uses_the_committed_checkpoint_and_fine_tunes_after_pruning():
     config = zoo.default_config("cnn1d", input_shape=(1, 40), num_classes=10, widths=[16, 24])
     torch.manual_seed(0)
