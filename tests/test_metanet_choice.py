@@ -128,6 +128,24 @@ def test_a_fixed_strength_is_the_head_alone_and_a_budget_narrows_the_candidates(
     assert report["finetune"]["epochs_after_metanet"] == 0
 
 
+def test_a_measurement_over_its_budget_drops_the_measured_candidates(model_and_data,
+                                                                      monkeypatch):
+    from metaprune.pruning import engine
+
+    monkeypatch.setattr(engine, "MEASUREMENT_BUDGET_S", 0.0)  # any measurement is too long
+    model, inputs, loaders = model_and_data
+    data = loaders()
+    # a fresh shuffle seed: a cached measurement of the same batches would skip the estimate
+    data = (torch.utils.data.DataLoader(data[0].dataset, batch_size=64, shuffle=True,
+                                        generator=torch.Generator().manual_seed(7)), data[1])
+    report = prune(model, inputs, method="metanet", speedup=2.0, data=data,
+                   finetune_epochs=0, latency=False).report
+    choice = report["metanet"]["allocation_choice"]
+    assert [c["candidate"] for c in choice["candidates"]] == ["uniform", "head@0.5", "head@1"]
+    assert "skipped" in choice["measured"]["skipped"] and choice["measured"]["budget_s"] == 0.0
+    assert abs(report["speedup"] / 2.0 - 1) <= 0.02
+
+
 def test_bench_runs_of_a_new_choice_are_new_runs(monkeypatch):
     from metaprune.bench.metanet import checkpoint_identity, null_identity
 

@@ -234,7 +234,10 @@ def measure_prune(samples: int = 64, batch: int = 16) -> dict:
     result = metaprune.prune(model, inputs, method="metanet", speedup=2.0, data=loaders,
                              finetune_epochs=2, latency=False)
     report = result.report
+    choice = (report.get("metanet") or {}).get("allocation_choice") or {}
     return {"wall_s": time.perf_counter() - began, "seconds": report["seconds"],
+            "choice": {"chosen": choice.get("candidate"),
+                       "measured": choice.get("measured")},
             "speedup": report["speedup"], "macs_before": report["macs_before"],
             "macs_after": report["macs_after"], "allocation": report["allocation"],
             "vmhwm_mib": _vmhwm_mib(), "samples": samples, "batch": batch}
@@ -431,6 +434,7 @@ def run(args) -> int:
                 f"{result.get('speedup', float('nan')):.3f}, VmHWM "
                 f"{result.get('vmhwm_mib', float('nan')):,.0f} MiB; phases (s): "
                 + json.dumps({k: round(v, 2) for k, v in result.get("seconds", {}).items()})
+                + "; allocation choice: " + json.dumps(result.get("choice"))
                 if "error" not in result else f"\nprune: failed: {result['error']}")
         lines.append(line)
         print(line, flush=True)

@@ -37,6 +37,28 @@ FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 # the target, so pruning one model to several targets (or a benchmark's rows) measures it once
 _CACHE: OrderedDict[str, dict] = OrderedDict()
 _CACHE_SIZE = 4
+# Seconds `prune(method="metanet")` lets the live measurement take, estimated before it starts
+# as (trials) x (one recalibrated loss of the dense model). The held-out benchmark's models need
+# 1-10 s; a ResNet-50 at 224^2 with batches of 16 would need over an hour (~50 groups x 7
+# fractions x 12 batches), so there the measured candidates are dropped and the report says so.
+MEASUREMENT_BUDGET_S = 120.0
+
+
+class MeasurementOverBudget(MetaPruneError):
+    """The live damage measurement would take longer than its budget (estimated up front)."""
+
+
+def check_measurement_budget(groups, fractions: Sequence[float], one_loss_s: float,
+                             budget_s: float | None) -> None:
+    """Raise `MeasurementOverBudget` when measuring every unblocked group at every fraction,
+    each try costing at least one recalibrated loss (`one_loss_s`), would exceed `budget_s`
+    (None: no budget, as for the corpus labels)."""
+    trials = sum(not group.blocked for group in groups) * len(fractions)
+    estimate = trials * one_loss_s
+    if budget_s is not None and estimate > budget_s:
+        raise MeasurementOverBudget(
+            f"the measured allocation was skipped: {trials} tries x {one_loss_s:.2f} s per "
+            f"recalibrated loss = at least {estimate:.0f} s, over its {budget_s:.0f} s budget")
 
 
 def measure_damage(groups, *, counts_for: Callable[[int, float], list[int] | None],

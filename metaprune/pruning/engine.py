@@ -49,7 +49,10 @@ from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
 from metaprune.pruning.metanet_bridge import apply_metanet
 from metaprune.pruning.damage import (
     FRACTIONS,
+    MEASUREMENT_BUDGET_S,
+    MeasurementOverBudget,
     cached_measurement,
+    check_measurement_budget,
     damage_policy,
     fingerprint,
     measure_damage,
@@ -300,9 +303,11 @@ class _Run:
         check_pruned(pruned, self.example_inputs, self.reference_shapes)
         return pruned
 
-    def _measured_damage(self, calibration, scoring, fractions=FRACTIONS) -> tuple[dict, bool]:
+    def _measured_damage(self, calibration, scoring, fractions=FRACTIONS,
+                         budget_s: float | None = None) -> tuple[dict, bool]:
         """(`damage.measure_damage` of the dense model, whether it was cached): each group
-        alone pruned by `fractions` of its channels, in the criterion's order."""
+        alone pruned by `fractions` of its channels, in the criterion's order. Raises
+        `MeasurementOverBudget` before measuring when it would take longer than `budget_s`."""
         groups, keys = self.groups, self.keys
 
         def counts_for(index, fraction):
@@ -310,8 +315,10 @@ class _Run:
             return policy_allocation(groups, keys, ratios).counts(1.0)
 
         def measure():
+            began = time.perf_counter()
             with torch.no_grad():
                 dense_loss = recalibrated_loss(copy.deepcopy(self.work), calibration, scoring)
+            check_measurement_budget(groups, fractions, time.perf_counter() - began, budget_s)
             return measure_damage(
                 groups, counts_for=counts_for, remove=self._remove_checked,
                 macs_of=lambda counts: self.cost.evaluate(counts)[0],
@@ -322,19 +329,27 @@ class _Run:
                           [bool(g.blocked) for g in groups])
         return cached_measurement(key, measure)
 
-    def _candidate_ratios(self, candidates, calibration, scoring) -> tuple[list, dict | None]:
-        """Per candidate, the keep ratio of every group; and a note of the measurement."""
+    def _candidate_ratios(self, candidates, calibration,
+                          scoring) -> tuple[list, list, dict | None]:
+        """The candidates kept (the measured ones go when their measurement is over budget),
+        per candidate the keep ratio of every group, and a note of the measurement."""
         request, groups = self.request, self.groups
         prior = uniform_prior(request.speedup, request.params_ratio)
         names = {name for name, _ in self.work.named_modules()}
         measured, note = None, None
         if any(c.source == "measured" for c in candidates):
-            measurement, cached = self._measured_damage(calibration, scoring)
-            # a params target spends MACs as the equivalent speed-up would
-            equivalent = request.speedup or 1.0 / request.params_ratio
-            measured = damage_policy(measurement, equivalent)
-            note = {"groups": len(measurement["groups"]), "fractions": list(FRACTIONS),
-                    "reused": cached}
+            try:
+                measurement, cached = self._measured_damage(calibration, scoring,
+                                                            budget_s=MEASUREMENT_BUDGET_S)
+            except MeasurementOverBudget as over:
+                note = {"skipped": str(over), "budget_s": MEASUREMENT_BUDGET_S}
+                candidates = [c for c in candidates if c.source != "measured"]
+            else:
+                # a params target spends MACs as the equivalent speed-up would
+                equivalent = request.speedup or 1.0 / request.params_ratio
+                measured = damage_policy(measurement, equivalent)
+                note = {"groups": len(measurement["groups"]), "fractions": list(FRACTIONS),
+                        "reused": cached}
         ratios = []
         for candidate in candidates:
             if candidate.source == "head":
@@ -347,7 +362,7 @@ class _Run:
                                    * measured[g.root] ** candidate.strength) for g in groups])
             else:
                 ratios.append([1.0 if g.blocked else prior for g in groups])
-        return ratios, note
+        return candidates, ratios, note
 
     def _metanet_ratios(self) -> list[float]:
         """The keep ratio of every group: the `metanet_choice` candidate (the sparsity head's
@@ -373,7 +388,8 @@ class _Run:
 
         with self.timer.phase("choose"):
             calibration, scoring = calibration_and_scoring(self.loaders[0])
-            ratios, measured = self._candidate_ratios(candidates, calibration, scoring)
+            candidates, ratios, measured = self._candidate_ratios(candidates, calibration,
+                                                                  scoring)
             chosen, note = choose_candidate(
                 list(zip(candidates, ratios)), counts_of=counts_of, remove=self._remove_checked,
                 meets_target=meets_target, calibration=calibration, scoring=scoring)
