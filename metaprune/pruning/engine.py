@@ -421,9 +421,8 @@ class _Run:
         work, inputs, groups, orders, cost = (self.work, self.example_inputs, self.groups,
                                               self.orders, self.cost)
         timer, target = self.timer, self.target
-        reference_shapes = self.reference_shapes
         if target is not None and target.kind == "latency_speedup":
-            self._prune_to_latency(reference_shapes)
+            self._prune_to_latency()
             return
         goal = target.goal(cost) if target is not None else None
         allocation, probed, corrections = None, False, 0
@@ -435,8 +434,7 @@ class _Run:
                     counts = allocation.counts(1.0) if target is None \
                         else self._solve(allocation, target, goal)
                 with timer.phase("prune"):
-                    pruned = remove_channels(work, inputs, groups, orders, counts)
-                    check_pruned(pruned, inputs, reference_shapes)
+                    pruned = self._remove_checked(counts)
             except UnsupportedModelError:
                 # A removal broke a block's baked shapes: block the groups that do it, once.
                 if probed:
@@ -487,16 +485,14 @@ class _Run:
                 raise
             return allocation.counts(allocation.high)  # the report says what was reached
 
-    def _prune_to_latency(self, reference_shapes) -> None:
+    def _prune_to_latency(self) -> None:
         """A measured latency target: the latency model's counts, timed and corrected."""
         work, inputs, groups, orders, timer = (self.work, self.example_inputs, self.groups,
                                                self.orders, self.timer)
 
         def remove(counts):
             with timer.phase("prune"):
-                pruned = remove_channels(work, inputs, groups, orders, counts)
-                check_pruned(pruned, inputs, reference_shapes)
-            return pruned
+                return self._remove_checked(counts)
 
         for probed in (False, True):
             try:
