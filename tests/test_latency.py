@@ -151,6 +151,18 @@ def test_layer_tables_cover_the_prunable_layers_and_come_from_the_cache_the_seco
     assert second == first and not heard  # nothing re-timed
 
 
+def test_layer_tables_timed_under_another_allocator_setting_are_timed_again(monkeypatch):
+    from metaprune.latency import layer_model
+
+    model, inputs = _tiny_resnet()
+    measure_layer_times(model, inputs, ["fc"], batch=1)
+    cached = json.loads(Path(layer_model._cache_file()).read_text())
+    monkeypatch.setattr(layer_model, "allocator_note", lambda: f"another allocator {time.time_ns()}")
+    measure_layer_times(model, inputs, ["fc"], batch=1)
+    recached = json.loads(Path(layer_model._cache_file()).read_text())
+    assert len(recached) == len(cached) + 1  # timed again, under its own key
+
+
 def test_layer_table_interpolates_between_grid_points():
     table = LayerTimes(tied=True, times_ms=[[f * 10 for f in FRACTIONS]])
     assert table.at(1.0, 1.0) == pytest.approx(10.0)

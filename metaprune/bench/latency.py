@@ -11,7 +11,8 @@ ratios:
    process (`--probe`), at batch 1 and 32 (ResNet-50 and ViT-S at batch 1 only: a batch-32
    pass of a ResNet-50 takes seconds on one shared core).
 2. MACs 2.5x with `round_to=8` on ResNet-56 at batch 64: latency speed-up / MACs speed-up of
-   the global allocation (with and without rounding) and of the latency allocation; plus how
+   the global allocation (with and without rounding) and of the latency allocation, without
+   and with depth pruning (`allocation="latency-depth"`: residual branches emptied); plus how
    long a ResNet-50's report latency measurement takes.
 3. Accuracy at equal measured latency on MNIST-1D: freshly trained zoo models (ResNet and ViT,
    1-D) x seeds; the MACs-targeted global allocation at `--accuracy-speedup`, its measured
@@ -89,6 +90,9 @@ def add_arguments(parser) -> None:
                         help="accuracy: fine-tune epochs after pruning (same for both)")
     parser.add_argument("--accuracy-speedup", type=float, default=2.5,
                         help="accuracy: MACs speed-up of the global allocation")
+    parser.add_argument("--latency-allocation", choices=("latency", "latency-depth"),
+                        default="latency",
+                        help="accuracy: the allocation matched to the global one's latency")
     parser.add_argument("--accuracy-batch", type=int, default=256,
                         help="accuracy: batch of the latency measurements")
     parser.add_argument("--out", default="benchmarks", help="folder for latency.md and .png")
@@ -323,6 +327,9 @@ def _rounding(lines: list[str]) -> dict:
         "global round_to=8": {"round_to": 8},
         "latency allocation round_to=8": {"round_to": 8, "allocation": "latency",
                                           "latency_batch": 64},
+        # depth pruning: the latency allocation may also empty residual branches
+        "latency-depth allocation round_to=8": {"round_to": 8, "allocation": "latency-depth",
+                                                "latency_batch": 64},
     }
     results = {label: prune(model, example_inputs, method="l2", speedup=2.5, latency=False,
                             **options) for label, options in variants.items()}
@@ -380,7 +387,8 @@ def _accuracy(args, lines: list[str]) -> dict:
     _say(lines, f"\n## 3. Accuracy at equal measured latency (MNIST-1D, batch "
                 f"{args.accuracy_batch})\n")
     _say(lines, f"Global allocation at {args.accuracy_speedup}x MACs; its latency speed-up L "
-                f"timed against the dense model; the latency allocation pruned to L (with data it "
+                f"timed against the dense model; the latency allocation "
+                f"(`allocation=\"{args.latency_allocation}\"`) pruned to L (with data it "
                 f"picks, of {len(CANDIDATES)} candidates, the one with the lowest loss on 4 "
                 f"training batches after 24 AdamW steps on others), then the dense and both "
                 f"pruned models timed together and "
@@ -424,7 +432,8 @@ def _accuracy(args, lines: list[str]) -> dict:
                             **common)
             by_latency, together, matching = _matched_latency_prune(
                 model, example_inputs, by_macs.model, common,
-                lambda seed=seed: dataset.loaders(128, seed=seed), args.accuracy_batch)
+                lambda seed=seed: dataset.loaders(128, seed=seed), args.accuracy_batch,
+                args.latency_allocation)
             row = {"model": f"{family}-{index}", "seed": seed, "dense": dense_accuracy,
                    "global": by_macs.report["accuracy_after"],
                    "latency": by_latency.report["accuracy_after"],
@@ -485,8 +494,9 @@ def _next_level(tried: list[tuple[float, float]]) -> float:
 
 
 def _matched_latency_prune(model, example_inputs, global_model, common: dict, loaders,
-                           batch: int):
-    """The latency allocation pruned to the global allocation's measured latency.
+                           batch: int, allocation: str = "latency"):
+    """The latency allocation (`allocation`: "latency" or "latency-depth") pruned to the global
+    allocation's measured latency.
 
     The global model's speed-up is timed against the dense one (not taken from its report,
     one short measurement); the latency allocation is pruned to it, then the dense and both
@@ -501,7 +511,7 @@ def _matched_latency_prune(model, example_inputs, global_model, common: dict, lo
                             budget_s=6.0, min_rounds=5).speedups[1]
     best, ratios, tried = None, [], []
     for _ in range(_MATCH_TRIES):
-        result = prune(model, example_inputs, allocation="latency",
+        result = prune(model, example_inputs, allocation=allocation,
                        latency_speedup=max(level, 1.05), **{**common, "data": loaders()})
         together = compare_latency([model, global_model, result.model], example_inputs,
                                    batch=batch, budget_s=6.0, min_rounds=5)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from metaprune.data.cache import cache_dir
-from metaprune.latency.allocator import steady_allocator
+from metaprune.latency.allocator import allocator_note, steady_allocator
 from metaprune.latency.lock import measurement_lock
 from metaprune.latency.machine import DEFAULT_THREADS, cpu_model, fixed_threads
 from metaprune.latency.timing import _time_once, clock_for
@@ -173,7 +173,10 @@ def _signature(module: nn.Module, shape: tuple, threads: int, multiple: int | No
     described = {"kind": type(module).__name__, "shape": list(shape), "grids": grids,
                  "clock": clock_for(threads)[0],
                  "channels": list(_channel_counts(module)), "threads": threads,
-                 "cpu": cpu_model(), "torch": torch.__version__}
+                 "cpu": cpu_model(), "torch": torch.__version__,
+                 # the tables are timed under steady_allocator; a different allocator setting
+                 # (another libc, MALLOC_* in the environment) times differently
+                 "allocator": allocator_note()}
     for attribute in ("kernel_size", "stride", "padding", "dilation", "groups", "num_heads",
                       "batch_first", "transposed"):
         if hasattr(module, attribute):

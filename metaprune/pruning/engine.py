@@ -43,6 +43,8 @@ from metaprune.pruning.allocation import (
 )
 from metaprune.pruning.latency_choice import choose_latency_allocation
 from metaprune.pruning.cost import CostModel
+from metaprune.pruning.depth import check_connected, mark_emptiable
+from metaprune.pruning.empty_layers import EmptyConv
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
 from metaprune.pruning.graph_groups import attention_heads, plan_channel_groups
@@ -111,7 +113,7 @@ class _Timer:
 def _kept_channels(before: nn.Module, after: nn.Module) -> dict[str, list[int]]:
     """Module name -> [kept, total] output channels of every conv, Linear and attention layer."""
     def width(module):
-        if isinstance(module, nn.modules.conv._ConvNd):
+        if isinstance(module, (nn.modules.conv._ConvNd, EmptyConv)):
             return module.out_channels
         if isinstance(module, nn.Linear):
             return module.out_features
@@ -268,6 +270,9 @@ class _Run:
                                                                          self.example_inputs)]
         with timer.phase("latency"):
             self.latency_steps.round_groups(work, self.example_inputs, groups, cost)
+        if self.request.resolved_allocation == "latency-depth":
+            with timer.phase("graph"):  # which groups the model works without (depth pruning)
+                mark_emptiable(groups, work, self.example_inputs, orders)
 
     def _latency_allocation(self):
         """The latency allocation; with data and a target, the candidate whose pruned model
@@ -301,6 +306,8 @@ class _Run:
         """A pruned copy of the dense model; a removal that breaks a block's shapes raises."""
         pruned = remove_channels(self.work, self.example_inputs, self.groups, self.orders, counts)
         check_pruned(pruned, self.example_inputs, self.reference_shapes)
+        if any(count and count == group.size for count, group in zip(counts, self.groups)):
+            check_connected(pruned, self.example_inputs)  # emptied groups may cut it together
         return pruned
 
     def _measured_damage(self, calibration, scoring, fractions=FRACTIONS,
@@ -411,7 +418,7 @@ class _Run:
                                      policy_to_groups(policy, self.groups, names))
         if self.request.resolved_allocation == "uniform":
             return uniform_allocation(self.groups, self.keys)
-        if self.request.resolved_allocation == "latency":
+        if self.request.resolved_allocation in ("latency", "latency-depth"):
             return self._latency_allocation()
         return global_allocation(self.groups, self.keys)
 
@@ -667,7 +674,8 @@ def prune(
             least 10 %), `"uniform"`, `"metanet"` (the sparsity head's keep ratios; `"global"`
             when the checkpoint's head is untrained), `"latency"` (channels that cost the most
             measured time per unit of importance go first; tables per layer measured on this
-            CPU and cached), or a policy.
+            CPU and cached), `"latency-depth"` (the same, and a residual branch may lose all
+            its channels: depth pruning, `metaprune.pruning.depth`), or a policy.
         speedup: MACs before / MACs after to reach (within 2 %), above 1.
         params_ratio: params after / params before to reach (within 2 %), in (0, 1).
         policy: module name -> keep ratio: a dict, a recipe written by `metaprune tune`, or a

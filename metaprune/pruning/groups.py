@@ -55,6 +55,9 @@ class ChannelGroup:
         head_of_channel: for attention groups, the head each root channel belongs to, so that
             every head loses the same number of channels.
         blocked: why the group must not be pruned, or None.
+        emptiable: whether the group may lose all its channels (depth pruning): set by
+            `depth.mark_emptiable` where the model's output still depends on its input without
+            them (a residual branch); never for a group every path runs through.
     """
 
     root: str
@@ -64,6 +67,7 @@ class ChannelGroup:
     step: int = 1
     head_of_channel: torch.Tensor | None = None
     blocked: str | None = None
+    emptiable: bool = False
     dependency_group: object = field(default=None, repr=False)  # the tp.Group, for scoring
     # groups read from the channel graph (`metaprune.pruning.graph_groups`): the plan that
     # scores and removes them, and the coupled-channel units (component ids) of the group

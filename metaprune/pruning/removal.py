@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from metaprune.errors import UnsupportedModelError
+from metaprune.pruning.empty_layers import collapse_empty_layers
 from metaprune.pruning.groups import build_dependency_graph, first_removal
 
 
@@ -33,12 +34,16 @@ def _refresh_shapes(model: nn.Module, example_inputs) -> None:
 
 
 def remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) -> nn.Module:
-    """A pruned copy of `dense`: group i loses the first counts[i] channels of orders[i]."""
+    """A pruned copy of `dense`: group i loses the first counts[i] channels of orders[i].
+
+    A group that loses all its channels (depth pruning) leaves layers with no channels on one
+    side; they become what they compute (`empty_layers.collapse_empty_layers`)."""
     plan = next((g.plan for g in groups if g.plan is not None), None)
     if plan is not None:  # groups read from the channel graph remove themselves
         model = plan.remove(dense, [(group, [int(i) for i in order[:count]])
                                     for group, order, count in zip(groups, orders, counts)
                                     if count])
+        collapse_empty_layers(model)
         _refresh_shapes(model, example_inputs)
         return model
     model = copy.deepcopy(dense)
@@ -57,6 +62,7 @@ def remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) ->
                 "track"
             ) from error
     model.zero_grad(set_to_none=True)
+    collapse_empty_layers(model)
     _refresh_shapes(model, example_inputs)
     return model
 

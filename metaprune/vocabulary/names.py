@@ -12,8 +12,9 @@ DATA_FREE_CRITERIA = tuple(name for name in CRITERIA if name not in DATA_CRITERI
 # `method`: the metanetwork path, or a criterion on its own.
 METHODS = ("metanet", *CRITERIA)
 # How removed channels are shared out between layers. "latency" spends a measured per-layer
-# latency model (DESIGN §6); a policy (dict or JSON file) is accepted as well, beside these.
-ALLOCATIONS = ("global", "uniform", "metanet", "latency")
+# latency model (DESIGN §6); "latency-depth" does too and may also empty a residual branch
+# (depth pruning); a policy (dict or JSON file) is accepted as well, beside these.
+ALLOCATIONS = ("global", "uniform", "metanet", "latency", "latency-depth")
 # Built-in dataset ids (a folder or an .npz file is accepted by the library too).
 DATASETS = ("mnist1d", "digits", "fashion-mnist", "cifar10")
 # Offline text corpora for language models (`metaprune.data.text_corpus`): the report then

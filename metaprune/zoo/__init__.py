@@ -21,6 +21,7 @@ Example::
 Families: `mlp`, `cnn1d`, `vgg`, `resnet` (`dims` 1 or 2), `mobilenetv2`, `densenet`, `vit`.
 """
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,7 +103,7 @@ def _check_cost(family: Family, config: dict) -> None:
             largest = max(largest, output.numel())
 
     with torch.device("meta"):
-        model = family.module_class(**config).eval()
+        model = _construct(family, config).eval()
     params = sum(p.numel() for p in model.parameters())
     if params > MAX_PARAMS:
         raise ModelFormatError(
@@ -197,7 +198,17 @@ def build(family: str, config: Mapping[str, Any]) -> nn.Module:
         **overrides,
     )
     _check_cost(spec, full)
-    return spec.module_class(**full)
+    return _construct(spec, full)
+
+
+def _construct(family: Family, config: dict) -> nn.Module:
+    """The family's module; layers a zero width leaves without channels (a residual branch
+    emptied by depth pruning) become what they compute, as the pruning engine leaves them."""
+    from metaprune.pruning.empty_layers import collapse_empty_layers  # imports no zoo
+
+    with warnings.catch_warnings():  # a zero width's weight is empty: nothing to initialise
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        return collapse_empty_layers(family.module_class(**config))
 
 
 def config_of(family: str, module: nn.Module) -> dict:

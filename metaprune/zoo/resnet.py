@@ -20,7 +20,8 @@ class BasicBlock(nn.Module):
     def __init__(self, dims: int, in_width: int, inner: int, out_width: int, stride: int):
         # dims: 1 or 2 (Conv1d or Conv2d).
         # in_width, out_width: residual stream widths before and after the block.
-        # inner: conv1's output width, free to prune independently.
+        # inner: conv1's output width, free to prune independently (0: the branch is a
+        #   constant, `metaprune.zoo.build` replaces its empty layers).
         # stride: of conv1 and the shortcut; a projection shortcut appears when the shape changes.
         super().__init__()
         self.conv1 = conv(dims, in_width, inner, 3, stride=stride)
@@ -64,7 +65,7 @@ class ResNet(nn.Module):
         # depth: 6n + 2 layers, n BasicBlocks per stage (20, 32, 56, 110 are the classic ones);
         #   the blocks themselves come from block_widths, which `build` checks against depth.
         # stage_widths: the residual width of each of the three stages (the stem has stage 1's).
-        # block_widths: per stage, the inner width of each of its n blocks.
+        # block_widths: per stage, the inner width of each of its n blocks (0: emptied).
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.stem = ConvNormAct(dims, input_shape[0], stage_widths[0])
@@ -108,8 +109,11 @@ def complete(reader: ConfigReader) -> dict:
     default_blocks = [[width] * blocks for width in stage_widths]
     where = reader.where("block_widths")
     per_stage = as_list(reader.raw("block_widths", default_blocks), where, length=3)
+    # an inner width of 0: the block's residual branch was emptied (depth pruning), the block
+    # adds a constant to its stream
     block_widths = [
-        as_int_list(inners, f"{where}[{i}]", length=blocks) for i, inners in enumerate(per_stage)
+        as_int_list(inners, f"{where}[{i}]", low=0, length=blocks)
+        for i, inners in enumerate(per_stage)
     ]
     return {
         "dims": dims,
