@@ -98,3 +98,21 @@ def test_prune_selection_uses_the_models_zoo_family_and_the_dataset_id(tmp_path)
     assert entry["reason"] == "checkpoint given by path"
     loaded = object()
     assert select_metanet(loaded, bare) == (loaded, None)
+
+
+def test_default_picks_the_folders_default_among_universal_checkpoints(tmp_path):
+    import torch
+
+    from metaprune.metanet.scope import default_candidates, select_metanet
+
+    _folder(tmp_path)  # "universal" (2 families), "cnn", "cnn-fashion"
+    metanet = MetaNetwork(hidden=4, num_layers=1, head_hidden=4)
+    # the folder's default ("metanet*") has the narrower scope: scope breaks no tie here
+    save_metanet(metanet, tmp_path / "metanet.safetensors",
+                 scope={"families": ["mlp"], "datasets": ["mnist1d"], "universal": True})
+    assert [c.name for c in default_candidates(tmp_path)] == ["cnn", "cnn-fashion", "metanet"]
+    bare = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    path, entry = select_metanet("default", bare, None, folder=tmp_path)
+    assert path.name == "metanet.safetensors" and "universal" in entry["reason"]
+    path, entry = select_metanet("universal", bare, None, folder=tmp_path)
+    assert entry["name"] == "universal" and entry["reason"] == "checkpoint given by name"

@@ -206,6 +206,8 @@ def _register_policy_head(actions) -> None:
                       help="message kind (default linear: messages linear in the weights)")
     init.add_argument("--hidden", type=int, default=32, help="embedding width (default 32)")
     init.add_argument("--rounds", type=int, default=3, help="message rounds (default 3)")
+    init.add_argument("--head-hidden", type=int, default=32,
+                      help="width of the sparsity head (default 32)")
     init.add_argument("--gate-range", type=float, default=3.0,
                       help="channel gates shrink by up to exp(-R) (default 3)")
     init.add_argument("--seed", type=int, default=0, help="torch seed of the weights")
@@ -388,7 +390,7 @@ def _init(args) -> int:
 
     torch.manual_seed(args.seed)
     metanet = MetaNetwork(hidden=args.hidden, num_layers=args.rounds, message=args.message,
-                          gate_range=args.gate_range)
+                          gate_range=args.gate_range, head_hidden=args.head_hidden)
     save_metanet(metanet, args.out, training={
         "backbone": f"untrained (torch seed {args.seed}, `metaprune metanet init`)",
         "rewrite": "off: untrained (rewrite gain 0, exact identity)"})

@@ -12,7 +12,8 @@ machine path is ever stored (`portable_record` turns paths into their last compo
 3. the universal checkpoint (the one with the widest scope if several);
 
 and says why, in words, for the report's ``metanet`` entry (`select_metanet` does both for
-`prune`). The family reaches `prune()` as `metaprune.zoo.family_of(module)`: models loaded from
+`prune`, among `default_candidates`: the folder's default is its only universal candidate).
+The family reaches `prune()` as `metaprune.zoo.family_of(module)`: models loaded from
 ``.safetensors`` + spec are zoo modules and carry it; a module lifted from a ``.pt2`` has no
 family and gets the universal checkpoint. The dataset is known when `prune`'s ``data`` is a
 dataset id; loaders or a folder leave it unknown (a per-family checkpoint still matches).
@@ -115,6 +116,25 @@ def discover_checkpoints(folder: str | Path) -> list[CheckpointInfo]:
     return [checkpoint_info(path) for path in paths]
 
 
+def default_candidates(folder: str | Path) -> list[CheckpointInfo]:
+    """The checkpoints of `folder` that ``"default"`` may select: every per-family one, and of
+    the universal ones only the folder's default (`metaprune.vocabulary.default_checkpoint`).
+
+    Other universal checkpoints in the folder (e.g. ``fast``) are options
+    by name only, so adding one never changes what ``"default"`` prunes with. A folder without
+    a default file (no ``metanet*.safetensors``) offers all its checkpoints.
+    """
+    from metaprune.vocabulary.checkpoints import default_checkpoint
+
+    if not Path(folder).is_dir():
+        return []
+    checkpoints = discover_checkpoints(folder)
+    default = default_checkpoint(folder)
+    if default is None:
+        return checkpoints
+    return [c for c in checkpoints if not c.universal or c.name == default.stem]
+
+
 def choose_checkpoint(checkpoints: list[CheckpointInfo], *, family: str | None = None,
                       dataset: str | None = None) -> tuple[CheckpointInfo, str]:
     """The checkpoint for a model of `family` on `dataset`, and the reason, in words.
@@ -182,7 +202,7 @@ def select_metanet(metanet, module, data=None, *, folder: str | Path | None = No
             return metanet, None  # the engine's loader reports the missing file
         how = "checkpoint given by name" if named else "checkpoint given by path"
         return path, {**checkpoint_info(path).describe(), "reason": how}
-    checkpoints = discover_checkpoints(folder) if Path(folder).is_dir() else []
+    checkpoints = default_candidates(folder)
     if not checkpoints:
         return metanet, None  # the engine's loader says no checkpoint is available
     family = zoo.family_of(module)

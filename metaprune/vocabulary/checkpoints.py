@@ -4,11 +4,13 @@ Torch-free, so the gRPC server (which never imports torch) names the same checkp
 library loads. A checkpoint is ``NAME.safetensors`` with ``NAME.json`` beside it; the
 committed ones live in the package's ``checkpoints/`` folder, and ``"default"`` is the first
 ``metanet*.safetensors`` there (`metaprune.metanet.scope.select_metanet` then picks, for a
-model, the checkpoint whose scope fits it, and its hash for the report).
+model, a per-family checkpoint whose scope fits it or else this one, and its hash for the
+report; other universal checkpoints, e.g. ``fast``, are used only when named).
 
 Example::
 
     available_metanetworks()        # {'default': PosixPath('.../metanet.safetensors'),
+                                    #  'fast': PosixPath('.../fast.safetensors'),
                                     #  'metanet': PosixPath('.../metanet.safetensors')}
     resolve_checkpoint("default")   # PosixPath('.../checkpoints/metanet.safetensors')
 """
