@@ -15,6 +15,7 @@ from metaprune.training.head_train import (
     HeadTrainSettings,
     head_features,
     head_keep,
+    merged_head,
     normalised_log_keep,
     train_head,
 )
@@ -101,6 +102,34 @@ def test_head_training_fits_the_labels_and_leaves_the_rewrite_bit_identical(
     assert document["training"]["steps"] == 0  # the starting checkpoint's metadata is kept
     assert document["training"]["head_training"]["label_files"] == 2
     assert load_metanet(out).head_trained and not load_metanet(checkpoint).head_trained
+
+
+def test_merged_heads_answer_the_mean_of_their_logits():
+    from metaprune.metanet.network import sparsity_head_mlp
+
+    torch.manual_seed(0)
+    heads = [sparsity_head_mlp(7, 5) for _ in range(3)]
+    for head in heads:  # away from the near-zero initial output layer
+        torch.nn.init.normal_(head[-1].weight)
+    x = torch.randn(11, 7)
+    merged = merged_head(heads)
+    assert merged[0].out_features == 15
+    assert torch.allclose(merged(x), sum(head(x) for head in heads) / 3, atol=1e-6)
+
+
+def test_several_heads_are_saved_as_one_wider_head(corpus, labels, checkpoint, tmp_path):
+    out = tmp_path / "heads.safetensors"
+    summary = train_head(HeadTrainSettings(metanet=str(checkpoint), labels=str(labels[0]),
+                                           corpus=str(corpus), out=str(out), epochs=10,
+                                           heads=2), log=lambda line: None)
+    before, _ = read_metanet(checkpoint)
+    after, document = read_metanet(out)
+    assert document["config"]["head_hidden"] == 2 * before.config["head_hidden"]
+    assert summary["shape_loss_after"] < summary["shape_loss_before"]
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(old[name], new[name]) for name in old
+               if not name.startswith("sparsity_head."))
+    assert load_metanet(out).head_trained
 
 
 def test_the_trained_head_allocates_metanet_pruning_to_the_exact_target(corpus, labels,

@@ -23,6 +23,11 @@ The loss, per label:
   match the one at the label's speed-up (held fixed), so the head interpolates and
   extrapolates smoothly instead of answering arbitrarily where no label was.
 
+With ``heads=N`` (`merged_head`), N heads are trained independently (different initial weights
+and label orders) and saved as one head N times as wide whose logit is the mean of theirs: the
+average of N fits varies less with the draw than any one of them, at the cost of a head
+N times as wide (still a few thousand weights, run once per layer).
+
 The frozen part of the metanetwork runs once per model: its per-layer features (the sparsity
 head's input) are cached, and only the head runs in the training loop, with the speed-up
 column of the features swapped per step.
@@ -41,6 +46,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -48,11 +54,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from metaprune.errors import InvalidTargetError
 from metaprune.graph import to_graph
 from metaprune.metanet import load_metanet, policy_targets, save_metanet
-from metaprune.metanet.network import prior_keep_ratio
+from metaprune.metanet.network import MetaNetwork, prior_keep_ratio, sparsity_head_mlp
 
 from .metatrain_tasks import CorpusTasks
 from .policy_labels import read_labels
@@ -84,11 +91,14 @@ class HeadTrainSettings:
     free_speedups: tuple = (1.5, 4.0)  # range the consistency term draws speed-ups from
     validate_on: int = 0  # labelled models kept out of training to measure generalisation
     seed: int = 0  # order of labels and drawn speed-ups
+    # heads trained independently (head m > 0 re-drawn with torch seed m, trained with seed
+    # `seed + m`) and merged into one head of `heads` times the width: the mean of their logits
+    heads: int = 1
 
     def __post_init__(self) -> None:
         self.free_speedups = tuple(float(s) for s in self.free_speedups)
-        if self.epochs < 1 or self.top_k < 1 or self.validate_on < 0:
-            raise InvalidTargetError("epochs and top_k must be >= 1, validate_on >= 0")
+        if self.epochs < 1 or self.top_k < 1 or self.validate_on < 0 or self.heads < 1:
+            raise InvalidTargetError("epochs, top_k and heads must be >= 1, validate_on >= 0")
         low, high = self.free_speedups
         if not 1.0 < low <= high:
             raise InvalidTargetError(f"free speed-ups must satisfy 1 < low <= high, "
@@ -228,6 +238,61 @@ def uniform_shape_loss(examples: Sequence[HeadExample]) -> float | None:
     return sum(float((e.target_shape - 1).square().mean()) for e in examples) / len(examples)
 
 
+def fit_head(metanet, train_set: Sequence[HeadExample], settings: HeadTrainSettings,
+             seed: int, log: Callable[[str], None]) -> None:
+    """Trains `metanet`'s sparsity head in place on `train_set` (everything else frozen): Adam,
+    one full-batch step per epoch; `seed` orders the labels and draws the free speed-ups."""
+    for name, parameter in metanet.named_parameters():
+        parameter.requires_grad_(name.startswith("sparsity_head."))
+    optimizer = torch.optim.Adam(metanet.sparsity_head.parameters(), lr=settings.lr)
+    rng = random.Random(seed)
+    for epoch in range(1, settings.epochs + 1):
+        order = list(train_set)
+        rng.shuffle(order)
+        optimizer.zero_grad()
+        # one step per epoch on the mean loss: a few dozen labels make a small, exact batch
+        total = sum(example_loss(metanet, e, settings, rng)[0] for e in order) / len(order)
+        total.backward()
+        optimizer.step()
+        if epoch == 1 or epoch % max(settings.epochs // 5, 1) == 0:
+            log(f"epoch {epoch}/{settings.epochs}: loss {total.item():.4f}, shape loss "
+                f"{mean_shape_loss(metanet, train_set, settings):.4f}")
+    for parameter in metanet.parameters():
+        parameter.requires_grad_(True)
+
+
+def merged_head(heads: Sequence[nn.Sequential]) -> nn.Sequential:
+    """One ``Linear-SiLU-Linear`` head whose logit is exactly the mean of `heads`' logits:
+    their hidden units side by side, the output layer's weights and bias divided by their count.
+
+    Example::
+
+        merged = merged_head([a, b])     # a, b: sparsity_head_mlp(67, 32)
+        torch.allclose(merged(x), (a(x) + b(x)) / 2, atol=1e-6)   # True; merged is 67 -> 64 -> 1
+    """
+    count = len(heads)
+    first = nn.Linear(heads[0][0].in_features, sum(head[0].out_features for head in heads))
+    last = nn.Linear(first.out_features, 1)
+    with torch.no_grad():
+        first.weight.copy_(torch.cat([head[0].weight for head in heads]))
+        first.bias.copy_(torch.cat([head[0].bias for head in heads]))
+        last.weight.copy_(torch.cat([head[-1].weight for head in heads], dim=1) / count)
+        last.bias.copy_(sum(head[-1].bias for head in heads) / count)
+    return nn.Sequential(first, nn.SiLU(), last)
+
+
+def with_head(metanet: MetaNetwork, head: nn.Sequential) -> MetaNetwork:
+    """A copy of `metanet` with `head` as its sparsity head (its config's ``head_hidden`` the
+    head's width), every other weight the same."""
+    config = dict(metanet.config, head_hidden=head[0].out_features)
+    widened = MetaNetwork(**config)
+    state = {name: value for name, value in metanet.state_dict().items()
+             if not name.startswith("sparsity_head.")}
+    state.update({f"sparsity_head.{name}": value for name, value in head.state_dict().items()})
+    widened.load_state_dict(state)
+    return widened.eval()
+
+
 def train_head(settings: HeadTrainSettings, *, log: Callable[[str], None] | None = None) -> dict:
     """Train the head, save the checkpoint, and return a JSON-serialisable summary.
 
@@ -255,26 +320,22 @@ def train_head(settings: HeadTrainSettings, *, log: Callable[[str], None] | None
     validation_set = [e for e in examples if e.model in validation_models]
     if not train_set:
         raise InvalidTargetError(f"no usable label in {settings.labels} to train on")
-    for name, parameter in metanet.named_parameters():
-        parameter.requires_grad_(name.startswith("sparsity_head."))
-    head_parameters = list(metanet.sparsity_head.parameters())
-    optimizer = torch.optim.Adam(head_parameters, lr=settings.lr)
     before = mean_shape_loss(metanet, train_set, settings)
     validation_before = mean_shape_loss(metanet, validation_set, settings)
-    rng = random.Random(settings.seed)
-    for epoch in range(1, settings.epochs + 1):
-        order = list(train_set)
-        rng.shuffle(order)
-        optimizer.zero_grad()
-        # one step per epoch on the mean loss: a few dozen labels make a small, exact batch
-        total = sum(example_loss(metanet, e, settings, rng)[0] for e in order) / len(order)
-        total.backward()
-        optimizer.step()
-        if epoch == 1 or epoch % max(settings.epochs // 5, 1) == 0:
-            log(f"epoch {epoch}/{settings.epochs}: loss {total.item():.4f}, shape loss "
-                f"{mean_shape_loss(metanet, train_set, settings):.4f}")
-    for parameter in metanet.parameters():
-        parameter.requires_grad_(True)
+    if settings.heads == 1:
+        fit_head(metanet, train_set, settings, settings.seed, log)
+    else:
+        members = []
+        for member in range(settings.heads):
+            trained = copy.deepcopy(metanet)
+            if member:  # the first keeps the checkpoint's own initial head
+                torch.manual_seed(member)
+                trained.sparsity_head = sparsity_head_mlp(metanet.sparsity_head[0].in_features,
+                                                          metanet.sparsity_head[0].out_features)
+            log(f"head {member + 1}/{settings.heads}")
+            fit_head(trained, train_set, settings, settings.seed + member, log)
+            members.append(trained.sparsity_head)
+        metanet = with_head(metanet, merged_head(members))
     summary = {
         "out": str(settings.out), "labels": str(settings.labels),
         "label_files": len(labels), "examples": len(examples),

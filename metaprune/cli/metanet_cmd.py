@@ -267,6 +267,9 @@ def _register_policy_head(actions) -> None:
                       help="target: mean allocation of each search's k best trials (default 1)")
     head.add_argument("--validate-on", type=int, default=0, metavar="K",
                       help="keep K labelled models out of training to measure generalisation")
+    head.add_argument("--heads", type=int, default=1, metavar="N",
+                      help="train N heads independently and save their mean (one head N times "
+                           "as wide; default 1)")
     head.set_defaults(handler=_train_head)
 
     compare = actions.add_parser(
@@ -324,7 +327,8 @@ def _train_head(args) -> int:
 
     summary = train_head(HeadTrainSettings(
         metanet=args.metanet, labels=args.labels, corpus=args.corpus, out=args.out,
-        epochs=args.epochs, lr=args.lr, top_k=args.top_k, validate_on=args.validate_on))
+        epochs=args.epochs, lr=args.lr, top_k=args.top_k, validate_on=args.validate_on,
+        heads=args.heads))
     print(f"{summary['examples']} labels on {summary['train_models']} models: shape loss "
           f"{summary['shape_loss_before']:.4f} -> {summary['shape_loss_after']:.4f} (uniform "
           f"allocation {summary['uniform_loss']:.4f}), {summary['seconds']} s")

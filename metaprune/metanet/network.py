@@ -46,6 +46,18 @@ MAX_GATE_GROWTH = 0.5  # a gate shrinks a channel by up to exp(-gate_range), gro
 MESSAGE_KINDS = ("mlp", "linear")
 
 
+def sparsity_head_mlp(inputs: int, width: int) -> nn.Sequential:
+    """The per-layer sparsity head, ``inputs -> width -> 1`` logit added to the uniform prior's.
+
+    Its last layer starts small and unbiased, so an untrained head answers the prior.
+    """
+    head = mlp([inputs, width, 1])
+    with torch.no_grad():
+        head[-1].weight.mul_(0.01)
+        head[-1].bias.zero_()
+    return head
+
+
 def prior_keep_ratio(speedup: torch.Tensor) -> torch.Tensor:
     """Uniform keep ratio for a MACs speed-up: MACs scale with kept in x kept out channels."""
     return speedup.rsqrt().clamp(MIN_PRIOR_KEEP, MAX_PRIOR_KEEP)
@@ -152,7 +164,7 @@ class MetaNetwork(nn.Module):
             else LowRankEdgeDecoder(hidden, rank)
         self.gate_decoder = mlp([hidden, hidden, 1])
         # per layer: mean and max node embedding, mean structure, log width, log speed-up
-        self.sparsity_head = mlp([2 * hidden + NUM_STRUCTURAL + 2, head_hidden, 1])
+        self.sparsity_head = sparsity_head_mlp(2 * hidden + NUM_STRUCTURAL + 2, head_hidden)
         with torch.no_grad():
             # small last layers: deltas start O(0.1) (the untrained rewrite is near-identity)
             # and keep ratios start at the uniform prior; training moves away from both
@@ -161,8 +173,6 @@ class MetaNetwork(nn.Module):
                                                    if message == "mlp" else []):
                 last.weight.mul_(0.5)
                 last.bias.zero_()
-            self.sparsity_head[-1].weight.mul_(0.01)
-            self.sparsity_head[-1].bias.zero_()
             # gates start exactly at 1; the zero last layer still passes gradients to itself
             self.gate_decoder[-1].weight.zero_()
             self.gate_decoder[-1].bias.zero_()
