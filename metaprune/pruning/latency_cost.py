@@ -194,9 +194,11 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
             candidate(index, now, new, allocation.max_removed[index], span,
                       group.size / (group.size - new))
         if group.emptiable and now < group.size:
-            # depth pruning: the whole group at once, its remaining channels as important as
-            # the width it leaves says; the time saved is all its layers' time (0 at width 0)
-            candidate(index, now, group.size, group.size, 0, group.size / (group.size - now))
+            # depth pruning: the whole group at once; its last channels carry all it passes
+            # on, so they count as thinned to the floor (the most any chunk is thinned); the
+            # time saved is all its layers' time (0 at width 0)
+            floor = group.size - allocation.max_removed[index]
+            candidate(index, now, group.size, group.size, 0, group.size / floor)
 
     def candidate(index: int, now: int, new: int, limit: int, span: int,
                   thinned: float) -> None:
