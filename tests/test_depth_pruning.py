@@ -15,13 +15,13 @@ from metaprune.pruning.graph_groups import plan_channel_groups
 from metaprune.pruning.removal import remove_channels
 
 
-def _resnet():
-    """A ResNet-14 (2 blocks per stage) with non-trivial BatchNorm statistics."""
+def _resnet(random_statistics: bool = True):
+    """A ResNet-14 (2 blocks per stage), by default with non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     config = zoo.default_config("resnet", input_shape=(3, 16, 16), num_classes=10, depth=14,
                                 stage_widths=[8, 16, 16])
     model = zoo.build("resnet", config).eval()
-    for module in model.modules():
+    for module in model.modules() if random_statistics else ():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
@@ -113,3 +113,24 @@ def test_the_latency_allocation_empties_only_emptiable_groups():
     final = depth.counts(depth.high)
     assert final[free[0]] == groups[free[0]].size
     assert all(final[i] <= depth.max_removed[i] for i in free[1:])
+
+
+@pytest.mark.parametrize("random_statistics", [False, True])
+def test_prune_with_latency_depth_meets_a_macs_target(tmp_path, random_statistics):
+    from metaprune import prune
+
+    model, inputs = _resnet(random_statistics)
+    result = prune(model, inputs, speedup=3.0, allocation="latency-depth", latency=False)
+    assert abs(result.report["speedup"] / 3.0 - 1) <= 0.02
+    emptied = [name for name, (kept, _total) in result.report["kept"].items() if kept == 0]
+    assert all(name.endswith("conv1") for name in emptied)  # only residual branches
+    # where emptied blocks left the outputs constant (random BatchNorm statistics and a
+    # narrowed stream can: every ReLU after them clamps), it pruned again without emptying
+    # and the report's allocation says "latency"
+    assert result.report["allocation"] in ("latency-depth", "latency")
+    assert not emptied or result.report["allocation"] == "latency-depth"
+    check_connected(result.model, inputs)
+    save_model(result.model, inputs, tmp_path / "pruned.safetensors")
+    loaded, _ = load_model(tmp_path / "pruned.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(loaded(*inputs), result.model.eval()(*inputs), atol=1e-6)

@@ -9,7 +9,7 @@ different inputs. Where every path from input to output runs through the group (
 plain chain, a residual stream's own channels) the outputs no longer depend on the input, so
 the group keeps channels. Two groups that are each optional can still form a cut together
 (two parallel branches without a skip), so the pruned model is checked the same way
-(`check_connected`).
+(`check_connected`); the engine then prunes again without emptying any group.
 
 Example::
 
@@ -84,11 +84,17 @@ def mark_emptiable(groups, model: nn.Module, example_inputs, orders) -> int:
     return marked
 
 
+class DisconnectedError(UnsupportedModelError):
+    """The emptied groups together leave the model's outputs independent of its input."""
+
+
 def check_connected(pruned: nn.Module, example_inputs) -> None:
-    """Raises `UnsupportedModelError` when the pruned model's outputs no longer depend on its
-    input (emptied groups that together cut every path)."""
+    """Raises `DisconnectedError` when the pruned model's outputs no longer depend on its input:
+    emptied groups that together cut every path, or (seen on a small ResNet with random
+    BatchNorm statistics) a stream so narrowed that the ReLUs after the emptied blocks pass
+    nothing that varies."""
     other = _other_inputs(example_inputs)
     if other is not None and not _depends_on_input(pruned, example_inputs, other):
-        raise UnsupportedModelError(
+        raise DisconnectedError(
             "the emptied channel groups together cut every path from the input to the output "
-            "(parallel branches without a skip); prune with allocation 'latency' instead")
+            "(parallel branches without a skip, or a stream narrowed until nothing varies)")

@@ -43,7 +43,7 @@ from metaprune.pruning.allocation import (
 )
 from metaprune.pruning.latency_choice import choose_latency_allocation
 from metaprune.pruning.cost import CostModel
-from metaprune.pruning.depth import check_connected, mark_emptiable
+from metaprune.pruning.depth import DisconnectedError, check_connected, mark_emptiable
 from metaprune.pruning.empty_layers import EmptyConv
 from metaprune.pruning.latency_cost import latency_allocation
 from metaprune.pruning.latency_target import LatencySettings, LatencySteps
@@ -442,6 +442,11 @@ class _Run:
                         else self._solve(allocation, target, goal)
                 with timer.phase("prune"):
                     pruned = self._remove_checked(counts)
+            except DisconnectedError:
+                if not self._stop_emptying():
+                    raise
+                allocation, best, best_miss = None, None, float("inf")
+                continue
             except UnsupportedModelError:
                 # A removal broke a block's baked shapes: block the groups that do it, once.
                 if probed:
@@ -483,6 +488,16 @@ class _Run:
                 "off the target (the model's layers are too narrow for a finer step)")
         self.pruned = best
 
+    def _stop_emptying(self) -> bool:
+        """After emptied groups cut the model together: no group is emptied any more (the
+        report's allocation says "latency"). False when none was emptiable."""
+        emptiable = [group for group in self.groups if group.emptiable]
+        for group in emptiable:
+            group.emptiable = False
+        if emptiable:
+            self.allocation_used = "latency"
+        return bool(emptiable)
+
     def _solve(self, allocation, target, goal) -> list[int]:
         """Counts meeting `goal`; with `round_to`, as close as the rounded widths allow."""
         try:
@@ -508,6 +523,9 @@ class _Run:
                     self.pruned = self.latency_steps.prune_to_latency(
                         self.module, inputs, allocation, self.cost, work, self.target, remove)
                 return
+            except DisconnectedError:
+                if not self._stop_emptying():
+                    raise
             except UnsupportedModelError:
                 # A removal broke a block's baked shapes: block the groups that do it, once.
                 with timer.phase("probe"):

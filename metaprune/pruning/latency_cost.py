@@ -27,12 +27,15 @@ latency target is met by bisecting along it like any other allocation.
 
 Depth pruning (`allocation="latency-depth"`): a group marked ``emptiable``
 (`metaprune.pruning.depth`, a residual branch) has a second move besides its next chunk, all
-its remaining channels at once. Its importance is the mean of what remains, thinned as the
-width it leaves; its saving is every layer's time at width 0, which the tables price at 0 (the
-layers become `empty_layers.EmptyConv` / `nn.Identity`), while the norm, add and activation
-after the branch stay (the untabled share follows the consumer's output width, which stays).
-On ResNet-56 at batch 64 (MACs 2.5x, `round_to=8`) it emptied stage 1 and most of stage 2 and
-measured 2.20x in the pruning process where the latency allocation measured 1.85x.
+its remaining channels at once. Its importance is the mean of what remains, thinned as if to
+the group's floor (the last channels carry all the branch passes on; thinned only as the
+width it leaves, the move emptied 2 of 3 blocks of a small ResNet and lost 14 points after
+fine-tuning on the development models, against 1.8); its saving is every layer's time at width
+0, which the tables price at 0 (the layers become `empty_layers.EmptyConv` / `nn.Identity`),
+while the norm, add and activation after the branch stay (the untabled share follows the
+consumer's output width, which stays). On ResNet-56 at batch 64 (MACs 2.5x, `round_to=8`) it
+emptied every stage-1 block and 5 of stage 2 and measured 2.38x in a fresh process where the
+latency allocation measured 1.89x (`benchmarks/latency.md`).
 """
 
 import heapq
@@ -194,9 +197,11 @@ def latency_allocation(groups: list[ChannelGroup], keys: list, latency: LatencyM
             candidate(index, now, new, allocation.max_removed[index], span,
                       group.size / (group.size - new))
         if group.emptiable and now < group.size:
-            # depth pruning: the whole group at once, its remaining channels as important as
-            # the width it leaves says; the time saved is all its layers' time (0 at width 0)
-            candidate(index, now, group.size, group.size, 0, group.size / (group.size - now))
+            # depth pruning: the whole group at once; its last channels carry all it passes
+            # on, so they count as thinned to the floor (the most any chunk is thinned); the
+            # time saved is all its layers' time (0 at width 0)
+            floor = group.size - allocation.max_removed[index]
+            candidate(index, now, group.size, group.size, 0, group.size / floor)
 
     def candidate(index: int, now: int, new: int, limit: int, span: int,
                   thinned: float) -> None:

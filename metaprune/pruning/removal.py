@@ -55,7 +55,9 @@ def remove_channels(dense: nn.Module, example_inputs, groups, orders, counts) ->
         idxs = sorted(int(i) for i in order[:count])
         try:
             DG.get_pruning_group(modules[group.root], group.handler, idxs).prune()
-        except (RuntimeError, ValueError, AssertionError, IndexError) as error:
+        # TypeError: torch-pruning cannot remove every channel of some layers (an empty index
+        # list becomes a float tensor), so such a group is not emptied
+        except (RuntimeError, ValueError, AssertionError, IndexError, TypeError) as error:
             raise UnsupportedModelError(
                 f"removing channels of {group.root!r} failed ({type(error).__name__}: {error}); "
                 "an operator around it couples channels in a way the dependency graph does not "
