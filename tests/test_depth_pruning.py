@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from metaprune import zoo
+from metaprune.errors import ModelFormatError
 from metaprune.formats import load_model, save_model
 from metaprune.measure import count_macs
 from metaprune.pruning.depth import check_connected, mark_emptiable
@@ -134,3 +135,58 @@ def test_prune_with_latency_depth_meets_a_macs_target(tmp_path, random_statistic
     loaded, _ = load_model(tmp_path / "pruned.safetensors")
     with torch.no_grad():
         assert torch.allclose(loaded(*inputs), result.model.eval()(*inputs), atol=1e-6)
+
+
+# per family, a small config and the groups to empty: every MLP of a ViT, the inverted
+# residuals of a MobileNetV2 (not the strided block, which has no skip), a DenseNet layer's
+# bottleneck and growth together and another layer's growth alone
+_EMPTIED_FAMILIES = {
+    "vit": ({"input_shape": [1, 16, 16], "patch_size": 4, "embed_dim": 16,
+             "blocks": [{"heads": 2, "mlp": 32}] * 2},
+            ["blocks.0.fc1", "blocks.1.fc1"], ("blocks", 1, "mlp")),
+    "mobilenetv2": ({"input_shape": [3, 16, 16], "stem_width": 8, "last_width": 16,
+                     "blocks": [{"hidden": 16, "out": 8}, {"hidden": 16, "out": 8},
+                                {"hidden": 16, "out": 16, "stride": 2}]},
+                    ["blocks.0.depthwise.conv", "blocks.1.depthwise.conv"],
+                    ("blocks", 1, "hidden")),
+    "densenet": ({"input_shape": [1, 16, 16], "stem_width": 8, "transitions": [8],
+                  "blocks": [[{"width": 8, "growth": 4}] * 2] * 2},
+                 ["features.0.0.conv1", "features.0.0.conv2", "features.2.1.conv2"],
+                 ("blocks", 1, 1, "growth")),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_EMPTIED_FAMILIES))
+def test_emptied_branches_round_trip_through_safetensors(tmp_path, family):
+    config, roots, emptied_key = _EMPTIED_FAMILIES[family]
+    torch.manual_seed(0)
+    model = zoo.build(family, zoo.default_config(family, num_classes=4, **config)).eval()
+    inputs = (torch.randn(2, *config["input_shape"]),)
+    groups, orders = _plan(model, inputs)
+    assert set(roots) <= {g.root for g in groups}
+    counts = [g.size if g.root in roots else 0 for g in groups]
+    pruned = remove_channels(model, inputs, groups, orders, counts).eval()
+    check_connected(pruned, inputs)
+
+    save_model(pruned, inputs, tmp_path / "pruned.safetensors")
+    loaded, _ = load_model(tmp_path / "pruned.safetensors")
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), pruned(*inputs))
+    value = zoo.config_of(family, loaded)
+    for key in emptied_key:
+        value = value[key]
+    assert value == 0
+
+
+def test_a_width_the_config_cannot_state_names_the_key_and_pt2(tmp_path):
+    # the strided block has no skip: emptied (never by depth pruning, which checks the output
+    # still depends on the input) its config width 0 is refused, and saving says what to use
+    config, _roots, _key = _EMPTIED_FAMILIES["mobilenetv2"]
+    model = zoo.build("mobilenetv2", zoo.default_config("mobilenetv2", num_classes=4, **config))
+    inputs = (torch.randn(2, *config["input_shape"]),)
+    groups, orders = _plan(model, inputs)
+    counts = [g.size if g.root == "blocks.2.depthwise.conv" else 0 for g in groups]
+    pruned = remove_channels(model, inputs, groups, orders, counts).eval()
+    with pytest.raises(ModelFormatError, match=r"'blocks'\[2\]\.hidden .* got 0; save this "
+                                               r"model as \.pt2 instead"):
+        save_model(pruned, inputs, tmp_path / "pruned.safetensors")

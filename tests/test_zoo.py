@@ -190,6 +190,9 @@ def test_missing_keys_take_defaults_that_follow_other_keys():
         ("vit", {"embed_dim": 30, "blocks": [{"heads": 4}]}, "must divide embed_dim 30"),
         ("vit", {"blocks": [{"heads": 2, "ffn": 8}]}, "unknown keys ['ffn']"),
         ("mobilenetv2", {"blocks": [{"out": 8, "stride": 2, "residual": True}]}, "residual"),
+        # an emptied branch (hidden 0) only where the skip still carries the input
+        ("mobilenetv2", {"blocks": [{"hidden": 0, "out": 8, "stride": 2}]},
+         "'blocks'[0].hidden must be an integer in [1, 65536], got 0"),
         ("densenet", {"transitions": [4]}, "'transitions' must have 2 entries"),
         ("mlp", {"hidden": list(range(1, 30_000))}, "more than 20000 values"),
         # 30 k parameters, but 32-channel 1024×1024 feature maps: refused before allocating.

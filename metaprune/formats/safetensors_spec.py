@@ -125,7 +125,12 @@ def save_safetensors(module: nn.Module, example_inputs: tuple, path: str | os.Pa
     if family is None:
         raise ModelFormatError(f"a {type(module).__name__} is not a zoo model; .safetensors + spec "
                                "holds zoo families only, save it as .pt2")
-    config = zoo.config_of(family, module)
+    try:
+        config = zoo.config_of(family, module)
+    except ModelFormatError as err:
+        # a width its family's config cannot state (a plain chain's layer pruned to 0
+        # channels): the exported graph of a .pt2 holds any width
+        raise ModelFormatError(f"{err}; save this model as .pt2 instead") from err
     first = example_inputs[0] if example_inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() < 2:
         raise ModelFormatError("example_inputs must start with a batched tensor")

@@ -219,7 +219,8 @@ def config_of(family: str, module: nn.Module) -> dict:
 
     Raises:
         ModelFormatError: `module` was not built by `family`, or its widths are not a valid config
-            (e.g. a layer pruned to zero channels).
+            (e.g. a plain chain's layer pruned to zero channels; an emptied residual or
+            dense branch is a width of 0 in resnet, mobilenetv2, densenet and vit).
     """
     spec = _family(family)
     if not isinstance(module, spec.module_class):

@@ -21,6 +21,8 @@ class DenseLayer(nn.Module):
     def __init__(self, in_width: int, width: int, growth: int):
         # in_width: channels of the concatenated input so far.
         # width: bottleneck (1×1 conv) output channels; growth: channels this layer adds.
+        #   Either may be 0 (depth pruning emptied it; the concatenation still passes x on):
+        #   `metaprune.zoo.build` replaces the layers left without channels.
         super().__init__()
         self.bn1 = norm(2, in_width)
         self.conv1 = conv(2, in_width, width, 1)
@@ -130,8 +132,9 @@ def complete(reader: ConfigReader) -> dict:
             layer = as_record(raw, f"{where}[{b}][{i}]", LAYER_FIELDS)
             if set(layer) != set(LAYER_FIELDS):
                 fail(f"{where}[{b}][{i}]", f"needs both {list(LAYER_FIELDS)}", layer)
+            # 0: emptied by depth pruning; the layer's input reaches the output by concatenation
             block.append(
-                {key: as_int(layer[key], f"{where}[{b}][{i}].{key}") for key in LAYER_FIELDS}
+                {key: as_int(layer[key], f"{where}[{b}][{i}].{key}", low=0) for key in LAYER_FIELDS}
             )
         blocks.append(block)
     if min(reader.input_shape[1:]) >> (len(blocks) - 1) < 1:

@@ -22,14 +22,17 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, in_width: int, hidden: int, out_width: int, stride: int, residual: bool):
         # in_width, out_width: block input and output widths.
-        # hidden: the expanded width, shared by the expand output and the depthwise conv.
+        # hidden: the expanded width, shared by the expand output and the depthwise conv (0 in
+        #   a residual block: the branch was emptied by depth pruning, `metaprune.zoo.build`
+        #   replaces its empty layers and the block adds the projection's BatchNorm shift).
         # stride: of the depthwise conv.
         # residual: add the input to the output (needs stride 1 and in_width == out_width).
         super().__init__()
         self.residual = residual
         self.expand = ConvNormAct(2, in_width, hidden, 1, activation="relu6")
+        # groups=0 is no convolution PyTorch builds; a 0-channel one has no weights either way
         self.depthwise = ConvNormAct(
-            2, hidden, hidden, 3, stride=stride, groups=hidden, activation="relu6"
+            2, hidden, hidden, 3, stride=stride, groups=max(hidden, 1), activation="relu6"
         )
         self.project = ConvNormAct(2, hidden, out_width, 1, activation=None)
 
@@ -126,7 +129,6 @@ def complete(reader: ConfigReader) -> dict:
         if "out" not in block:
             fail(f"{where}[{i}]", "needs an 'out' width", block)
         out = as_int(block["out"], f"{where}[{i}].out")
-        hidden = as_int(block.get("hidden", 6 * in_width), f"{where}[{i}].hidden")
         stride = as_int(block.get("stride", 1), f"{where}[{i}].stride", high=2)
         shape_kept = stride == 1 and in_width == out
         residual = block.get("residual", shape_kept)
@@ -137,6 +139,11 @@ def complete(reader: ConfigReader) -> dict:
                 f"out {out}, stride {stride})",
                 residual,
             )
+        # a hidden width of 0 empties the branch (depth pruning): only a residual block still
+        # passes its input on, any other would make the model's output a constant
+        hidden = as_int(
+            block.get("hidden", 6 * in_width), f"{where}[{i}].hidden", low=0 if residual else 1
+        )
         blocks.append({"hidden": hidden, "out": out, "stride": stride, "residual": residual})
         in_width = out
     last_width = reader.integer("last_width", 256)

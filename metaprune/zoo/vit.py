@@ -26,7 +26,9 @@ class EncoderBlock(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
     def __init__(self, dim: int, heads: int, hidden: int):
-        # dim: the embedding width (divisible by heads); hidden: the MLP's inner width.
+        # dim: the embedding width (divisible by heads).
+        # hidden: the MLP's inner width (0: the MLP branch was emptied by depth pruning and
+        #   adds fc2's bias to the stream; Linear layers without features compute exactly that).
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -136,7 +138,8 @@ def complete(reader: ConfigReader) -> dict:
         heads = as_int(block.get("heads", 4), f"{where}[{i}].heads", high=embed_dim)
         if embed_dim % heads:
             fail(f"{where}[{i}].heads", f"must divide embed_dim {embed_dim}", heads)
-        mlp = as_int(block.get("mlp", 2 * embed_dim), f"{where}[{i}].mlp")
+        # an MLP width of 0: the branch was emptied (depth pruning), the block adds a constant
+        mlp = as_int(block.get("mlp", 2 * embed_dim), f"{where}[{i}].mlp", low=0)
         blocks.append({"heads": heads, "mlp": mlp})
     pool = reader.choice("pool", "cls", ("cls", "mean"))
     return {"patch_size": patch_size, "embed_dim": embed_dim, "blocks": blocks, "pool": pool}
